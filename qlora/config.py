@@ -1,0 +1,284 @@
+"""The job schema: one YAML file describes a fine-tuning job.
+
+These pydantic models ARE the documentation of every key (each field's docstring is its one
+line of help, repeated as comments in configs/*.yaml). Validation is strict: unknown keys,
+wrong types and bad enum values are errors that name the key. No torch imports here, so the
+CLI can validate a job on any machine.
+
+Relative paths in a job file are resolved against the folder of that file, so a job and its
+data can move together.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qlora.errors import ConfigError
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+DataFormat = Literal["auto", "alpaca", "chat", "text"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelSection(_Strict):
+    name_or_path: str
+    """Base model: a local Hugging Face model folder, or a hub id (needs the hub or a warm cache)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the base model; ignored for local folders."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model. Off unless you trust its author."""
+
+
+class QuantizationSection(_Strict):
+    bits: Optional[Literal[4, 8]] = 4
+    """Base weights: 4 = QLoRA (NF4/FP4), 8 = LLM.int8, none = plain 16-bit LoRA."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; nf4 (NormalFloat) is the QLoRA choice."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.37 bits/param)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the matmuls and of mixed-precision autocast; LoRA weights stay float32."""
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _none_string(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() == "none" else value
+
+
+class LoraSection(_Strict):
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scale numerator: the update is (alpha / r) * B A (alpha / sqrt(r) with rslora)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """Which linear layers get adapters: all-linear (every linear layer but the output head) or a list of module names."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA scaling alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): slower, sometimes better."""
+
+
+class DataSource(_Strict):
+    path: str
+    """A .jsonl/.json/.parquet/.csv file, or the name of a dataset in the local datasets cache."""
+    format: DataFormat = "auto"
+    """Row format of this source; auto takes data.format, which may itself be auto (detected from the keys)."""
+
+
+class DataSection(_Strict):
+    train: Union[str, list[DataSource]]
+    """Training data: a path, or a list of {path, format}."""
+    eval: Optional[str] = None
+    """Held-out data (a path); or use eval_fraction."""
+    eval_fraction: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    """Fraction of the training rows held out for evaluation (when data.eval is not given)."""
+    format: DataFormat = "auto"
+    """alpaca (instruction, input, output), chat (messages), text (text), or auto (detected from the keys)."""
+    max_seq_len: int = Field(2048, gt=0)
+    """Longest sequence in tokens; longer rows are handled by too_long."""
+    packing: bool = False
+    """Pack several rows into each sequence (no attention across rows; position ids restart per row)."""
+    train_on: Literal["completions", "all"] = "completions"
+    """completions: loss on answers only (prompts masked); all: loss on every token."""
+    too_long: Literal["truncate", "drop"] = "truncate"
+    """What to do with rows longer than max_seq_len."""
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "DataSection":
+        if self.eval is not None and self.eval_fraction is not None:
+            raise ValueError("data.eval and data.eval_fraction: set one, not both")
+        return self
+
+    def sources(self) -> list[DataSource]:
+        """Training sources as a list, each with its effective format."""
+        if isinstance(self.train, str):
+            return [DataSource(path=self.train, format=self.format)]
+        return [
+            DataSource(path=source.path, format=self.format if source.format == "auto" else source.format)
+            for source in self.train
+        ]
+
+
+class TrainSection(_Strict):
+    max_steps: Optional[int] = Field(None, gt=0)
+    """Number of optimizer steps; set this or epochs."""
+    epochs: Optional[float] = Field(None, gt=0)
+    """Passes over the training data (fractions allowed); default 1 when max_steps is not set."""
+    micro_batch_size: int = Field(1, gt=0)
+    """Sequences per forward pass."""
+    grad_accum_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step; effective batch = micro_batch_size * grad_accum_steps."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to learning_rate over this many optimizer steps."""
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
+    """bitsandbytes paged/8-bit AdamW (QLoRA's choice) or torch AdamW."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay on the LoRA weights."""
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    """Clip the global gradient norm to this; none disables clipping."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: far less memory, ~30% more compute."""
+    seed: int = 42
+    """Seed for LoRA init, dropout and data order."""
+    eval_every: Optional[int] = Field(None, gt=0)
+    """Evaluate every N optimizer steps (and always at the end when there is eval data)."""
+    save_every: Optional[int] = Field(None, gt=0)
+    """Write a checkpoint every N optimizer steps."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """How many recent checkpoints to keep."""
+    log_every: int = Field(1, gt=0)
+    """Update the progress bar's loss every N optimizer steps (metrics.jsonl gets every step)."""
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainSection":
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("train.max_steps and train.epochs: set one, not both")
+        return self
+
+
+class OutputSection(_Strict):
+    dir: str
+    """Where the adapter, tokenizer, resolved config and metrics.jsonl are written."""
+
+
+class JobConfig(_Strict):
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output: OutputSection
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job YAML, apply `key=value` overrides, validate, and resolve relative paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a job config must be a mapping of sections (model, data, ...)")
+    for override in overrides:
+        apply_override(raw, override)
+    return resolve_paths(validate(raw, source=str(path)), base_dir=path.resolve().parent)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `section.key=value` in the raw mapping; the value is parsed as YAML (20, true, [a, b])."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {part} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def validate(raw: dict, source: str = "config") -> JobConfig:
+    """Validate a raw mapping into a JobConfig; the first problem becomes a one-line ConfigError."""
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as error:
+        # A union (e.g. data.train: path or list) reports one error per member; the deepest
+        # one is the member the user was writing.
+        problems = sorted(error.errors(), key=lambda problem: -len(problem["loc"]))
+        message = describe_problem(problems[0])
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ConfigError(f"{source}: {message}{more}") from None
+
+
+def describe_problem(problem: dict) -> str:
+    """One pydantic error as `key: what is wrong`, suggesting the closest valid key for typos."""
+    location = [str(part) for part in problem["loc"] if isinstance(part, str) and part.isidentifier()]
+    key = ".".join(location) or "config"
+    kind = problem["type"]
+    if kind == "extra_forbidden":
+        hint = closest_key(location)
+        return f"{key}: unknown key" + (f" (did you mean '{hint}'?)" if hint else "")
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = problem["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return message
+    return f"{key}: {message} (got {problem.get('input')!r})"
+
+
+def closest_key(location: list[str]) -> Optional[str]:
+    """The valid key nearest to a misspelt one at the same place in the schema."""
+    model: type[BaseModel] = JobConfig
+    for part in location[:-1]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if field is None or not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            if part == "train" and model is DataSection:
+                model = DataSource
+                continue
+            return None
+        model = annotation
+    matches = difflib.get_close_matches(location[-1], list(model.model_fields), n=1, cutoff=0.5)
+    return ".".join(location[:-1] + matches[:1]) if matches else None
+
+
+def resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
+    """Make local paths absolute relative to the job file's folder; hub ids stay as they are."""
+
+    def local(value: str) -> str:
+        expanded = Path(value).expanduser()
+        return str(expanded if expanded.is_absolute() else (base_dir / expanded).resolve())
+
+    def local_if_exists(value: str) -> str:
+        # A hub id ("org/name") and a relative folder look alike: a folder that exists wins.
+        candidate = Path(local(value))
+        explicit = value.startswith((".", "/", "~"))
+        return str(candidate) if explicit or candidate.exists() else value
+
+    def data_path(value: str) -> str:
+        # A data file is named by its extension; anything else may be a cached dataset name.
+        return local(value) if value.lower().endswith(DATA_FILE_SUFFIXES) else local_if_exists(value)
+
+    config.model.name_or_path = local_if_exists(config.model.name_or_path)
+    if isinstance(config.data.train, str):
+        config.data.train = data_path(config.data.train)
+    else:
+        for source in config.data.train:
+            source.path = data_path(source.path)
+    if config.data.eval is not None:
+        config.data.eval = data_path(config.data.eval)
+    config.output.dir = local(config.output.dir)
+    return config
+
+
+def dump_config(config: JobConfig) -> str:
+    """The resolved config as YAML, written next to the adapter."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

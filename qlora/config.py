@@ -144,6 +144,10 @@ class TrainSection(_Strict):
     """How many recent checkpoints to keep."""
     log_every: int = Field(1, gt=0)
     """Update the progress bar's loss every N optimizer steps (metrics.jsonl gets every step)."""
+    eval_exact_match: int = Field(0, ge=0)
+    """Greedy-decode this many held-out prompts before and after training and report exact match of the answers."""
+    eval_max_new_tokens: int = Field(64, gt=0)
+    """Longest answer generated for eval_exact_match."""
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainSection":

@@ -1,0 +1,31 @@
+"""Training data: rows -> rendered text -> token ids + labels -> (packed) batches.
+
+    rows = read_rows([(path, format)])                      # every row validated, file:line errors
+    train_rows, eval_rows = split_eval(rows, fraction, seed)
+    tokenized = tokenize_rows(train_rows, tokenizer, max_seq_len, train_on, too_long)
+    batches = epoch_batches(tokenized.examples, micro_batch_size, packing, max_seq_len, pad_id, seed, epoch)
+
+Modules, one job each: sources (files and datasets -> validated rows), formats (format detection,
+validation, rendering to text + supervised character spans), tokenize (token ids, labels, length
+policy, stats), batching (epoch order, packing, padding, shifted targets), report (what users see).
+"""
+
+from qlora.data.batching import Batch, epoch_batches
+from qlora.data.report import render_supervision
+from qlora.data.sources import Row, read_rows, split_eval
+from qlora.data.tokenize import IGNORE_INDEX, Example, TokenizedSet, measure_rows, prompt_and_answer, tokenize_rows
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Batch",
+    "Example",
+    "Row",
+    "TokenizedSet",
+    "epoch_batches",
+    "measure_rows",
+    "prompt_and_answer",
+    "read_rows",
+    "render_supervision",
+    "split_eval",
+    "tokenize_rows",
+]

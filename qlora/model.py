@@ -1,0 +1,130 @@
+"""The frozen base: tokenizer, 4-bit/8-bit/16-bit load, gradient checkpointing.
+
+bitsandbytes and transformers are imported inside the functions, so the config and the CLI
+import on any machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from qlora.errors import ModelError
+
+
+def check_source(name_or_path: str) -> None:
+    """A local base must be a model folder; anything else is taken as a hub id."""
+    path = Path(name_or_path)
+    if path.is_absolute() and not path.is_dir():
+        raise ModelError(f"model.name_or_path: folder not found: {name_or_path}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelError(f"model.name_or_path: {name_or_path} has no config.json (not a Hugging Face model folder)")
+
+
+def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False):
+    """The base's tokenizer, with a pad token (padding is masked by the attention mask, so eos is a safe pad)."""
+    from transformers import AutoTokenizer
+
+    check_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ModelError(f"model.name_or_path: cannot load a tokenizer from {name_or_path!r}: {first_line(error)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(
+    name_or_path: str,
+    *,
+    bits: Optional[int],
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "bfloat16",
+    gradient_checkpointing: bool = True,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+):
+    """Load the base quantized as asked, frozen, ready for adapters.
+
+    Every weight is frozen; non-quantized layers (embeddings, norms, head) stay in the compute
+    dtype. With gradient checkpointing, the non-reentrant variant is used and input embeddings
+    require grad, so the checkpointed blocks see a graph even though the base is frozen.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_source(name_or_path)
+    dtype = getattr(torch, compute_dtype)
+    quantization_config = None
+    if bits == 4:
+        quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif bits == 8:
+        quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config,
+            dtype=dtype,
+            device_map=device_map,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {first_line(error)}") from None
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    disable_cpu_weight_repacking(model)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def disable_cpu_weight_repacking(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights on CPUs with AVX512-BF16.
+
+    Its first eval-mode forward under no_grad repacks the weight in place for a faster CPU
+    kernel, and every backward after that computes wrong gradients (LoRA grads off by >100%).
+    Training with eval passes must equal training without them, so the fast path stays off.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters, counting each packed 4-bit byte as the two weights it holds."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        if parameter.__class__.__name__ == "Params4bit":
+            count *= 2
+        total += count
+        if parameter.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def footprint_bytes(model) -> int:
+    """Bytes held by the model's parameters and buffers (quantized weights at their packed size)."""
+    return model.get_memory_footprint()
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else error.__class__.__name__

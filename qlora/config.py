@@ -163,11 +163,17 @@ class OutputSection(_Strict):
 
 class JobConfig(_Strict):
     model: ModelSection
+    """The frozen base model."""
     quantization: QuantizationSection = QuantizationSection()
+    """How the base weights are stored and computed."""
     lora: LoraSection = LoraSection()
+    """The trainable adapters."""
     data: DataSection
+    """Training and evaluation rows and how they become token sequences."""
     train: TrainSection = TrainSection()
+    """The optimization loop."""
     output: OutputSection
+    """Where the results go."""
 
 
 # --------------------------------------------------------------------------- loading

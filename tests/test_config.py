@@ -1,0 +1,117 @@
+"""The job schema: strict validation with one-line errors naming the key, overrides, shipped configs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora.config import JobConfig, load_config
+from qlora.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, job: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def minimal(**sections) -> dict:
+    job = {"model": {"name_or_path": "org/model"}, "data": {"train": "train.jsonl"}, "output": {"dir": "out"}}
+    for section, values in sections.items():
+        job.setdefault(section, {}).update(values)
+    return job
+
+
+def error_for(tmp_path: Path, job: dict, overrides=()) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, job), overrides)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_are_qlora(tmp_path):
+    config = load_config(write(tmp_path, minimal()))
+    assert (config.quantization.bits, config.quantization.quant_type, config.quantization.double_quant) == (4, "nf4", True)
+    assert config.lora.target_modules == "all-linear"
+    assert config.train.gradient_checkpointing and config.train.optimizer == "paged_adamw_8bit"
+    assert config.model.trust_remote_code is False
+
+
+def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
+    message = error_for(tmp_path, minimal(train={"learning_rat": 1e-4}))
+    assert "train.learning_rat: unknown key" in message
+    assert "did you mean 'train.learning_rate'" in message
+
+
+def test_unknown_key_inside_a_data_source_list(tmp_path):
+    message = error_for(tmp_path, minimal(data={"train": [{"path": "a.jsonl", "formt": "chat"}]}))
+    assert "data.train.formt: unknown key" in message and "data.train.format" in message
+
+
+def test_wrong_type_names_the_key_and_value(tmp_path):
+    message = error_for(tmp_path, minimal(train={"max_steps": "many"}))
+    assert message.startswith(f"{tmp_path / 'job.yaml'}: train.max_steps:") and "'many'" in message
+
+
+def test_bad_enum_lists_the_allowed_values(tmp_path):
+    message = error_for(tmp_path, minimal(train={"optimizer": "sgd"}))
+    assert "train.optimizer" in message and "paged_adamw_8bit" in message and "'sgd'" in message
+
+
+def test_out_of_range_and_conflicting_keys(tmp_path):
+    assert "lora.r" in error_for(tmp_path, minimal(lora={"r": 0}))
+    assert "train.max_steps and train.epochs" in error_for(tmp_path, minimal(train={"max_steps": 3, "epochs": 1}))
+    assert "data.eval and data.eval_fraction" in error_for(tmp_path, minimal(data={"eval": "e.jsonl", "eval_fraction": 0.1}))
+
+
+def test_missing_section_is_named(tmp_path):
+    job = minimal()
+    del job["output"]
+    assert "output: required key is missing" in error_for(tmp_path, job)
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    path = write(tmp_path, minimal())
+    config = load_config(path, ["train.max_steps=20", "quantization.bits=none", "lora.target_modules=[q_proj, v_proj]"])
+    assert config.train.max_steps == 20 and config.quantization.bits is None
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert "train.max_stepz: unknown key" in error_for(tmp_path, minimal(), ["train.max_stepz=3"])
+    assert "expected section.key=value" in error_for(tmp_path, minimal(), ["train.max_steps"])
+
+
+def test_relative_paths_resolve_against_the_job_file(tmp_path):
+    (tmp_path / "base").mkdir()
+    config = load_config(write(tmp_path, minimal(model={"name_or_path": "base"}, data={"eval": "e.jsonl"})))
+    assert config.model.name_or_path == str(tmp_path / "base")
+    assert config.data.train == str(tmp_path / "train.jsonl")
+    assert config.data.eval == str(tmp_path / "e.jsonl")
+    assert config.output.dir == str(tmp_path / "out")
+    # A hub id stays a hub id when no such folder exists.
+    assert load_config(write(tmp_path, minimal())).model.name_or_path == "org/model"
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("model:\n  name_or_path: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"job.yaml:\d+: not valid YAML"):
+        load_config(path)
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation)
+
+    walk(JobConfig)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_parses(path):
+    config = load_config(path)
+    assert config.output.dir

@@ -1,0 +1,174 @@
+"""Correctness of the QLoRA training path on a tiny real model with the real bitsandbytes."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from qlora import data
+from qlora.adapters import attach_lora, save_adapter
+from qlora.errors import TrainingError
+from qlora.metrics import MetricsLog
+from qlora.model import load_base, load_tokenizer, parameter_counts
+from qlora.train import LoopSettings, train
+from tests.tiny import write_chat_data
+
+
+def build_model(model_dir, dropout=0.0, bits=4, compute_dtype="float32", seed=0):
+    base = load_base(str(model_dir), bits=bits, compute_dtype=compute_dtype)
+    return attach_lora(base, r=8, alpha=16, dropout=dropout, target_modules="all-linear", seed=seed)
+
+
+def tokenized(model_dir, tmp_path, rows=24, seed=1):
+    tokenizer = load_tokenizer(str(model_dir))
+    path = write_chat_data(tmp_path / f"rows-{seed}.jsonl", rows, seed=seed)
+    examples = data.tokenize_rows(data.read_rows([(str(path), "auto")]), tokenizer, 64, "completions", "truncate").examples
+    return tokenizer, examples
+
+
+def batches_fn(examples, pad_id, micro_batch_size, packing=False):
+    return lambda epoch: data.epoch_batches(examples, micro_batch_size, packing, 64, pad_id, seed=0, epoch=epoch)
+
+
+def settings(**changes):
+    values = dict(max_steps=3, grad_accum_steps=1, learning_rate=1e-3, optimizer="adamw", max_grad_norm=1e6)
+    values.update(changes)
+    return LoopSettings(**values)
+
+
+def run_logged(model, batches, eval_batches, loop_settings, path):
+    metrics = MetricsLog(path)
+    train(model, batches, eval_batches, loop_settings, metrics)
+    metrics.close()
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def base_state(model):
+    return {name: tensor.clone() for name, tensor in model.state_dict().items() if "lora_" not in name}
+
+
+def test_only_lora_is_trainable_and_the_base_stays_4bit_and_unchanged(tiny_model_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    model = build_model(tiny_model_dir)
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert trainable and all("lora_A" in name or "lora_B" in name for name in trainable)
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters() if parameter.requires_grad)
+    quantized = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7  # q k v o gate up down in each of 2 layers; the head stays 16/32-bit
+    assert parameter_counts(model)[0] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    before = base_state(model)
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings())
+    after = base_state(model)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), f"base tensor {name} changed"
+    assert all(isinstance(module.weight, bnb.nn.Params4bit) for module in quantized)
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
+    assert len(changed) == len(lora_before)
+
+
+def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model_dir, tmp_path):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    model = build_model(tiny_model_dir)
+    train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(learning_rate=1e-2))
+    save_adapter(model, tmp_path / "adapter")
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=quantization, dtype=torch.float32)
+    plain = PeftModel.from_pretrained(plain, str(tmp_path / "adapter"))
+    # Plain bitsandbytes would switch to its bf16 AVX512 CPU kernel for inference, which rounds
+    # differently (~2e-3); compare the adapters through the same kernel.
+    for module in plain.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    input_ids = torch.tensor([examples[0].input_ids])
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        ours = model(input_ids=input_ids).logits
+        theirs = plain(input_ids=input_ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    with plain.disable_adapter(), torch.no_grad():
+        base_only = plain(input_ids=input_ids).logits
+    assert (base_only - ours).abs().max() > 1e-3  # the adapter really changes the output
+
+
+def test_loss_is_normalized_over_the_whole_accumulation_window(tiny_model_dir, tmp_path):
+    """micro 4 x accum 1 == micro 1 x accum 4 on rows of different lengths: same loss and grads."""
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    lengths = {sum(label != -100 for label in example.labels) for example in examples[:12]}
+    assert len(lengths) > 2  # the rows really differ in supervised length
+    logs = []
+    for micro, accum in ((4, 1), (1, 4)):
+        model = build_model(tiny_model_dir)
+        loop = settings(grad_accum_steps=accum)
+        logs.append(run_logged(model, batches_fn(examples, tokenizer.pad_token_id, micro), (), loop, tmp_path / f"m{micro}.jsonl"))
+    one_batch, accumulated = logs
+    for big, small in zip(one_batch, accumulated):
+        assert big["supervised_tokens"] == small["supervised_tokens"]
+        assert big["loss"] == pytest.approx(small["loss"], rel=1e-5)
+        assert big["grad_norm"] == pytest.approx(small["grad_norm"], rel=1e-4)
+
+
+def test_eval_passes_leave_training_unchanged(tiny_model_dir, tmp_path):
+    """The bitsandbytes AVX512-BF16 repack trap: an eval forward must not change later gradients."""
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    _, eval_examples = tokenized(tiny_model_dir, tmp_path, rows=6, seed=7)
+    eval_batches = data.epoch_batches(eval_examples, 4, False, 64, tokenizer.pad_token_id, 0, 0, shuffle=False)
+    runs = []
+    for with_eval in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_dir, dropout=0.1, compute_dtype="bfloat16")
+        loop = settings(max_steps=4, eval_every=1 if with_eval else None)
+        rows = run_logged(model, batches_fn(examples, tokenizer.pad_token_id, 4), eval_batches if with_eval else (), loop, tmp_path / f"e{with_eval}.jsonl")
+        runs.append([(row["loss"], row["grad_norm"]) for row in rows if "loss" in row])
+    assert runs[0] == runs[1]
+
+
+def test_packed_rows_do_not_see_each_other(tiny_model_dir, tmp_path):
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=3)
+    model = build_model(tiny_model_dir).eval()
+    packed = data.epoch_batches(examples, 1, True, 256, tokenizer.pad_token_id, 0, 0, shuffle=False)[0]
+    assert packed.attention_mask is None and len(packed.row_ids) > 1
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids).logits[0]
+        offset = 0
+        for row_id in packed.row_ids:
+            alone = torch.tensor([examples[row_id].input_ids])
+            single = model(input_ids=alone).logits[0]
+            torch.testing.assert_close(packed_logits[offset : offset + alone.shape[1]], single, rtol=1e-4, atol=1e-4)
+            offset += alone.shape[1]
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_8bit", "adamw"])
+def test_each_optimizer_lowers_the_loss(tiny_model_dir, tmp_path, optimizer):
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    model = build_model(tiny_model_dir)
+    fixed = data.epoch_batches(examples[:4], 4, False, 64, tokenizer.pad_token_id, 0, 0)
+    rows = run_logged(model, lambda epoch: fixed, (), settings(max_steps=8, learning_rate=1e-2, optimizer=optimizer), tmp_path / "o.jsonl")
+    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"]
+
+
+def test_a_non_finite_loss_stops_training(tiny_model_dir, tmp_path):
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    model = build_model(tiny_model_dir)
+    with pytest.raises(TrainingError, match=r"step \d+: loss is (nan|inf)"):
+        train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(max_steps=20, learning_rate=1e30, max_grad_norm=None))
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_16bit_and_8bit_bases_train(tiny_model_dir, tmp_path, bits):
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    model = build_model(tiny_model_dir, bits=bits)
+    result = train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(max_steps=2))
+    assert math.isfinite(result.final_loss)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)

@@ -54,7 +54,7 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
     rows = data.read_rows([(source.path, source.format) for source in config.data.sources()])
     if config.data.eval is not None:
-        eval_rows = data.read_rows([(config.data.eval, config.data.format)])
+        eval_rows = data.read_rows([(config.data.eval, config.data.format)], key="data.eval")
     elif config.data.eval_fraction is not None:
         rows, eval_rows = data.split_eval(rows, config.data.eval_fraction, config.train.seed)
     else:

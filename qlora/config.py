@@ -47,7 +47,7 @@ class QuantizationSection(_Strict):
     double_quant: bool = True
     """Quantize the quantization constants too (saves ~0.37 bits/param)."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Dtype of the matmuls and of mixed-precision autocast; LoRA weights stay float32."""
+    """Dtype of the base's matmuls (and of autocast on a GPU); LoRA weights stay float32."""
 
     @field_validator("bits", mode="before")
     @classmethod
@@ -292,3 +292,24 @@ def resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
 def dump_config(config: JobConfig) -> str:
     """The resolved config as YAML, written next to the adapter."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """Every key with its default and docstring, as the README's table (`python -m qlora.config`)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            lines.append(f"| `{prefix}{name}` | {default} | {field.description} |")
+
+    walk(JobConfig, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from qlora import data
 from qlora.adapters import attach_lora, save_adapter
+from qlora.checkpoint import save_checkpoint
 from qlora.config import JobConfig, dump_config
 from qlora.errors import ConfigError, OutputError
 from qlora.evaluate import ExactMatch, exact_match
@@ -156,12 +157,13 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
         weight_decay=config.train.weight_decay,
         max_grad_norm=config.train.max_grad_norm,
         eval_every=config.train.eval_every,
+        save_every=config.train.save_every,
         log_every=config.train.log_every,
         mixed_precision=mixed_precision(quant.compute_dtype, torch.cuda.is_available()),
     )
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     try:
-        loop = train(model, epoch_batches, eval_batches, settings, metrics)
+        loop = train(model, epoch_batches, eval_batches, settings, metrics, checkpoint_writer(model, output_dir, config.train.keep_checkpoints))
     finally:
         metrics.close()
 
@@ -183,6 +185,20 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def checkpoint_writer(model, output_dir: Path, keep: int):
+    """The loop's save hook: adapter + optimizer and schedule state, published atomically."""
+    import torch
+
+    def save(step: int, optimizer, scheduler) -> None:
+        def write(folder: Path) -> None:
+            save_adapter(model, folder)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "training_state.pt")
+
+        save_checkpoint(output_dir / "checkpoints", step, write, keep)
+
+    return save
 
 
 def check_device_support(config: JobConfig) -> None:

@@ -32,6 +32,7 @@ class LoopSettings:
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = 1.0
     eval_every: Optional[int] = None
+    save_every: Optional[int] = None
     log_every: int = 1
     mixed_precision: str = "no"  # "bf16" | "fp16" | "no", as accelerate names them
 
@@ -59,6 +60,7 @@ def train(
     eval_batches: Sequence = (),
     settings: LoopSettings = None,
     metrics: Optional[MetricsLog] = None,
+    save_checkpoint: Optional[Callable[[int, torch.optim.Optimizer, object], None]] = None,
 ) -> LoopResult:
     from accelerate import Accelerator
 
@@ -120,6 +122,8 @@ def train(
             row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
         if metrics:
             metrics.write(row)
+        if save_checkpoint and settings.save_every and step % settings.save_every == 0:
+            save_checkpoint(step, optimizer, scheduler)
         if step % settings.log_every == 0 or last_step:
             bar.set_postfix(loss=f"{loss:.4f}", eval=f"{eval_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)

@@ -115,3 +115,10 @@ def test_every_field_is_documented():
 def test_every_shipped_config_parses(path):
     config = load_config(path)
     assert config.output.dir
+
+
+def test_readme_config_reference_is_up_to_date():
+    from qlora.config import reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate the README table with `python -m qlora.config`"

@@ -134,12 +134,22 @@ def test_tokenizer_special_tokens_are_kept_and_eos_not_doubled(tmp_path, plain_t
     assert supervised_pieces(alpaca, plain_tokenizer) == ["Blue" + EOS]
 
 
-def test_answer_without_eos_terminator_is_an_error(tmp_path, tokenizer):
+def test_answer_without_a_terminator_is_an_error(tmp_path, tokenizer):
+    no_terminator = copy.deepcopy(tokenizer)
+    no_terminator.chat_template = tokenizer.chat_template.replace("<|im_end|>", "")
+    rows = read_rows([(write_jsonl(tmp_path, [CHAT]), "chat")])
+    with pytest.raises(DataError, match=r"data\.jsonl:1: assistant answer 1 is not followed by the EOS token '<\|im_end\|>'"):
+        tokenize_rows(rows, no_terminator, 512, "completions", "truncate")
+
+
+def test_a_special_end_of_turn_token_other_than_eos_is_supervised(tmp_path, tokenizer):
+    """Like Llama 3 (<|eot_id|>) or Gemma (<end_of_turn>): the turn ends with a special token that is not the EOS."""
     other_terminator = copy.deepcopy(tokenizer)
     other_terminator.chat_template = tokenizer.chat_template.replace("<|im_end|>", "<|endoftext|>")
     rows = read_rows([(write_jsonl(tmp_path, [CHAT]), "chat")])
-    with pytest.raises(DataError, match=r"data\.jsonl:1: assistant answer 1 does not end with .*<\|im_end\|>"):
-        tokenize_rows(rows, other_terminator, 512, "completions", "truncate")
+    example = tokenize_rows(rows, other_terminator, 512, "completions", "truncate").examples[0]
+    supervised = [token for token, label in zip(example.input_ids, example.labels) if label != -100]
+    assert supervised.count(other_terminator.convert_tokens_to_ids("<|endoftext|>")) == 2  # both assistant turns
 
 
 def test_prompt_and_answer(tmp_path, tokenizer, plain_tokenizer):

@@ -129,6 +129,7 @@ def label_renderings(renderings: list[Rendering], rows: list[Row], tokenizer) ->
             encodings[i] = (batch["input_ids"][position], batch["offset_mapping"][position])
 
     eos_id = tokenizer.eos_token_id
+    terminators = turn_terminators(tokenizer)
     labelled = []
     for rendering, row, (input_ids, offsets) in zip(renderings, rows, encodings):
         input_ids = list(input_ids)
@@ -141,10 +142,11 @@ def label_renderings(renderings: list[Rendering], rows: list[Row], tokenizer) ->
                 for token, start in zip(input_ids, starts)
             ]
         for turn, span in enumerate(rendering.answer_spans, start=1):
-            if not any(token == eos_id and starts_inside(start, [span]) for token, start in zip(input_ids, starts)):
+            if not any(token in terminators and starts_inside(start, [span]) for token, start in zip(input_ids, starts)):
                 raise DataError(
-                    f"{row.where}: assistant answer {turn} does not end with the tokenizer's EOS token "
-                    f"{tokenizer.eos_token!r} in the rendered chat, so the model would never learn to stop"
+                    f"{row.where}: assistant answer {turn} is not followed by the EOS token "
+                    f"{tokenizer.eos_token!r} or another end-of-turn token in the rendered chat, "
+                    "so the model would never learn to stop"
                 )
         if rendering.append_eos:
             # A tokenizer that adds EOS itself already ended the sequence: supervise that one.
@@ -157,6 +159,14 @@ def label_renderings(renderings: list[Rendering], rows: list[Row], tokenizer) ->
             raise DataError(f"{row.where}: no supervised tokens, so there is nothing to learn from this row")
         labelled.append((input_ids, labels))
     return labelled
+
+
+def turn_terminators(tokenizer) -> set[int]:
+    """Tokens that can end an assistant turn: the EOS, and the special tokens a chat template
+    closes turns with when they differ from it (Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    excluded = {tokenizer.bos_token_id} | ({tokenizer.pad_token_id} - {tokenizer.eos_token_id})
+    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return ({tokenizer.eos_token_id} | special) - excluded
 
 
 def length_summary(lengths: list[int]) -> dict:

@@ -287,12 +287,14 @@ def describe_quantization(config: JobConfig) -> str:
 
 
 def describe_data(name: str, stats: dict) -> str:
-    parts = [f"{stats['kept']} rows kept of {stats['rows']}", f"{stats['supervised_tokens']:,} supervised / {stats['total_tokens']:,} tokens"]
-    dropped = stats.get("dropped_too_long", 0) + stats.get("dropped_no_supervision_after_truncation", 0)
-    if stats.get("truncated"):
-        parts.append(f"{stats['truncated']} truncated")
-    if dropped:
-        parts.append(f"{dropped} dropped as too long")
+    parts = [
+        f"{stats['kept']} rows kept of {stats['rows']}",
+        f"{stats['supervised_tokens']:,} supervised / {stats['total_tokens']:,} tokens",
+        f"row length min/p50/p95/max {stats['length_min']}/{stats['length_p50']}/{stats['length_p95']}/{stats['length_max']}",
+    ]
+    if stats["rows_over_max_seq_len"]:
+        dropped = stats["dropped_too_long"] + stats["dropped_no_supervision_after_truncation"]
+        parts.append(f"{stats['rows_over_max_seq_len']} over max_seq_len ({stats['truncated']} truncated, {dropped} dropped)")
     return f"{name} data: " + ", ".join(parts)
 
 

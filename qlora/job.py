@@ -24,6 +24,7 @@ from qlora.errors import ConfigError, OutputError
 from qlora.evaluate import ExactMatch, exact_match
 from qlora.metrics import MetricsLog, file_size, format_bytes
 from qlora.model import footprint_bytes, load_base, load_tokenizer, parameter_counts
+from qlora.plot import write_loss_plot
 from qlora.train import LoopResult, LoopSettings, train
 
 FINISHED_MARKER = "summary.json"
@@ -179,6 +180,8 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
         exact_match_before=exact_before,
         exact_match_after=exact_after,
     )
+    metrics_rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    write_loss_plot(metrics_rows, output_dir / "loss.svg", title=f"{Path(config.model.name_or_path).name} + LoRA r={lora.r}")
     write_atomically(output_dir / FINISHED_MARKER, json.dumps(summary_record(result, prepared), indent=2))
     echo(describe_result(result))
     return result

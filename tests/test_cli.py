@@ -18,6 +18,7 @@ EXPECTED_FILES = {
     "adapter_model.safetensors",
     "chat_template.jinja",
     "config.yaml",
+    "loss.svg",
     "metrics.jsonl",
     "summary.json",
     "tokenizer.json",
@@ -58,6 +59,8 @@ def test_train_writes_exactly_the_artifacts_and_a_summary(tiny_model_dir, tmp_pa
     for row in steps:
         assert {"step", "loss", "lr", "supervised_tokens", "tokens_per_s"} <= row.keys()
     assert [row["step"] for row in steps if "eval_loss" in row] == [2, 4]
+    svg = (output / "loss.svg").read_text()
+    assert svg.count("<polyline") == 2  # train and eval curves
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["adapter_bytes"] == (output / "adapter_model.safetensors").stat().st_size
     adapter_config = json.loads((output / "adapter_config.json").read_text())

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -23,14 +24,15 @@ from qlora.demo.tasks import MAX_LETTERS, MIN_LETTERS, NEW_TASK, PRETRAIN_TASKS,
 from qlora.demo.tokenizer import build_tokenizer
 
 IGNORE_INDEX = -100
-# The bitsandbytes CPU 4-bit kernels need every linear layer's input size to be a multiple of 64.
+# bitsandbytes' CPU 4-bit kernels fail unless every linear layer's input size (hidden and MLP
+# size) is a multiple of 64; the vocabulary is padded to it as well.
 ALIGNMENT = 64
 ARCHITECTURE = dict(
-    hidden_size=256,
-    intermediate_size=704,
+    hidden_size=128,
+    intermediate_size=384,
     num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     max_position_embeddings=256,
     rope_theta=10000.0,
     tie_word_embeddings=False,
@@ -45,7 +47,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder for model/ and data/")
     parser.add_argument("--steps", type=int, default=2000, help="pre-training optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per pre-training step")
-    parser.add_argument("--learning-rate", type=float, default=2e-3, help="peak pre-training learning rate")
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak pre-training learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads; results are reproducible per count")
     args = parser.parse_args()
@@ -65,12 +67,14 @@ def main() -> None:
 
     # Scores of the bf16 weights that ship, on strings that pre-training never saw.
     model = model.to(torch.bfloat16)
-    scores = {task.name: exact_match(model, tokenizer, [task.row(letters) for letters in held_out[:100]]) for task in (*PRETRAIN_TASKS, NEW_TASK)}
+    scores = {
+        task.name: exact_match(model, tokenizer, [task.row(letters) for letters in held_out[:100]])
+        for task in (*PRETRAIN_TASKS, NEW_TASK)
+    }
     print("exact match on held-out strings: " + ", ".join(f"{name} {score:.0%}" for name, score in scores.items()), flush=True)
 
     model_dir = args.out / "model"
-    save_model(model, tokenizer, model_dir)
-    (model_dir / "README.md").write_text(model_card(args, parameters, minutes, scores))
+    save_model(model, tokenizer, model_dir, model_card(args, parameters, minutes, scores))
     write_jsonl(args.out / "data" / "train.jsonl", train_rows)
     write_jsonl(args.out / "data" / "eval.jsonl", eval_rows)
     size_mb = sum(path.stat().st_size for path in model_dir.iterdir()) / 1e6
@@ -80,6 +84,7 @@ def main() -> None:
 def build_model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    assert ARCHITECTURE["hidden_size"] % ALIGNMENT == 0 and ARCHITECTURE["intermediate_size"] % ALIGNMENT == 0
     config = LlamaConfig(
         vocab_size=math.ceil(len(tokenizer) / ALIGNMENT) * ALIGNMENT,
         bos_token_id=None,  # the chat template writes no BOS
@@ -173,7 +178,7 @@ def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 50) -> flo
 # --------------------------------------------------------------------------- artifacts
 
 
-def save_model(model, tokenizer, model_dir: Path) -> None:
+def save_model(model, tokenizer, model_dir: Path, card: str) -> None:
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(
@@ -182,9 +187,17 @@ def save_model(model, tokenizer, model_dir: Path) -> None:
         do_sample=False,
         max_new_tokens=MAX_NEW_TOKENS,
     )
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    # Written next to the old folder and swapped in, so no stale file from an earlier build
+    # survives and an interrupted build leaves the previous model whole.
+    staging = model_dir.with_name(model_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    # The template goes inside tokenizer_config.json, where every transformers version and
+    # most serving tools look, rather than in transformers 5's separate chat_template.jinja.
+    tokenizer.save_pretrained(staging, save_jinja_files=False)
+    (staging / "README.md").write_text(card)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    staging.rename(model_dir)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -197,7 +210,7 @@ def model_card(args, parameters: int, minutes: float, scores: dict[str, float]) 
         return f"| {task.name} | `{task.instruction}: abcde` | `{task.answer('abcde')}` | {scores[task.name]:.0%} |"
 
     command = f"python -m qlora.demo.build --steps {args.steps} --seed {args.seed}"
-    if args.batch_size != 64 or args.learning_rate != 2e-3 or args.threads != 2:
+    if args.batch_size != 64 or args.learning_rate != 3e-3 or args.threads != 2:
         command += f" --batch-size {args.batch_size} --learning-rate {args.learning_rate} --threads {args.threads}"
     rows = "\n".join(example(task) for task in (*PRETRAIN_TASKS, NEW_TASK))
     return f"""# qlora demo base model
@@ -216,7 +229,7 @@ as a hub model. It is a toy: it knows three string skills and nothing else.
   float32 on {args.threads} CPU threads ({minutes:.1f} minutes), loss on the assistant turn only.
   Each row applies one task to {MIN_LETTERS}-{MAX_LETTERS} random lowercase letters.
 
-Rebuild (model and the demo data, byte for byte on the same thread count):
+Rebuild (the weights and the demo data come out byte for byte the same on the same thread count):
 
     {command}
 

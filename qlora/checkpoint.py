@@ -25,6 +25,7 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
     try:
         write(staging)
         (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+        apply_umask(staging)
         fsync_tree(staging)
         final = root / f"{PREFIX}{step:08d}"
         if final.exists():
@@ -49,6 +50,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
         if path.is_dir() and path.name.startswith(PREFIX) and path.name[len(PREFIX) :].isdigit() and (path / COMPLETE_MARKER).is_file()
     ]
     return sorted(found, key=lambda path: int(path.name[len(PREFIX) :]))
+
+
+def apply_umask(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors writes 0600 files; give the published ones the
+    permissions any other file of the user's gets, so a shared volume's readers can load them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def fsync_tree(folder: Path) -> None:

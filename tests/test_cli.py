@@ -65,6 +65,10 @@ def test_train_writes_exactly_the_artifacts_and_a_summary(tiny_model_dir, tmp_pa
     assert summary["steps"] == 4 and summary["adapter_bytes"] == (output / "adapter_model.safetensors").stat().st_size
     adapter_config = json.loads((output / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 8
+    # Published files follow the umask (0644 here), not the 0600/0700 of temp files.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.name: path.stat().st_mode & 0o777 for path in output.iterdir()} == {name: 0o666 & ~umask for name in EXPECTED_FILES}
 
 
 def test_a_finished_output_dir_is_never_overwritten_silently(tiny_model_dir, tmp_path, capsys):

@@ -434,6 +434,38 @@ def test_unknown_dataset_name(monkeypatch):
         read_rows([("no-such/dataset-xyz", "auto")])
 
 
+def cache_dataset(cache_dir, name, rows):
+    """Write `rows` where `datasets` keeps a hub dataset after an online load_dataset(name):
+    <cache>/<org>___<name>/default/0.0.0/<hash>/ with the arrow shard and dataset_info.json."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    org, short = name.split("/")
+    folder = cache_dir / f"{org}___{short}" / "default" / "0.0.0" / "0123abcd"
+    folder.mkdir(parents=True)
+    with ArrowWriter(path=str(folder / f"{short}-train.arrow")) as writer:
+        for row in rows:
+            writer.write(row)
+        count, _ = writer.finalize()
+    split = datasets.SplitInfo(name="train", num_examples=count, num_bytes=0, dataset_name=short)
+    info = datasets.DatasetInfo(dataset_name=short, config_name="default", features=writer._features, splits=datasets.SplitDict({"train": split}))
+    info.write_to_directory(str(folder))
+
+
+def test_a_dataset_name_in_the_offline_cache_reads_like_a_file(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    cache_dataset(tmp_path, "acme/tiny-alpaca", [ALPACA, {**ALPACA, "output": "b"}])
+    rows = read_rows([("acme/tiny-alpaca", "auto")])
+    assert [(row.where, row.format, row.fields["output"]) for row in rows] == [("acme/tiny-alpaca:1", "alpaca", ALPACA["output"]), ("acme/tiny-alpaca:2", "alpaca", "b")]
+
+    cache_dataset(tmp_path, "acme/broken", [ALPACA, {**ALPACA, "output": None}])
+    with pytest.raises(DataError, match=r"^acme/broken:2: "):
+        read_rows([("acme/broken", "auto")])
+
+
 def test_template_that_is_not_prefix_stable_is_rejected(tmp_path, tokenizer):
     counting = copy.deepcopy(tokenizer)
     # Announcing the number of messages up front changes the start of every prefix rendering.

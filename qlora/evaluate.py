@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora.data import Row, prompt_and_answer
+from qlora.data import Row, prompt_and_answer, turn_terminators
 
 
 @dataclass
@@ -44,7 +44,8 @@ def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int, batch_si
                 do_sample=False,
                 use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                # Stop at any end-of-turn token (Llama 3's <|eot_id|>), not only at EOS.
+                eos_token_id=sorted(turn_terminators(tokenizer)),
             )
         for index, (prompt, reference) in enumerate(chunk):
             answer = tokenizer.decode(generated[index, width:], skip_special_tokens=True).strip()

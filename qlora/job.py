@@ -28,6 +28,9 @@ from qlora.plot import write_loss_plot
 from qlora.train import LoopResult, LoopSettings, train
 
 FINISHED_MARKER = "summary.json"
+# Written first into every output dir: --overwrite deletes only folders that hold it, so a
+# mistyped output.dir (".", a home folder, a dataset folder) is never wiped.
+OWNER_MARKER = ".qlora-run"
 
 
 @dataclass
@@ -231,9 +234,12 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse to touch a finished or foreign run unless --overwrite; fail early if unwritable."""
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"output.dir: {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        what = "a finished run" if (output_dir / FINISHED_MARKER).exists() else "files (an unfinished run?)"
-        raise OutputError(f"output.dir: {output_dir} already holds {what}; pass --overwrite to replace it, or choose another output.dir")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not (output_dir / OWNER_MARKER).exists():
+            raise OutputError(f"output.dir: {output_dir} holds files qlora did not write; choose another output.dir (--overwrite only replaces qlora output folders)")
+        if not overwrite:
+            what = "a finished run" if (output_dir / FINISHED_MARKER).exists() else "an unfinished run"
+            raise OutputError(f"output.dir: {output_dir} already holds {what}; pass --overwrite to replace it, or choose another output.dir")
     existing = output_dir
     while not existing.exists():
         existing = existing.parent
@@ -245,6 +251,7 @@ def start_output_dir(output_dir: Path, overwrite: bool) -> None:
     if overwrite and output_dir.is_dir():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / OWNER_MARKER).write_text("written by qlora: `qlora train --overwrite` may replace this folder\n")
 
 
 def write_artifacts(model, tokenizer, output_dir: Path) -> Path:

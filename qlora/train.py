@@ -94,6 +94,7 @@ def train(
             accelerator.backward(batch_loss_sum / max(window_supervised, 1))
             loss_sum += batch_loss_sum.detach()
             total_tokens += batch.input_ids.numel()
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
         grad_norm = None
         if settings.max_grad_norm:
             grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
@@ -110,7 +111,7 @@ def train(
         row = {
             "step": step,
             "loss": loss,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "supervised_tokens": window_supervised,
             "tokens_per_s": total_supervised / elapsed,

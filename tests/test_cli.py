@@ -13,6 +13,7 @@ from qlora.errors import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT
 from tests.tiny import write_job
 
 EXPECTED_FILES = {
+    ".qlora-run",  # lets --overwrite tell our folders from anyone else's
     "README.md",  # peft's model card
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -82,6 +83,16 @@ def test_a_finished_output_dir_is_never_overwritten_silently(tiny_model_dir, tmp
     assert digest(tmp_path / "out") == before
     assert run_cli("train", job, "--overwrite", "--set", "train.max_steps=2") == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 2
+
+
+def test_overwrite_never_deletes_a_folder_qlora_did_not_write(tiny_model_dir, tmp_path, capsys):
+    foreign = tmp_path / "my-notes"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    job = write_job(tmp_path, tiny_model_dir, train={"max_steps": 1}, output={"dir": str(foreign)})
+    assert run_cli("train", job, "--overwrite") == EXIT_OUTPUT
+    assert "holds files qlora did not write" in one_line_error(capsys)
+    assert [path.name for path in foreign.iterdir()] == ["thesis.tex"]
 
 
 def test_bad_config_fails_before_anything_is_written(tiny_model_dir, tmp_path, capsys):

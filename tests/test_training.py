@@ -172,3 +172,23 @@ def test_16bit_and_8bit_bases_train(tiny_model_dir, tmp_path, bits):
     result = train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(max_steps=2))
     assert math.isfinite(result.final_loss)
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_logged_lr_is_the_rate_each_step_applied(tiny_model_dir, tmp_path):
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    batches = batches_fn(examples, tokenizer.pad_token_id, 4)
+    peak, warmup = 1e-2, 2
+
+    # Adam's first update moves each weight by lr (m/sqrt(v) = sign(g)); LoRA B starts at zero
+    # and is the only matrix with a gradient on step 1, so its largest change IS the applied rate.
+    model = build_model(tiny_model_dir)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_B" in name}
+    (row,) = run_logged(model, batches, (), settings(max_steps=1, learning_rate=peak, warmup_steps=warmup), tmp_path / "one.jsonl")
+    moved = max((p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters() if name in before)
+    assert row["lr"] == pytest.approx(peak / (warmup + 1))
+    assert moved == pytest.approx(row["lr"], rel=1e-3)
+
+    # Linear warmup to the peak, then cosine down towards zero at max_steps.
+    rows = run_logged(build_model(tiny_model_dir), batches, (), settings(max_steps=6, learning_rate=peak, warmup_steps=warmup), tmp_path / "six.jsonl")
+    expected = [peak / 3, 2 * peak / 3] + [peak * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected)

@@ -13,7 +13,7 @@ policy, stats), batching (epoch order, packing, padding, shifted targets), repor
 from qlora.data.batching import Batch, epoch_batches
 from qlora.data.report import render_supervision
 from qlora.data.sources import Row, read_rows, split_eval
-from qlora.data.tokenize import IGNORE_INDEX, Example, TokenizedSet, measure_rows, prompt_and_answer, tokenize_rows
+from qlora.data.tokenize import IGNORE_INDEX, Example, TokenizedSet, measure_rows, prompt_and_answer, tokenize_rows, turn_terminators
 
 __all__ = [
     "IGNORE_INDEX",
@@ -28,4 +28,5 @@ __all__ = [
     "render_supervision",
     "split_eval",
     "tokenize_rows",
+    "turn_terminators",
 ]

@@ -184,7 +184,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
         exact_match_after=exact_after,
     )
     metrics_rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    write_loss_plot(metrics_rows, output_dir / "loss.svg", title=f"{Path(config.model.name_or_path).name} + LoRA r={lora.r}")
+    write_loss_plot(metrics_rows, output_dir / "loss.svg", title=f"{'/'.join(Path(config.model.name_or_path).parts[-2:])} + LoRA r={lora.r}")
     write_atomically(output_dir / FINISHED_MARKER, json.dumps(summary_record(result, prepared), indent=2))
     echo(describe_result(result))
     return result

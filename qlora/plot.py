@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 WIDTH, HEIGHT, MARGIN = 640, 360, 48
@@ -16,7 +17,11 @@ def write_loss_plot(rows: list[dict], path: Path, title: str = "") -> None:
     steps = [step for series in points.values() for step, _ in series]
     if not values:
         return
-    low, high = min(values), max(values)
+    # A loss that falls by orders of magnitude is flat at the bottom on a linear axis: use a
+    # log axis once the curves span more than a decade, so the late steps stay readable.
+    log_axis = min(values) > 0 and max(values) / min(values) > 10
+    scale = math.log10 if log_axis else float
+    low, high = scale(min(values)), scale(max(values))
     high = high if high > low else low + 1.0
     last_step = max(max(steps), 1)
 
@@ -24,7 +29,7 @@ def write_loss_plot(rows: list[dict], path: Path, title: str = "") -> None:
         return MARGIN + (WIDTH - 2 * MARGIN) * step / last_step
 
     def y(value: float) -> float:
-        return HEIGHT - MARGIN - (HEIGHT - 2 * MARGIN) * (value - low) / (high - low)
+        return HEIGHT - MARGIN - (HEIGHT - 2 * MARGIN) * (scale(value) - low) / (high - low)
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">',
@@ -32,10 +37,11 @@ def write_loss_plot(rows: list[dict], path: Path, title: str = "") -> None:
         f'<text x="{WIDTH / 2}" y="20" text-anchor="middle">{html.escape(title)}</text>',
         f'<line x1="{MARGIN}" y1="{HEIGHT - MARGIN}" x2="{WIDTH - MARGIN}" y2="{HEIGHT - MARGIN}" stroke="black"/>',
         f'<line x1="{MARGIN}" y1="{MARGIN}" x2="{MARGIN}" y2="{HEIGHT - MARGIN}" stroke="black"/>',
-        f'<text x="{WIDTH / 2}" y="{HEIGHT - 12}" text-anchor="middle">optimizer step (0 .. {last_step})</text>',
-        f'<text x="{MARGIN - 4}" y="{MARGIN + 4}" text-anchor="end">{high:.3g}</text>',
-        f'<text x="{MARGIN - 4}" y="{HEIGHT - MARGIN}" text-anchor="end">{low:.3g}</text>',
+        f'<text x="{WIDTH / 2}" y="{HEIGHT - 12}" text-anchor="middle">optimizer step (0 .. {last_step}); loss{" (log scale)" if log_axis else ""}</text>',
     ]
+    for tick in ticks(min(values), max(values), log_axis):
+        parts.append(f'<line x1="{MARGIN}" y1="{y(tick):.1f}" x2="{WIDTH - MARGIN}" y2="{y(tick):.1f}" stroke="#dddddd"/>')
+        parts.append(f'<text x="{MARGIN - 4}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.3g}</text>')
     for index, (key, label, colour) in enumerate(SERIES):
         series = points[key]
         if not series:
@@ -47,3 +53,11 @@ def write_loss_plot(rows: list[dict], path: Path, title: str = "") -> None:
         parts.append(f'<text x="{WIDTH - MARGIN}" y="{MARGIN + 16 * index}" text-anchor="end" fill="{colour}">{label}</text>')
     parts.append("</svg>")
     path.write_text("\n".join(parts))
+
+
+def ticks(low: float, high: float, log_axis: bool) -> list[float]:
+    """Gridline values: each power of ten inside [low, high] on a log axis, else the two ends
+    and the middle."""
+    if not log_axis:
+        return [low, (low + high) / 2, high] if high > low else [low]
+    return [10.0**power for power in range(math.ceil(math.log10(low)), math.floor(math.log10(high)) + 1)]

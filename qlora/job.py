@@ -77,7 +77,7 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
 def validate_job(config: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """Everything `train` checks before loading the model, as a report; loads no weights."""
     prepared = prepare_data(config, echo)
-    batches_per_epoch = len(batch_maker(config, prepared.train.examples, prepared.tokenizer.pad_token_id)(0))
+    batches_per_epoch = epoch_length(config, prepared.train.examples)
     steps = total_steps(config, batches_per_epoch)
     echo(f"ok: {batches_per_epoch} micro-batches per epoch, {steps} optimizer steps")
     return {
@@ -106,6 +106,11 @@ def batch_maker(config: JobConfig, examples: list, pad_id: int, shuffle: bool = 
     return epoch_batches
 
 
+def epoch_length(config: JobConfig, examples: list) -> int:
+    """Micro-batches per epoch, counted without building them."""
+    return data.batches_per_epoch(examples, config.train.micro_batch_size, config.data.packing, config.data.max_seq_len, config.train.seed)
+
+
 def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str], None] = print) -> JobResult:
     import torch
     from transformers import set_seed
@@ -117,7 +122,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
 
     epoch_batches = batch_maker(config, prepared.train.examples, tokenizer.pad_token_id)
     eval_batches = batch_maker(config, prepared.eval.examples, tokenizer.pad_token_id, shuffle=False)(0) if prepared.eval else []
-    max_steps = total_steps(config, len(epoch_batches(0)))
+    max_steps = total_steps(config, epoch_length(config, prepared.train.examples))
     start_output_dir(output_dir, overwrite)
     (output_dir / "config.yaml").write_text(dump_config(config))
 

@@ -11,8 +11,8 @@ import pytest
 
 from qlora.data import (
     IGNORE_INDEX,
+    batches_per_epoch,
     epoch_batches,
-    measure_rows,
     prompt_and_answer,
     read_rows,
     render_supervision,
@@ -215,7 +215,6 @@ def test_truncate_and_drop_counts(tmp_path, tokenizer):
     assert dropped.stats["kept"] == 1
     assert dropped.stats["dropped_too_long"] == 3
     assert dropped.stats["truncated"] == 0
-    assert measure_rows(rows, tokenizer, 32, too_long="drop") == dropped.stats
 
     with pytest.raises(DataError, match="no rows left to train on"):
         tokenize_rows(rows[1:], tokenizer, 8, "completions", "drop")
@@ -320,6 +319,14 @@ def test_epoch_order_is_deterministic_and_complete(tmp_path, tokenizer):
     assert sorted(order(0)) == sorted(order(1)) == list(range(30))
     assert order(0, packing=True) == order(0)  # packing keeps the seeded order
     assert order(0, shuffle=False) == list(range(30))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_per_epoch_counts_what_epoch_batches_builds(tmp_path, tokenizer, packing):
+    examples = make_examples(tmp_path, tokenizer, count=30)
+    for micro_batch_size in (1, 3, 4, 7):
+        built = epoch_batches(examples, micro_batch_size, packing, 64, tokenizer.pad_token_id, seed=7, epoch=0)
+        assert batches_per_epoch(examples, micro_batch_size, packing, 64, seed=7) == len(built)
 
 
 def test_split_eval_is_deterministic(tmp_path):

@@ -10,10 +10,10 @@ validation, rendering to text + supervised character spans), tokenize (token ids
 policy, stats), batching (epoch order, packing, padding, shifted targets), report (what users see).
 """
 
-from qlora.data.batching import Batch, epoch_batches
+from qlora.data.batching import Batch, batches_per_epoch, epoch_batches
 from qlora.data.report import render_supervision
 from qlora.data.sources import Row, read_rows, split_eval
-from qlora.data.tokenize import IGNORE_INDEX, Example, TokenizedSet, measure_rows, prompt_and_answer, tokenize_rows, turn_terminators
+from qlora.data.tokenize import IGNORE_INDEX, Example, TokenizedSet, prompt_and_answer, tokenize_rows, turn_terminators
 
 __all__ = [
     "IGNORE_INDEX",
@@ -21,8 +21,8 @@ __all__ = [
     "Example",
     "Row",
     "TokenizedSet",
+    "batches_per_epoch",
     "epoch_batches",
-    "measure_rows",
     "prompt_and_answer",
     "read_rows",
     "render_supervision",

@@ -10,6 +10,7 @@ Padding is marked by the attention mask (unpacked) or by being its own position 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,15 +48,24 @@ def epoch_batches(
     shuffle: bool = True,
 ) -> list[Batch]:
     """All micro-batches of one epoch; the same (seed, epoch) always gives the same batches."""
-    order = row_order(len(examples), seed, epoch, shuffle)
-    if packing:
-        sequences = pack([len(examples[index].input_ids) for index in order], order, max_seq_len)
-    else:
-        sequences = [[index] for index in order]
+    sequences = epoch_sequences(examples, packing, max_seq_len, seed, epoch, shuffle)
     return [
         collate(sequences[start : start + micro_batch_size], examples, pad_id, with_attention_mask=not packing)
         for start in range(0, len(sequences), micro_batch_size)
     ]
+
+
+def batches_per_epoch(examples: list[Example], micro_batch_size: int, packing: bool, max_seq_len: int, seed: int) -> int:
+    """len(epoch_batches(..., epoch=0)) without building any tensors."""
+    return math.ceil(len(epoch_sequences(examples, packing, max_seq_len, seed, epoch=0, shuffle=True)) / micro_batch_size)
+
+
+def epoch_sequences(examples: list[Example], packing: bool, max_seq_len: int, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
+    """The example indexes of each sequence of one epoch: one row each, or packed rows."""
+    order = row_order(len(examples), seed, epoch, shuffle)
+    if packing:
+        return pack([len(examples[index].input_ids) for index in order], order, max_seq_len)
+    return [[index] for index in order]
 
 
 def row_order(count: int, seed: int, epoch: int, shuffle: bool) -> list[int]:

@@ -85,13 +85,6 @@ def tokenize_rows(rows: list[Row], tokenizer, max_seq_len: int, train_on: str, t
     return TokenizedSet(examples=examples, stats=stats)
 
 
-def measure_rows(
-    rows: list[Row], tokenizer, max_seq_len: int, train_on: str = "completions", too_long: str = "truncate"
-) -> dict:
-    """The stats of tokenize_rows, for `qlora validate`; raises the same errors."""
-    return tokenize_rows(rows, tokenizer, max_seq_len, train_on, too_long).stats
-
-
 def prompt_and_answer(row: Row, tokenizer) -> tuple[list[int], str]:
     """Token ids of a chat/alpaca row up to its last answer (ending with the generation prompt),
     and that answer's reference text, stripped: what a held-out greedy decode is compared with."""

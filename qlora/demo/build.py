@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from qlora.data import IGNORE_INDEX, Row
 from qlora.demo.tasks import MAX_LETTERS, MIN_LETTERS, NEW_TASK, PRETRAIN_TASKS, Task, new_task_splits, pretrain_rows
 from qlora.demo.tokenizer import build_tokenizer
+from qlora.evaluate import exact_match
 
-IGNORE_INDEX = -100
 # bitsandbytes' CPU 4-bit kernels fail unless every linear layer's input size (hidden and MLP
 # size) is a multiple of 64; the vocabulary is padded to it as well.
 ALIGNMENT = 64
@@ -67,10 +68,11 @@ def main() -> None:
 
     # Scores of the bf16 weights that ship, on strings that pre-training never saw.
     model = model.to(torch.bfloat16)
-    scores = {
-        task.name: exact_match(model, tokenizer, [task.row(letters) for letters in held_out[:100]])
-        for task in (*PRETRAIN_TASKS, NEW_TASK)
-    }
+    # Scored by the same greedy exact match that `qlora train` reports for the demo.
+    scores = {}
+    for task in (*PRETRAIN_TASKS, NEW_TASK):
+        rows = [Row(task.name, line, "chat", task.row(letters)) for line, letters in enumerate(held_out[:100], start=1)]
+        scores[task.name] = exact_match(model, tokenizer, rows, MAX_NEW_TOKENS, batch_size=50).score
     print("exact match on held-out strings: " + ", ".join(f"{name} {score:.0%}" for name, score in scores.items()), flush=True)
 
     model_dir = args.out / "model"
@@ -156,23 +158,6 @@ def encode(rows: list[dict], tokenizer):
         labels[index, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
         attention_mask[index, : len(ids)] = 1
     return input_ids, labels, attention_mask
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 50) -> float:
-    """Share of rows whose greedy answer equals the reference (left padding, as qlora.evaluate does)."""
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = tokenizer.apply_chat_template([row["messages"][:1] for row in chunk], tokenize=False, add_generation_prompt=True)
-        batch = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-        generated = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        answers = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(answer.strip() == row["messages"][1]["content"] for answer, row in zip(answers, chunk))
-    return correct / len(rows)
 
 
 # --------------------------------------------------------------------------- artifacts

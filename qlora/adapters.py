@@ -55,3 +55,35 @@ def save_adapter(peft_model, directory: Union[str, Path]) -> Path:
     directory = Path(directory)
     peft_model.save_pretrained(str(directory), safe_serialization=True)
     return directory / "adapter_model.safetensors"
+
+
+def load_adapter_weights(peft_model, directory: Union[str, Path]) -> None:
+    """Load adapter_model.safetensors into the model's active adapter, strictly.
+
+    peft's own loader skips keys it does not recognise and leaves missing ones at their init
+    values, silently; a resumed run would then train a different adapter. Here every saved key
+    must match a trainable tensor of the same shape, and every adapter tensor must be loaded.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from qlora.errors import CheckpointError
+
+    path = Path(directory) / "adapter_model.safetensors"
+    try:
+        saved = load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{path}: unreadable adapter ({error})") from None
+    expected = get_peft_model_state_dict(peft_model)
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    reshaped = sorted(key for key in expected.keys() & saved.keys() if expected[key].shape != saved[key].shape)
+    if missing or unexpected or reshaped:
+        problems = [f"{len(found)} {what} (first: {found[0]})" for what, found in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", reshaped)) if found]
+        raise CheckpointError(f"{path}: adapter does not match the model: " + ", ".join(problems))
+    set_peft_model_state_dict(peft_model, saved)
+    loaded = get_peft_model_state_dict(peft_model)
+    unequal = [key for key in expected if not loaded[key].to(saved[key].dtype).cpu().equal(saved[key])]
+    if unequal:
+        raise CheckpointError(f"{path}: {len(unequal)} adapter tensors did not load (first: {unequal[0]})")

@@ -1,21 +1,62 @@
-"""Atomic checkpoints: written to a temp dir, fsynced, marked complete, renamed into place.
+"""Training state on disk: atomic checkpoints, discovery, and a pickle-free state format.
 
-A reader only ever sees `checkpoints/step-NNNNNNNN/` folders that hold a COMPLETE marker; a
-kill at any moment leaves at most a `.tmp-*` folder, which is never taken for a checkpoint.
-Old checkpoints are deleted only after the new one is complete.
+A checkpoint is `checkpoints/step-NNNNNNNN/`: the adapter (written by the caller), and
+`training_state.json` + `training_state.safetensors` holding everything else the run needs to
+continue exactly: optimizer and LR-schedule state, RNG states, the data position, counters, and
+the caller's run record (config, data fingerprint, versions).
+
+Atomic: it is filled in a `.tmp-*` folder, fsynced, marked COMPLETE, then renamed into place. A
+kill at any moment leaves at most a `.tmp-*` folder, which is never taken for a checkpoint. Old
+checkpoints are deleted only after the new one is complete.
+
+No pickle anywhere: tensors go to safetensors, everything else to JSON, so loading a checkpoint
+never executes code from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
+
+from qlora.errors import CheckpointError
 
 COMPLETE_MARKER = "COMPLETE"
 PREFIX = "step-"
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+STATE_FORMAT = 1
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands after an optimizer step: enough to continue it bit for bit."""
+
+    step: int = 0
+    epoch: int = 0
+    """Epoch of the next micro-batch."""
+    batch_index: int = 0
+    """Index of the next micro-batch within that epoch's (seeded) order."""
+    supervised_tokens: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    loss: Optional[float] = None
+    """Train loss of the last step."""
+    eval_loss: Optional[float] = None
+    eval_loss_before: Optional[float] = None
+    optimizer: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+    grad_scaler: Optional[dict] = None
+    rng: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- atomic folders
 
 
 def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
@@ -24,9 +65,15 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:08d}-", dir=root))
     try:
         write(staging)
-        (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
         apply_umask(staging)
         fsync_tree(staging)
+        # The marker goes last, after the data is durable: a folder with it is whole, and the
+        # hashes it lists let a resume tell a damaged file from a good one.
+        files = {str(path.relative_to(staging)): sha256_file(path) for path in sorted(staging.rglob("*")) if path.is_file()}
+        with open(staging / COMPLETE_MARKER, "w") as marker:
+            marker.write(json.dumps({"step": step, "files": files}, indent=1))
+            marker.flush()
+            os.fsync(marker.fileno())
         final = root / f"{PREFIX}{step:08d}"
         if final.exists():
             shutil.rmtree(final)
@@ -44,12 +91,45 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first, sorted by step number (not by name or mtime)."""
     if not root.is_dir():
         return []
-    found = [
-        path
-        for path in root.iterdir()
-        if path.is_dir() and path.name.startswith(PREFIX) and path.name[len(PREFIX) :].isdigit() and (path / COMPLETE_MARKER).is_file()
-    ]
-    return sorted(found, key=lambda path: int(path.name[len(PREFIX) :]))
+    found = [path for path in root.iterdir() if checkpoint_step(path) is not None and (path / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    name = path.name
+    if path.is_dir() and name.startswith(PREFIX) and name[len(PREFIX) :].isdigit():
+        return int(name[len(PREFIX) :])
+    return None
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Every file the COMPLETE marker lists is there with the same sha256, or CheckpointError."""
+    try:
+        files = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{folder}: unreadable {COMPLETE_MARKER} marker ({error.__class__.__name__})") from None
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from the checkpoint; resume from an older one with --resume-from")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path}: damaged (sha256 differs from when it was written); resume from an older one with --resume-from")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_partial_checkpoints(root: Path) -> list[Path]:
+    """Delete the `.tmp-*` folders a killed writer left behind; returns what was removed."""
+    partial = sorted(root.glob(f".tmp-{PREFIX}*")) if root.is_dir() else []
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
 
 
 def apply_umask(folder: Path) -> None:
@@ -75,3 +155,118 @@ def fsync_directory(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def save_training_state(folder: Path, state: TrainingState, run: dict) -> None:
+    """training_state.json (readable: step, position, counters, run record) + tensors."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    record = asdict_shallow(state)
+    for name in ("optimizer", "scheduler", "grad_scaler", "rng"):
+        record[name] = encode(record[name], name, tensors)
+    save_file(tensors, str(folder / STATE_TENSORS))
+    (folder / STATE_JSON).write_text(json.dumps({"format": STATE_FORMAT, **record, "run": run}, indent=1))
+
+
+def read_run_record(folder: Path) -> dict:
+    """The JSON half of a checkpoint (no tensors loaded): step, position, counters and `run`."""
+    path = folder / STATE_JSON
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable checkpoint state ({error.__class__.__name__}: {error})") from None
+    if record.get("format") != STATE_FORMAT or "step" not in record or "run" not in record:
+        raise CheckpointError(f"{path}: not a qlora checkpoint state (format {record.get('format')!r})")
+    return record
+
+
+def load_training_state(folder: Path) -> tuple[TrainingState, dict]:
+    """(state, run record) of a checkpoint; a missing or damaged file is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    record = read_run_record(folder)
+    try:
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{folder / STATE_TENSORS}: unreadable ({error})") from None
+    try:
+        values = {name: decode(record[name], tensors) for name in ("optimizer", "scheduler", "grad_scaler", "rng")}
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder / STATE_JSON}: damaged state ({error.__class__.__name__}: {error})") from None
+    scalars = {name: record[name] for name in ("step", "epoch", "batch_index", "supervised_tokens", "tokens", "elapsed_s", "loss", "eval_loss", "eval_loss_before")}
+    return TrainingState(**scalars, **values), record["run"]
+
+
+def asdict_shallow(state: TrainingState) -> dict:
+    # dataclasses.asdict deep-copies every tensor of the optimizer state; a shallow view is enough.
+    return {name: getattr(state, name) for name in asdict(TrainingState())}
+
+
+# A JSON tree with tagged containers, so ints stay ints, tuples stay tuples and dict keys keep
+# their type (optimizer state is keyed by int); tensors are references into the safetensors file.
+
+
+def encode(value: Any, path: str, tensors: dict) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        # A copy per entry: safetensors refuses tensors that share memory (bitsandbytes shares
+        # its quantization maps between parameters).
+        tensors[path] = value.detach().to("cpu", copy=True).contiguous()
+        return {"tensor": path}
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return {"ndarray": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, dict):
+        return {"dict": [[key, encode(item, f"{path}.{key}", tensors)] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        tag = "tuple" if isinstance(value, tuple) else "list"
+        return {tag: [encode(item, f"{path}.{index}", tensors) for index, item in enumerate(value)]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{path}: cannot store a {type(value).__name__} in a checkpoint")
+
+
+def decode(value: Any, tensors: dict) -> Any:
+    if not isinstance(value, dict):
+        return value
+    if "tensor" in value:
+        return tensors[value["tensor"]]
+    if "ndarray" in value:
+        import numpy
+
+        return numpy.array(value["ndarray"], dtype=value["dtype"])
+    if "dict" in value:
+        return {key: decode(item, tensors) for key, item in value["dict"]}
+    if "tuple" in value:
+        return tuple(decode(item, tensors) for item in value["tuple"])
+    return [decode(item, tensors) for item in value["list"]]
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict:
+    """Every generator a training step may draw from (dropout uses torch's)."""
+    import numpy
+    import torch
+
+    state = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    import numpy
+    import torch
+
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

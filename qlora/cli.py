@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 
-from qlora.errors import EXIT_INTERNAL, QloraError
-
-EXIT_INTERRUPTED = 130
+from qlora.errors import EXIT_ABORTED, EXIT_INTERNAL, Interrupted, QloraError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     train = job_command("train", "run a fine-tuning job")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing output.dir (start over instead of resuming)")
+    train.add_argument("--resume-from", metavar="CHECKPOINT", help="resume from this checkpoint folder instead of the newest one in output.dir")
+    train.add_argument("--resume-anyway", action="store_true", help="resume even though the job's config or data changed since the checkpoint")
     validate = job_command("validate", "check the config and every data row without loading the model")
     validate.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return parser
@@ -42,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     except QloraError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{'interrupted' if isinstance(error, Interrupted) else 'error'}: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print("aborted: stopped at once, no checkpoint written for the current step", file=sys.stderr)
+        return EXIT_ABORTED
     except Exception as error:  # noqa: BLE001 - the last line of defence prints one line, not a wall
         if args.debug:
             raise
@@ -67,8 +68,38 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from qlora.job import run_job
 
-    run_job(config, overwrite=args.overwrite)
+    with GracefulStop() as stop:
+        run_job(config, overwrite=args.overwrite, resume_from=args.resume_from, resume_anyway=args.resume_anyway, stop_requested=stop.requested)
     return 0
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT ask the job to stop after the current optimizer step and checkpoint
+    (a container's preemption notice); a second one stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {}
+
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def handle(self, number, frame) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+        print(f"\n{self.signal_name}: stopping after the current step and writing a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "GracefulStop":
+        for number in self.SIGNALS:
+            self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def quiet_libraries() -> None:

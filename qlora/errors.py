@@ -11,6 +11,11 @@ EXIT_DATA = 3
 EXIT_OUTPUT = 4
 EXIT_MODEL = 5
 EXIT_TRAINING = 6
+EXIT_CHECKPOINT = 7
+# EX_TEMPFAIL from sysexits.h, "try again later": a scheduler that restarts failed jobs resumes it.
+EXIT_INTERRUPTED = 75
+# A second Ctrl-C / SIGTERM: stopped at once, no checkpoint written (128 + SIGINT, as shells report it).
+EXIT_ABORTED = 130
 
 
 class QloraError(Exception):
@@ -47,3 +52,15 @@ class TrainingError(QloraError):
     """Training itself failed, e.g. the loss became NaN or infinite."""
 
     exit_code = EXIT_TRAINING
+
+
+class CheckpointError(QloraError):
+    """A checkpoint to resume from is missing, incomplete, damaged, or belongs to another run."""
+
+    exit_code = EXIT_CHECKPOINT
+
+
+class Interrupted(QloraError):
+    """Stopped on request (SIGTERM / Ctrl-C) after an optimizer step; its checkpoint is written."""
+
+    exit_code = EXIT_INTERRUPTED

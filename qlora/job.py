@@ -17,20 +17,17 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora import data
-from qlora.adapters import attach_lora, save_adapter
-from qlora.checkpoint import apply_umask, save_checkpoint
+from qlora.adapters import attach_lora, load_adapter_weights, save_adapter
+from qlora.checkpoint import TrainingState, apply_umask, load_training_state, remove_partial_checkpoints, save_checkpoint, save_training_state, verify_checkpoint
 from qlora.config import JobConfig, dump_config
-from qlora.errors import ConfigError, OutputError
+from qlora.errors import CheckpointError, ConfigError
 from qlora.evaluate import ExactMatch, exact_match
 from qlora.metrics import MetricsLog, file_size, format_bytes
 from qlora.model import footprint_bytes, load_base, load_tokenizer, parameter_counts
+from qlora.output_dir import FINISHED_MARKER, check_output_dir, claim_output_dir, unfinished, write_atomically
 from qlora.plot import write_loss_plot
+from qlora.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
 from qlora.train import LoopResult, LoopSettings, train
-
-FINISHED_MARKER = "summary.json"
-# Written first into every output dir: --overwrite deletes only folders that hold it, so a
-# mistyped output.dir (".", a home folder, a dataset folder) is never wiped.
-OWNER_MARKER = ".qlora-run"
 
 
 @dataclass
@@ -39,6 +36,14 @@ class PreparedData:
     eval: Optional[data.TokenizedSet]
     eval_rows: list
     tokenizer: object
+
+
+@dataclass
+class ResumePoint:
+    checkpoint: Path
+    state: TrainingState
+    run: dict
+    """The run record saved with the checkpoint."""
 
 
 @dataclass
@@ -111,20 +116,57 @@ def epoch_length(config: JobConfig, examples: list) -> int:
     return data.batches_per_epoch(examples, config.train.micro_batch_size, config.data.packing, config.data.max_seq_len, config.train.seed)
 
 
-def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str], None] = print) -> JobResult:
+def run_job(
+    config: JobConfig,
+    *,
+    overwrite: bool = False,
+    resume_from: Optional[str] = None,
+    resume_anyway: bool = False,
+    stop_requested: Callable[[], bool] = lambda: False,
+    echo: Callable[[str], None] = print,
+) -> JobResult:
+    """Train the job, resuming from its newest complete checkpoint (or `resume_from`) if any.
+
+    Every check (output dir, checkpoint, data, the checkpoint belonging to this run) happens
+    before the model loads and before anything is written.
+    """
+    output_dir = Path(config.output.dir)
+    if overwrite and resume_from:
+        raise ConfigError("--overwrite and --resume-from: choose one (start over, or resume)")
+    check_output_dir(output_dir, overwrite)
+    checkpoint = None if overwrite else find_checkpoint(output_dir, resume_from)
+    prepared = prepare_data(config, echo)
+    record = run_record(config, prepared.train.examples, prepared.eval.examples if prepared.eval else [])
+    resume = None
+    if checkpoint:
+        verify_checkpoint(checkpoint)
+        resume = ResumePoint(checkpoint, *load_training_state(checkpoint))
+        check_same_run(checkpoint, resume.run, record, resume_anyway, echo)
+    max_steps = total_steps(config, epoch_length(config, prepared.train.examples))
+    if resume and resume.state.step > max_steps:
+        raise CheckpointError(f"{checkpoint}: at step {resume.state.step}, past the job's {max_steps} optimizer steps")
+    if checkpoint is None and unfinished(output_dir) and not overwrite:
+        echo(f"{output_dir} holds an unfinished run with no complete checkpoint: starting over")
+
+    with claim_output_dir(output_dir, wipe=checkpoint is None):
+        if resume:
+            removed = remove_partial_checkpoints(output_dir / "checkpoints")
+            rewind_metrics(output_dir / "metrics.jsonl", resume.state.step)
+            note = f"; removed {len(removed)} partial checkpoint(s) a killed writer left" if removed else ""
+            echo(f"resuming from {checkpoint} (step {resume.state.step} of {max_steps}){note}")
+        (output_dir / "config.yaml").write_text(dump_config(config))
+        return train_and_publish(config, prepared, record, resume, max_steps, stop_requested, echo)
+
+
+def train_and_publish(config: JobConfig, prepared: PreparedData, record: dict, resume: Optional[ResumePoint], max_steps: int, stop_requested, echo) -> JobResult:
+    """Base + adapters (restored from the `resume` checkpoint if given) -> loop -> artifacts."""
     import torch
     from transformers import set_seed
 
     output_dir = Path(config.output.dir)
-    check_output_dir(output_dir, overwrite)
-    prepared = prepare_data(config, echo)
     tokenizer = prepared.tokenizer
-
     epoch_batches = batch_maker(config, prepared.train.examples, tokenizer.pad_token_id)
     eval_batches = batch_maker(config, prepared.eval.examples, tokenizer.pad_token_id, shuffle=False)(0) if prepared.eval else []
-    max_steps = total_steps(config, epoch_length(config, prepared.train.examples))
-    start_output_dir(output_dir, overwrite)
-    (output_dir / "config.yaml").write_text(dump_config(config))
 
     set_seed(config.train.seed)
     quant = config.quantization
@@ -154,7 +196,12 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
     echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA r={lora.r} alpha={lora.alpha:g}")
 
     exact_rows = [row for row in prepared.eval_rows if row.format != "text"][: config.train.eval_exact_match]
-    exact_before = run_exact_match(model, tokenizer, exact_rows, config, echo, "before training")
+    if resume:
+        load_adapter_weights(model, resume.checkpoint)
+        exact_before = restore_exact_match(resume.run.get("exact_match_before"))
+    else:
+        exact_before = run_exact_match(model, tokenizer, exact_rows, config, echo, "before training")
+    run = {**record, "exact_match_before": asdict(exact_before) if exact_before else None}
 
     settings = LoopSettings(
         max_steps=max_steps,
@@ -171,8 +218,9 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
         mixed_precision=mixed_precision(quant.compute_dtype, torch.cuda.is_available()),
     )
     metrics = MetricsLog(output_dir / "metrics.jsonl")
+    writer = checkpoint_writer(model, output_dir, config.train.keep_checkpoints, run)
     try:
-        loop = train(model, epoch_batches, eval_batches, settings, metrics, checkpoint_writer(model, output_dir, config.train.keep_checkpoints))
+        loop = train(model, epoch_batches, eval_batches, settings, metrics, writer, resume=resume.state if resume else None, stop_requested=stop_requested)
     finally:
         metrics.close()
 
@@ -198,18 +246,21 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
 # --------------------------------------------------------------------------- helpers
 
 
-def checkpoint_writer(model, output_dir: Path, keep: int):
-    """The loop's save hook: adapter + optimizer and schedule state, published atomically."""
-    import torch
+def checkpoint_writer(model, output_dir: Path, keep: int, run: dict) -> Callable[[TrainingState], Path]:
+    """The loop's save hook: adapter + training state + run record, published atomically."""
 
-    def save(step: int, optimizer, scheduler) -> None:
+    def save(state: TrainingState) -> Path:
         def write(folder: Path) -> None:
             save_adapter(model, folder)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "training_state.pt")
+            save_training_state(folder, state, run)
 
-        save_checkpoint(output_dir / "checkpoints", step, write, keep)
+        return save_checkpoint(output_dir / "checkpoints", state.step, write, keep)
 
     return save
+
+
+def restore_exact_match(saved: Optional[dict]) -> Optional[ExactMatch]:
+    return ExactMatch(**{**saved, "samples": [tuple(sample) for sample in saved["samples"]]}) if saved else None
 
 
 def check_device_support(config: JobConfig) -> None:
@@ -235,30 +286,6 @@ def total_steps(config: JobConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(epochs * batches_per_epoch / config.train.grad_accum_steps))
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to touch a finished or foreign run unless --overwrite; fail early if unwritable."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputError(f"output.dir: {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (output_dir / OWNER_MARKER).exists():
-            raise OutputError(f"output.dir: {output_dir} holds files qlora did not write; choose another output.dir (--overwrite only replaces qlora output folders)")
-        if not overwrite:
-            what = "a finished run" if (output_dir / FINISHED_MARKER).exists() else "an unfinished run"
-            raise OutputError(f"output.dir: {output_dir} already holds {what}; pass --overwrite to replace it, or choose another output.dir")
-    existing = output_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise OutputError(f"output.dir: cannot write to {existing}")
-
-
-def start_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if overwrite and output_dir.is_dir():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / OWNER_MARKER).write_text("written by qlora: `qlora train --overwrite` may replace this folder\n")
-
-
 def write_artifacts(model, tokenizer, output_dir: Path) -> Path:
     """Adapter + tokenizer written to a temp dir, then moved in file by file with atomic renames,
     so a reader never sees a half-written adapter_model.safetensors."""
@@ -272,15 +299,6 @@ def write_artifacts(model, tokenizer, output_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir / "adapter_model.safetensors"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def run_exact_match(model, tokenizer, rows, config: JobConfig, echo, when: str) -> Optional[ExactMatch]:

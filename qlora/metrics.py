@@ -33,10 +33,10 @@ def clean(value):
     return value
 
 
-def progress_bar(total: int, description: str):
+def progress_bar(total: int, description: str, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 def reset_peak_memory() -> None:

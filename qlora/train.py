@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from qlora.errors import TrainingError
+from qlora.checkpoint import TrainingState, capture_rng, restore_rng
+from qlora.errors import Interrupted, TrainingError
 from qlora.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
 
 
@@ -60,8 +62,15 @@ def train(
     eval_batches: Sequence = (),
     settings: LoopSettings = None,
     metrics: Optional[MetricsLog] = None,
-    save_checkpoint: Optional[Callable[[int, torch.optim.Optimizer, object], None]] = None,
+    save_checkpoint: Optional[Callable[[TrainingState], Path]] = None,
+    resume: Optional[TrainingState] = None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> LoopResult:
+    """Run optimizer steps from `resume` (or the start) to settings.max_steps.
+
+    `save_checkpoint(state)` is called every settings.save_every steps and when
+    `stop_requested()` turns true (checked before each step); then the loop raises Interrupted.
+    """
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available())
@@ -70,65 +79,107 @@ def train(
     scheduler = build_schedule(optimizer, settings)
     # prepare() wraps forward in autocast for mixed precision (and a grad scaler for fp16).
     model, optimizer = accelerator.prepare(model, optimizer)
-    micro_batches = endless(epoch_batches)
+    state = resume or TrainingState()
+    if resume:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        if accelerator.scaler is not None and resume.grad_scaler:
+            accelerator.scaler.load_state_dict(resume.grad_scaler)
+    micro_batches = data_stream(epoch_batches, state.epoch, state.batch_index)
+    position = (state.epoch, state.batch_index)
     model.train()
     reset_peak_memory()
 
     # The untrained baseline, so every run shows how far the adapter moved the eval loss.
-    eval_loss = eval_loss_before = evaluate(model, eval_batches, accelerator.device) if eval_batches else math.nan
-    if metrics and eval_batches:
-        metrics.write({"step": 0, "eval_loss": eval_loss, "eval_perplexity": safe_exp(eval_loss)})
-
-    bar = progress_bar(settings.max_steps, "training")
-    started = time.perf_counter()
-    total_supervised = total_tokens = 0
-    loss = math.nan
-    for step in range(1, settings.max_steps + 1):
-        # Normalize by the supervised tokens of the WHOLE accumulation window, so a token
-        # weighs the same whichever micro-batch it landed in (per-micro-batch means do not).
-        window = [next(micro_batches) for _ in range(settings.grad_accum_steps)]
-        window_supervised = sum(batch.supervised_tokens for batch in window)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for batch in window:
-            batch_loss_sum = summed_loss(model, batch, accelerator.device)
-            accelerator.backward(batch_loss_sum / max(window_supervised, 1))
-            loss_sum += batch_loss_sum.detach()
-            total_tokens += batch.input_ids.numel()
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
-        grad_norm = None
-        if settings.max_grad_norm:
-            grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # One host sync per optimizer step (not per micro-batch): needed to stop on NaN.
-        loss = loss_sum.item() / max(window_supervised, 1)
-        if not math.isfinite(loss):
-            raise TrainingError(f"step {step}: loss is {loss}; lower train.learning_rate or check the data")
-        total_supervised += window_supervised
-        elapsed = time.perf_counter() - started
-        row = {
-            "step": step,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "supervised_tokens": window_supervised,
-            "tokens_per_s": total_supervised / elapsed,
-            "elapsed_s": elapsed,
-        }
-        last_step = step == settings.max_steps
-        if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last_step):
-            eval_loss = evaluate(model, eval_batches, accelerator.device)
-            row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
+    eval_loss, eval_loss_before = nan_if_none(state.eval_loss), nan_if_none(state.eval_loss_before)
+    if eval_batches and not resume:
+        eval_loss = eval_loss_before = evaluate(model, eval_batches, accelerator.device)
         if metrics:
-            metrics.write(row)
-        if save_checkpoint and settings.save_every and step % settings.save_every == 0:
-            save_checkpoint(step, optimizer, scheduler)
-        if step % settings.log_every == 0 or last_step:
-            bar.set_postfix(loss=f"{loss:.4f}", eval=f"{eval_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-        bar.update(1)
-    bar.close()
+            metrics.write({"step": 0, "eval_loss": eval_loss, "eval_perplexity": safe_exp(eval_loss)})
+    if resume:
+        # Last, after anything above that might draw random numbers: dropout masks from here
+        # on are the ones the uninterrupted run drew.
+        restore_rng(resume.rng)
+
+    def snapshot(step: int) -> TrainingState:
+        return TrainingState(
+            step=step,
+            epoch=position[0],
+            batch_index=position[1],
+            supervised_tokens=total_supervised,
+            tokens=total_tokens,
+            elapsed_s=time.perf_counter() - started,
+            loss=none_if_nan(loss),
+            eval_loss=none_if_nan(eval_loss),
+            eval_loss_before=none_if_nan(eval_loss_before),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            grad_scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            rng=capture_rng(),
+        )
+
+    started = time.perf_counter() - state.elapsed_s
+    total_supervised, total_tokens = state.supervised_tokens, state.tokens
+    saved_step, saved_path = state.step, None
+    loss = nan_if_none(state.loss)
+    # The with-block closes the bar on every way out (a stop, a NaN), so the last line is ours.
+    with progress_bar(settings.max_steps, "training", initial=state.step) as bar:
+        for step in range(state.step + 1, settings.max_steps + 1):
+            # Stop only between optimizer steps: a checkpoint never holds half an accumulation window.
+            if stop_requested():
+                if step - 1 > saved_step and save_checkpoint:
+                    saved_path, saved_step = save_checkpoint(snapshot(step - 1)), step - 1
+                raise Interrupted(stop_message(step - 1, settings.max_steps, saved_step, saved_path))
+
+            # Normalize by the supervised tokens of the WHOLE accumulation window, so a token
+            # weighs the same whichever micro-batch it landed in (per-micro-batch means do not).
+            window = []
+            for _ in range(settings.grad_accum_steps):
+                epoch, next_index, batch = next(micro_batches)
+                window.append(batch)
+                position = (epoch, next_index)
+            window_supervised = sum(batch.supervised_tokens for batch in window)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for batch in window:
+                batch_loss_sum = summed_loss(model, batch, accelerator.device)
+                accelerator.backward(batch_loss_sum / max(window_supervised, 1))
+                loss_sum += batch_loss_sum.detach()
+                total_tokens += batch.input_ids.numel()
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
+            grad_norm = None
+            if settings.max_grad_norm:
+                grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # One host sync per optimizer step (not per micro-batch): needed to stop on NaN.
+            # A non-finite loss raises before any checkpoint of this step: the last one stays good.
+            loss = loss_sum.item() / max(window_supervised, 1)
+            if not math.isfinite(loss):
+                raise TrainingError(f"step {step}: loss is {loss}; lower train.learning_rate or check the data")
+            total_supervised += window_supervised
+            elapsed = time.perf_counter() - started
+            row = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "supervised_tokens": window_supervised,
+                "tokens_per_s": total_supervised / elapsed,
+                "elapsed_s": elapsed,
+            }
+            last_step = step == settings.max_steps
+            if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last_step):
+                eval_loss = evaluate(model, eval_batches, accelerator.device)
+                row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
+            if metrics:
+                metrics.write(row)
+            if save_checkpoint and settings.save_every and step % settings.save_every == 0:
+                saved_path, saved_step = save_checkpoint(snapshot(step)), step
+            if step % settings.log_every == 0 or last_step:
+                bar.set_postfix(loss=f"{loss:.4f}", eval=f"{eval_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
 
     kind, peak = peak_memory()
     return LoopResult(
@@ -137,11 +188,20 @@ def train(
         tokens=total_tokens,
         seconds=time.perf_counter() - started,
         final_loss=loss,
-        eval_loss=None if math.isnan(eval_loss) else eval_loss,
-        eval_loss_before=None if math.isnan(eval_loss_before) else eval_loss_before,
+        eval_loss=none_if_nan(eval_loss),
+        eval_loss_before=none_if_nan(eval_loss_before),
         peak_memory_kind=kind,
         peak_memory_bytes=peak,
     )
+
+
+def stop_message(done: int, max_steps: int, saved_step: int, saved_path: Optional[Path]) -> str:
+    where = f"after step {done} of {max_steps}"
+    if saved_path is not None:
+        return f"stopped on request {where}; checkpoint {saved_path}; rerun the same command to resume"
+    if saved_step:
+        return f"stopped on request {where}; nothing new since the step-{saved_step} checkpoint; rerun the same command to resume"
+    return f"stopped on request {where}; nothing trained yet; rerun the same command to start"
 
 
 def summed_loss(model: torch.nn.Module, batch, device) -> torch.Tensor:
@@ -171,15 +231,16 @@ def evaluate(model: torch.nn.Module, batches: Sequence, device) -> float:
     return loss_sum.item() / max(supervised, 1)
 
 
-def endless(epoch_batches: Callable[[int], Sequence]):
-    """Micro-batches across epoch boundaries; each epoch has its own shuffled order."""
-    epoch = 0
+def data_stream(epoch_batches: Callable[[int], Sequence], epoch: int = 0, index: int = 0):
+    """(epoch, index of the next micro-batch, micro-batch) from a position on, across epochs;
+    each epoch has its own seeded order, so a position alone restores the data order."""
     while True:
         batches = epoch_batches(epoch)
         if not batches:
             raise TrainingError("the training data produced no batches")
-        yield from batches
-        epoch += 1
+        for position in range(index, len(batches)):
+            yield epoch, position + 1, batches[position]
+        epoch, index = epoch + 1, 0
 
 
 def build_optimizer(parameters: list[torch.nn.Parameter], settings: LoopSettings) -> torch.optim.Optimizer:
@@ -210,3 +271,11 @@ def build_schedule(optimizer: torch.optim.Optimizer, settings: LoopSettings) -> 
 
 def safe_exp(value: float) -> float:
     return math.exp(value) if value < 700 else math.inf
+
+
+def nan_if_none(value: Optional[float]) -> float:
+    return math.nan if value is None else value
+
+
+def none_if_nan(value: float) -> Optional[float]:
+    return None if math.isnan(value) else value

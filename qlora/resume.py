@@ -1,0 +1,147 @@
+"""Resuming a job: which checkpoint, whether it belongs to this run, the metrics log rewound to it.
+
+A run is defined by its config (minus the keys that only say where and how often to write or
+evaluate) and by its tokenized data. Both are recorded in every checkpoint; a rerun whose
+record differs is a different run and is refused unless the user says --resume-anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from array import array
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional
+
+from qlora.checkpoint import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
+from qlora.config import JobConfig
+from qlora.errors import CheckpointError
+
+# Keys that do not change what is trained: moving the output, saving, logging and evaluating
+# more or less often (eval passes leave training bitwise unchanged: tests/test_training.py).
+RUN_NEUTRAL_KEYS = frozenset(
+    {
+        "output.dir",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_exact_match",
+        "train.eval_max_new_tokens",
+    }
+)
+LIBRARIES = ("qlora", "torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def run_record(config: JobConfig, train_examples: list, eval_examples: list) -> dict:
+    """What makes this run this run: its defining config keys, data fingerprint, and versions."""
+    flat = flatten(config.model_dump(mode="json"))
+    defining = {key: value for key, value in flat.items() if key not in RUN_NEUTRAL_KEYS}
+    return {
+        "config": defining,
+        "config_sha256": hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest(),
+        "data_sha256": data_fingerprint(train_examples, eval_examples),
+        "versions": library_versions(),
+    }
+
+
+def find_checkpoint(output_dir: Path, resume_from: Optional[str]) -> Optional[Path]:
+    """The checkpoint to resume from: --resume-from if given (it must be complete), else the
+    newest complete one in output_dir/checkpoints, else None."""
+    root = output_dir / "checkpoints"
+    if resume_from is None:
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume_from).expanduser().resolve()
+    if not path.is_dir():
+        raise CheckpointError(f"--resume-from: {path} not found")
+    step = checkpoint_step(path)
+    if step is None:
+        raise CheckpointError(f"--resume-from: {path} is not a checkpoint folder (checkpoints/step-N)")
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"--resume-from: {path} is incomplete (no {COMPLETE_MARKER} marker: its writer was interrupted)")
+    later = [other for other in complete_checkpoints(root) if checkpoint_step(other) > step]
+    if later:
+        raise CheckpointError(
+            f"--resume-from: {root} holds later checkpoints ({', '.join(other.name for other in later)}); "
+            "move them away first, or the next resume would mix two runs"
+        )
+    return path
+
+
+def check_same_run(checkpoint: Path, saved_run: dict, record: dict, resume_anyway: bool, echo: Callable[[str], None]) -> None:
+    """Refuse a checkpoint of a different run (its saved record differs from this job's)."""
+    changes = describe_changes(saved_run.get("config", {}), record["config"])
+    if saved_run.get("data_sha256") != record["data_sha256"]:
+        changes.append("the training or eval data (tokenized rows differ)")
+    if changes and not resume_anyway:
+        raise CheckpointError(
+            f"{checkpoint}: the job changed since this checkpoint ({'; '.join(changes)}); "
+            "pass --resume-anyway to continue with the new settings, or --overwrite to start over"
+        )
+    if changes:
+        echo(f"warning: resuming with changes: {'; '.join(changes)}")
+    versions = saved_run.get("versions", {})
+    moved = [f"{name} {versions.get(name)} -> {record['versions'].get(name)}" for name in LIBRARIES if versions.get(name) != record["versions"].get(name)]
+    if moved:
+        echo(f"warning: library versions changed since the checkpoint ({', '.join(moved)}); results may differ in the last digits")
+
+
+def describe_changes(before: dict, after: dict, most: int = 4) -> list[str]:
+    keys = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    described = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in keys[:most]]
+    if len(keys) > most:
+        described.append(f"{len(keys) - most} more keys")
+    return described
+
+
+def rewind_metrics(path: Path, step: int) -> int:
+    """Drop the rows a killed run logged after its checkpoint (and a torn last line); returns rows kept."""
+    if not path.is_file():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
+    return len(kept)
+
+
+def data_fingerprint(*example_sets: list) -> str:
+    """sha256 over every example's token ids and labels: catches edited files and tokenizer changes."""
+    digest = hashlib.sha256()
+    for examples in example_sets:
+        for example in examples:
+            digest.update(array("q", example.input_ids).tobytes())
+            digest.update(array("q", example.labels).tobytes())
+            digest.update(b"|")
+        digest.update(b"#")
+    return digest.hexdigest()
+
+
+def library_versions() -> dict:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

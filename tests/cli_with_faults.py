@@ -1,0 +1,48 @@
+"""`python -m qlora.cli` with faults injected into qlora's own code (never into torch, peft or
+bitsandbytes), for tests that must kill or signal a real process at a known moment.
+
+    QLORA_TEST_STEP_DELAY=0.5        sleep this long in every micro-batch's forward
+    QLORA_TEST_HANG_IN_SAVE=4        at the step-4 checkpoint, write the state, touch
+                                     $QLORA_TEST_READY, then hang (so the test can kill -9 mid-save)
+    QLORA_TEST_NAN_AT_STEP=3         the loss of step 3 is NaN
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import qlora.checkpoint
+import qlora.job
+import qlora.train
+from qlora.cli import main
+
+delay = float(os.environ.get("QLORA_TEST_STEP_DELAY", "0"))
+hang_at = int(os.environ.get("QLORA_TEST_HANG_IN_SAVE", "0"))
+nan_at = int(os.environ.get("QLORA_TEST_NAN_AT_STEP", "0"))
+real_summed_loss = qlora.train.summed_loss
+real_save_state = qlora.checkpoint.save_training_state
+forward_calls = 0
+
+
+def summed_loss(model, batch, device):
+    global forward_calls
+    forward_calls += 1 if model.training else 0
+    time.sleep(delay)
+    loss = real_summed_loss(model, batch, device)
+    # Micro-batches of step s are forward calls (s-1)*accum+1 .. s*accum; accum is 1 in these tests.
+    return loss * float("nan") if model.training and forward_calls == nan_at else loss
+
+
+def save_training_state(folder, state, run):
+    real_save_state(folder, state, run)
+    if state.step == hang_at:
+        Path(os.environ["QLORA_TEST_READY"]).write_text(str(folder))
+        time.sleep(600)
+
+
+qlora.train.summed_loss = summed_loss
+qlora.job.save_training_state = save_training_state
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -355,3 +355,15 @@ def test_checkpoint_state_holds_no_pickle(interrupted_job):
     assert record["step"] == 4 and (record["epoch"], record["batch_index"]) == (0, 4)
     assert set(record["run"]) >= {"config", "config_sha256", "data_sha256", "versions"}
     assert [name for name, _ in record["rng"]["dict"]] == ["python", "numpy", "torch"]
+
+
+def test_one_job_per_output_dir(interrupted_job, capsys):
+    from qlora.output_dir import claim_output_dir
+
+    output = interrupted_job.parent / "out"
+    before = digest(output)
+    with claim_output_dir(output, wipe=False):  # as a running job holds it
+        capsys.readouterr()
+        assert main(["train", str(interrupted_job)]) == 4
+        assert "is in use by another running qlora job" in one_line_error(capsys)
+        assert digest(output) == before

@@ -239,9 +239,9 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny_model_dir, tmp_
     job = write_job(tmp_path, tiny_model_dir, train={"max_steps": 10})
     output = tmp_path / "out"
     process = cli_process(job, tmp_path, QLORA_TEST_STEP_DELAY=2.0)
-    wait_for(lambda: len(metrics_steps(output)) >= 1, process)
+    wait_for(lambda: len(metrics_steps(output)) >= 2, process)  # the eval row and step 1: step 2 has begun
     process.send_signal(signal.SIGINT)
-    time.sleep(0.3)  # well inside the 2 s step: the first signal has not been acted on yet
+    time.sleep(0.3)  # well inside step 2's 2 s forward: the first signal is not acted on before it ends
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == EXIT_ABORTED, stderr

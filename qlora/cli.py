@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 
+from qlora.adapter_cli import ADAPTER_COMMANDS, add_adapter_commands, run_adapter_command
 from qlora.errors import EXIT_INTERNAL, QloraError
 
 EXIT_INTERRUPTED = 130
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
     validate = job_command("validate", "check the config and every data row without loading the model")
     validate.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_adapter_commands(commands)
     return parser
 
 
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command in ADAPTER_COMMANDS:
+        return run_adapter_command(args)
     from qlora.config import load_config
 
     config = load_config(args.config, args.overrides)

@@ -162,7 +162,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         require_matplotlib()
     report = inspect_adapter(Path(args.adapter))
-    print(report_json(report, Path(args.adapter)) if args.json else describe_report(report, top=args.top))
     if args.plot:
         print(f"spectra plot: {plot_spectra(report, Path(args.plot))}", file=sys.stderr)
+    print(report_json(report, Path(args.adapter)) if args.json else describe_report(report, top=args.top))
     return 0

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 from qlora.adapters.loading import load_with_adapters, select_adapter, trained_quantization
 from qlora.adapters.manifest import read_adapter_config, recorded_base
 from qlora.errors import ConfigError, ModelError, OutputError
+from qlora.metrics import format_bytes
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_PROMPTS = ("The quick brown fox jumps over the lazy dog.", "Question: what is 12 + 30?\nAnswer:", "def reverse(text):")
@@ -42,6 +43,8 @@ class MergeReport:
     """max |logit| difference, merged vs the 16-bit base + adapter (unmerged)."""
     max_diff_vs_nf4_adapter: Optional[float]
     """max |logit| difference, merged vs the NF4 base + adapter training saw (None: trained 16-bit)."""
+    max_abs_logit: float
+    """The largest |logit| of the merged model on those prompts: the scale the differences are on."""
 
 
 def merge_adapter(
@@ -61,6 +64,7 @@ def merge_adapter(
     if dtype not in MERGE_DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(MERGE_DTYPES)}")
     check_output(output_dir)
+    check_shard_size(max_shard_size)
     read_adapter_config(adapter_dir)
     base = base or recorded_base(adapter_dir)
     trained = trained_quantization(adapter_dir)
@@ -104,6 +108,7 @@ def merge_adapter(
             prompts=len(prompts),
             max_diff_vs_16bit_adapter=report_16,
             max_diff_vs_nf4_adapter=report_nf4,
+            max_abs_logit=max(logits.abs().max().item() for logits in merged_logits),
         )
         record = {"adapter": str(adapter_dir.resolve()), "base": base, **asdict(report)}
         (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -112,6 +117,15 @@ def merge_adapter(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def check_shard_size(max_shard_size: str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        raise ConfigError(f"--max-shard-size: {max_shard_size!r} is not a size like 5GB or 500MB") from None
 
 
 def check_output(output_dir: Path) -> None:
@@ -171,8 +185,8 @@ def max_difference(first: list, second: list) -> float:
 def describe_merge(report: MergeReport) -> str:
     lines = [
         f"merged: {report.output_dir} ({report.shards} safetensors shard{'s' if report.shards != 1 else ''}, "
-        f"{report.bytes / 2**20:.1f} MiB, {report.dtype}{', base through NF4' if report.through_nf4 else ''})",
-        f"max |logit difference| on {report.prompts} prompts:",
+        f"{format_bytes(report.bytes)}, {report.dtype}{', base through NF4' if report.through_nf4 else ''})",
+        f"max |logit difference| on {report.prompts} prompts (largest |logit| {report.max_abs_logit:.3g}):",
         f"  vs 16-bit base + adapter:             {report.max_diff_vs_16bit_adapter:.6g}",
     ]
     if report.max_diff_vs_nf4_adapter is not None:

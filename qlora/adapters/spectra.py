@@ -19,6 +19,7 @@ from typing import Optional
 from qlora.adapters.loading import LORA_KEY
 from qlora.adapters.manifest import ADAPTER_WEIGHTS, read_adapter_config, read_manifest
 from qlora.errors import ConfigError
+from qlora.metrics import format_bytes
 
 ENERGY_LEVELS = (0.90, 0.99)
 
@@ -182,10 +183,10 @@ def report_json(report: AdapterReport, directory: Path) -> str:
 
 
 def describe_report(report: AdapterReport, top: int = 4) -> str:
-    lines = [f"adapter {report.adapter}: {report.parameters:,} LoRA parameters, {report.adapter_bytes / 1024:,.1f} KiB"]
+    lines = [f"adapter {report.adapter}: {report.parameters:,} LoRA parameters, {format_bytes(report.adapter_bytes)}"]
     if report.base_parameters:
         lines.append(
-            f"base {report.base}: {report.base_parameters:,} parameters, {report.base_bytes / 2**20:,.1f} MiB; "
+            f"base {report.base}: {report.base_parameters:,} parameters, {format_bytes(report.base_bytes)}; "
             f"the adapter is {100 * report.parameters / report.base_parameters:.3f}% of its parameters and "
             f"{100 * report.adapter_bytes / report.base_bytes:.3f}% of its size"
         )
@@ -200,7 +201,7 @@ def describe_report(report: AdapterReport, top: int = 4) -> str:
     for layer in report.layers:
         values = " ".join(f"{value:.3g}" for value in layer.singular_values[:top])
         lines.append(f"{layer.module:<44} {layer.norm:>9.4g} {layer.effective_rank_90:>6} {layer.effective_rank_99:>6}  {values}")
-    lines.append(f"(effective rank = singular values holding 90% / 99% of the energy, out of r; rank99 well below r: r could be smaller)")
+    lines.append("(effective rank = singular values holding 90% / 99% of the energy, out of r; rank99 well below r: r could be smaller)")
     return "\n".join(lines)
 
 
@@ -211,6 +212,7 @@ def plot_spectra(report: AdapterReport, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     kinds = [kind.kind for kind in report.kinds]
     columns = min(4, len(kinds)) or 1
@@ -224,6 +226,7 @@ def plot_spectra(report: AdapterReport, path: Path) -> Path:
             if values:
                 axis.plot(range(1, len(values) + 1), values, marker=".", color=color, linewidth=1)
         axis.set_yscale("log")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_title(f"{kind} (r={members[0].rank}, {len(members)} layers)", fontsize=9)
         axis.set_xlabel("singular value index")
         axis.grid(True, which="both", alpha=0.3)

@@ -56,11 +56,17 @@ def test_generate_file_switches_adapters_per_row(trained_adapter, second_adapter
     assert len({record["output"] for record in records}) == 3
 
 
-def test_generate_chat_mode_renders_the_template(trained_adapter, capsys):
+def test_chat_prompts_are_rendered_like_training_prompts(trained_adapter, capsys):
+    from qlora import data
+    from qlora.adapters.generation import prompt_ids
+    from qlora.adapters.loading import saved_tokenizer
+
+    tokenizer = saved_tokenizer(str(trained_adapter))
+    row = data.Row(source="x", line=1, format="chat", fields=chat_row("reverse abc", "cba"))
+    assert prompt_ids(tokenizer, "reverse abc", chat=True) == data.prompt_and_answer(row, tokenizer)[0]
+    assert prompt_ids(tokenizer, "reverse abc", chat=False) != prompt_ids(tokenizer, "reverse abc", chat=True)
     code, out, _ = run(capsys, "generate", "--adapter", trained_adapter, "--chat", "--max-new-tokens", 6, "reverse abc")
-    assert code == 0
-    # The base's tokenizer has a template; the answer comes after the rendered user turn.
-    assert "reverse abc" not in out
+    assert code == 0 and out.endswith("\n")
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,7 @@ def load_with_adapters(
     loaded as the first adapter was trained unless `bits` / `compute_dtype` say otherwise,
     every adapter on it, the first one active."""
     first = adapters[0][1]
+    record = (read_manifest(first) or {}).get("base", {})
     base = resolve_base(adapters, base)
     trained = trained_quantization(first)
     model, tokenizer = load(
@@ -140,7 +141,7 @@ def load_with_adapters(
         quant_type=trained.quant_type,
         double_quant=trained.double_quant,
         compute_dtype=compute_dtype or trained.compute_dtype,
-        revision=(read_manifest(first) or {}).get("base", {}).get("revision"),
+        revision=record.get("revision") if base == record.get("name_or_path") else None,
         tokenizer_from=tokenizer_source(first, base),
     )
     for name, directory in adapters:

@@ -9,6 +9,7 @@ import signal
 import sys
 import traceback
 
+from qlora.adapter_cli import ADAPTER_COMMANDS, add_adapter_commands, run_adapter_command
 from qlora.errors import EXIT_ABORTED, EXIT_INTERNAL, Interrupted, QloraError
 
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume-anyway", action="store_true", help="resume even though the job's config or data changed since the checkpoint")
     validate = job_command("validate", "check the config and every data row without loading the model")
     validate.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_adapter_commands(commands)
     return parser
 
 
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command in ADAPTER_COMMANDS:
+        return run_adapter_command(args)
     from qlora.config import load_config
 
     config = load_config(args.config, args.overrides)

@@ -20,6 +20,12 @@ class ExactMatch:
 
 def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int, batch_size: int = 32, keep: int = 3) -> ExactMatch:
     """Share of rows whose greedy answer equals the reference exactly (after stripping whitespace)."""
+    pairs = [prompt_and_answer(row, tokenizer) for row in rows]
+    return exact_match_pairs(model, tokenizer, pairs, max_new_tokens, batch_size, keep)
+
+
+def exact_match_pairs(model, tokenizer, pairs: list[tuple[list[int], str]], max_new_tokens: int, batch_size: int = 32, keep: int = 3) -> ExactMatch:
+    """exact_match over (prompt token ids, reference answer) pairs, however the prompts were rendered."""
     import torch
 
     device = next(model.parameters()).device
@@ -27,8 +33,8 @@ def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int, batch_si
     model.eval()
     correct = 0
     samples = []
-    for start in range(0, len(rows), batch_size):
-        chunk = [prompt_and_answer(row, tokenizer) for row in rows[start : start + batch_size]]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
         # Left padding so every prompt ends right where generation starts.
         width = max(len(prompt) for prompt, _ in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -53,4 +59,4 @@ def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int, batch_si
             if len(samples) < keep:
                 samples.append((tokenizer.decode(prompt), reference, answer))
     model.train(was_training)
-    return ExactMatch(correct=correct, total=len(rows), samples=samples)
+    return ExactMatch(correct=correct, total=len(pairs), samples=samples)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora import data
-from qlora.adapters import attach_lora, load_adapter_weights, save_adapter
+from qlora.adapters import attach_lora, load_adapter_weights, save_adapter, write_manifest
 from qlora.checkpoint import TrainingState, apply_umask, load_training_state, remove_partial_checkpoints, save_checkpoint, save_training_state, verify_checkpoint
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
@@ -225,7 +225,7 @@ def train_and_publish(config: JobConfig, prepared: PreparedData, record: dict, r
         metrics.close()
 
     exact_after = run_exact_match(model, tokenizer, exact_rows, config, echo, "after training")
-    adapter_path = write_artifacts(model, tokenizer, output_dir)
+    adapter_path = write_artifacts(model, tokenizer, output_dir, config)
     result = JobResult(
         output_dir=output_dir,
         adapter_path=adapter_path,
@@ -286,12 +286,20 @@ def total_steps(config: JobConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(epochs * batches_per_epoch / config.train.grad_accum_steps))
 
 
-def write_artifacts(model, tokenizer, output_dir: Path) -> Path:
+def write_artifacts(model, tokenizer, output_dir: Path, config: JobConfig) -> Path:
     """Adapter + tokenizer written to a temp dir, then moved in file by file with atomic renames,
     so a reader never sees a half-written adapter_model.safetensors."""
     staging = Path(tempfile.mkdtemp(prefix=".artifacts-", dir=output_dir))
     try:
         save_adapter(model, staging)
+        write_manifest(
+            staging,
+            base_config=model.config.to_dict(),
+            name_or_path=config.model.name_or_path,
+            revision=config.model.revision,
+            quantization=config.quantization.model_dump(),
+            data_files=[source.path for source in config.data.sources()] + ([config.data.eval] if config.data.eval else []),
+        )
         tokenizer.save_pretrained(str(staging))
         apply_umask(staging)
         for path in sorted(staging.iterdir()):

@@ -13,3 +13,16 @@ from tests.tiny import build_tiny_model  # noqa: E402
 def tiny_model_dir(tmp_path_factory):
     """A random 2-layer Llama (hidden 64) with the demo tokenizer, as a real HF folder."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_model_dir, tmp_path_factory):
+    """The output folder of a real training job (NF4 base, float32 compute, 6 steps) on the tiny model."""
+    from qlora.config import load_config
+    from qlora.job import run_job
+    from tests.tiny import write_job
+
+    directory = tmp_path_factory.mktemp("trained")
+    job = write_job(directory, tiny_model_dir, train={"max_steps": 6, "learning_rate": 1e-2})
+    run_job(load_config(job), echo=lambda line: None)
+    return directory / "out"

@@ -21,6 +21,7 @@ EXPECTED_FILES = {
     "config.yaml",
     "loss.svg",
     "metrics.jsonl",
+    "qlora_manifest.json",  # the compatibility record: base fingerprint, quantization, versions, sha256s
     "summary.json",
     "tokenizer.json",
     "tokenizer_config.json",

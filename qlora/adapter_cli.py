@@ -1,0 +1,168 @@
+"""The adapter commands of `qlora`: generate, eval, merge, inspect. Parse, check, call, print.
+
+Every flag and prompt file is checked before a model is loaded; problems are QloraErrors that
+the CLI prints as one line with their exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ADAPTER_COMMANDS = ("generate", "eval", "merge", "inspect")
+
+
+def add_adapter_commands(commands) -> None:
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help_text)
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return parser
+
+    def loading_flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
+                            help="adapter folder (repeatable; the name defaults to the folder's name)")
+        parser.add_argument("--base", help="base model folder or hub id (default: the one the adapter records)")
+        parser.add_argument("--bits", type=int, choices=(4, 8, 16), help="load the base in 4/8/16 bits (default: as trained, else 4 = NF4)")
+        parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+        parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+
+    generate = command("generate", "generate text with the base + adapter(s)")
+    generate.add_argument("prompt", nargs="?", help="the prompt (or --file)")
+    loading_flags(generate)
+    generate.add_argument("--use", metavar="NAME", help="which loaded adapter answers ('base' = none; default: the first)")
+    generate.add_argument("--file", help="prompt file: rows {\"prompt\", \"adapter\"?, \"expected\"?, \"id\"?}; writes JSON lines")
+    generate.add_argument("--output", help="with --file: write the JSON lines here instead of stdout")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
+    generate.add_argument("--seed", type=int, default=0, help="seed set before every prompt (default 0)")
+
+    evaluate = command("eval", "eval loss and exact match: base alone vs base + adapter(s) on the same rows")
+    loading_flags(evaluate)
+    evaluate.add_argument("--data", required=True, help="training-format rows (chat/alpaca/text) or {\"prompt\", \"expected\"} rows")
+    evaluate.add_argument("--max-seq-len", type=int, default=2048, help="rows are truncated to this many tokens (default 2048)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    evaluate.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    merge = command("merge", "merge an adapter into a 16-bit copy of its base (plain transformers model)")
+    merge.add_argument("--adapter", required=True, help="adapter folder")
+    merge.add_argument("--out", required=True, help="new folder for the merged model")
+    merge.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    merge.add_argument("--base", help="base model folder or hub id (default: the one the adapter records)")
+    merge.add_argument("--through-nf4", action="store_true", help="round-trip the base through NF4 first, as the adapter saw it in training")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    merge.add_argument("--prompt", action="append", help="prompt to measure the logit difference on (repeatable)")
+    merge.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    inspect = command("inspect", "what an adapter learned: parameter budget and delta-W spectra per layer")
+    inspect.add_argument("adapter", help="adapter folder")
+    inspect.add_argument("--plot", metavar="FILE.png", help="draw the singular value spectra (needs matplotlib)")
+    inspect.add_argument("--json", action="store_true", help="print the full report as JSON")
+    inspect.add_argument("--top", type=int, default=4, help="singular values shown per layer (default 4)")
+
+
+def run_adapter_command(args: argparse.Namespace) -> int:
+    return {"generate": run_generate, "eval": run_eval, "merge": run_merge, "inspect": run_inspect}[args.command](args)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from qlora.adapters.generation import Prompt, Sampling, generate, prompt_ids, read_prompts, text_streamer
+    from qlora.adapters.loading import load_with_adapters, parse_adapter_arguments, select_adapter
+    from qlora.errors import ConfigError, OutputError
+
+    adapters = parse_adapter_arguments(args.adapter)
+    names = {name for name, _ in adapters} | {"base"}
+    if (args.prompt is None) == (args.file is None):
+        raise ConfigError("generate: give a prompt or --file, not both" if args.prompt is not None else "generate: give a prompt or --file PROMPTS.jsonl")
+    if args.output and not args.file:
+        raise ConfigError("--output: only with --file")
+    if args.output and Path(args.output).exists():
+        raise OutputError(f"--output: {args.output} already exists; choose a new file")
+    if args.use is not None and args.use not in names:
+        raise ConfigError(f"--use {args.use}: not one of {', '.join(sorted(names))}")
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    sampling.check()
+    prompts = read_prompts(args.file, names) if args.file else [Prompt(args.prompt, "argument")]
+    default = args.use or adapters[0][0]
+
+    model, tokenizer = load_with_adapters(adapters, base=args.base, bits=args.bits)
+    print(f"adapters: {', '.join(name for name, _ in adapters)}; answering with {default}", file=sys.stderr)
+    if not args.file:
+        select_adapter(model, None if default == "base" else default)
+        generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, args.chat), sampling, streamer=text_streamer(tokenizer))
+        return 0
+    from qlora.metrics import progress_bar
+
+    output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    bar = progress_bar(len(prompts), "generating")
+    try:
+        for prompt in prompts:
+            name = prompt.adapter or default
+            select_adapter(model, None if name == "base" else name)
+            answer = generate(model, tokenizer, prompt_ids(tokenizer, prompt.text, args.chat, prompt.where), sampling)
+            record = {"id": prompt.id, "prompt": prompt.text, "adapter": name, "output": answer}
+            if prompt.expected is not None:
+                record.update(expected=prompt.expected, match=answer.strip() == prompt.expected.strip())
+            output.write(json.dumps(record, ensure_ascii=False) + "\n")
+            output.flush()
+            bar.update(1)
+    finally:
+        bar.close()
+        if output is not sys.stdout:
+            output.close()
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from qlora.adapter_eval import describe_eval, evaluate_adapters
+    from qlora.adapters.loading import parse_adapter_arguments
+    from qlora.errors import ConfigError
+
+    for flag, value in (("--max-seq-len", args.max_seq_len), ("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value <= 0:
+            raise ConfigError(f"{flag}: must be positive, got {value}")
+    report = evaluate_adapters(
+        parse_adapter_arguments(args.adapter),
+        args.data,
+        base=args.base,
+        bits=args.bits,
+        chat=args.chat,
+        max_seq_len=args.max_seq_len,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        echo=(lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr)),
+    )
+    print(json.dumps(report) if args.json else describe_eval(report))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from qlora.adapters.merge import DEFAULT_PROMPTS, describe_merge, merge_adapter
+
+    report = merge_adapter(
+        Path(args.adapter),
+        Path(args.out),
+        dtype=args.dtype,
+        base=args.base,
+        through_nf4=args.through_nf4,
+        max_shard_size=args.max_shard_size,
+        prompts=tuple(args.prompt) if args.prompt else DEFAULT_PROMPTS,
+        echo=lambda line: print(line, file=sys.stderr),
+    )
+    print(json.dumps(asdict(report)) if args.json else describe_merge(report))
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from qlora.adapters.spectra import describe_report, inspect_adapter, plot_spectra, report_json, require_matplotlib
+
+    if args.plot:
+        require_matplotlib()
+    report = inspect_adapter(Path(args.adapter))
+    if args.plot:
+        print(f"spectra plot: {plot_spectra(report, Path(args.plot))}", file=sys.stderr)
+    print(report_json(report, Path(args.adapter)) if args.json else describe_report(report, top=args.top))
+    return 0

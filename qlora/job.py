@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from qlora import data
 from qlora.adapters import attach_lora, save_adapter
+from qlora.autobatch import confirm_micro_batch, resolve_micro_batch
 from qlora.checkpoint import apply_umask, save_checkpoint
 from qlora.config import JobConfig, dump_config
 from qlora.errors import ConfigError, OutputError
@@ -56,7 +57,7 @@ class JobResult:
 def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> PreparedData:
     """Tokenizer + every row read, validated and tokenized: all data errors surface here."""
     check_device_support(config)
-    tokenizer = load_tokenizer(config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
     rows = data.read_rows([(source.path, source.format) for source in config.data.sources()])
     if config.data.eval is not None:
         eval_rows = data.read_rows([(config.data.eval, config.data.format)], key="data.eval")
@@ -77,6 +78,7 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
 def validate_job(config: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """Everything `train` checks before loading the model, as a report; loads no weights."""
     prepared = prepare_data(config, echo)
+    resolve_micro_batch(config, echo)
     batches_per_epoch = epoch_length(config, prepared.train.examples)
     steps = total_steps(config, batches_per_epoch)
     echo(f"ok: {batches_per_epoch} micro-batches per epoch, {steps} optimizer steps")
@@ -118,6 +120,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
     output_dir = Path(config.output.dir)
     check_output_dir(output_dir, overwrite)
     prepared = prepare_data(config, echo)
+    auto_budget = resolve_micro_batch(config, echo)
     tokenizer = prepared.tokenizer
 
     epoch_batches = batch_maker(config, prepared.train.examples, tokenizer.pad_token_id)
@@ -137,6 +140,8 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
         gradient_checkpointing=config.train.gradient_checkpointing,
         revision=config.model.revision,
         trust_remote_code=config.model.trust_remote_code,
+        init=config.model.init,
+        seed=config.train.seed,
     )
     echo(f"base: {config.model.name_or_path} ({describe_quantization(config)}), {format_bytes(footprint_bytes(base))} in memory")
     lora = config.lora
@@ -152,6 +157,9 @@ def run_job(config: JobConfig, *, overwrite: bool = False, echo: Callable[[str],
     )
     trainable, total = parameter_counts(model)
     echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA r={lora.r} alpha={lora.alpha:g}")
+    if auto_budget is not None:
+        confirm_micro_batch(model, config, auto_budget, len(tokenizer), echo)
+        max_steps = total_steps(config, epoch_length(config, prepared.train.examples))
 
     exact_rows = [row for row in prepared.eval_rows if row.format != "text"][: config.train.eval_exact_match]
     exact_before = run_exact_match(model, tokenizer, exact_rows, config, echo, "before training")

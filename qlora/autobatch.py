@@ -48,9 +48,9 @@ def set_micro_batch(config: JobConfig, at_most: int, effective: int) -> None:
     config.train.grad_accum_steps = effective // micro
 
 
-def memory_budget(text: Optional[str]) -> int:
+def memory_budget(text) -> int:
     if text is not None:
-        return parse_bytes(text)
+        return parse_bytes(str(text))
     import torch
 
     if torch.cuda.is_available():

@@ -127,7 +127,7 @@ class TrainSection(_Strict):
     """Micro-batches per optimizer step; effective batch = micro_batch_size * grad_accum_steps."""
     effective_batch_size: Optional[int] = Field(None, gt=0)
     """Sequences per optimizer step kept when micro_batch_size is auto; default: grad_accum_steps."""
-    memory_budget: Optional[str] = None
+    memory_budget: Optional[Union[int, str]] = None
     """Memory micro_batch_size auto plans for, e.g. 24GiB; default: the CUDA device's total memory (needed on CPU)."""
     learning_rate: float = Field(2e-4, gt=0)
     """Peak learning rate."""
@@ -160,9 +160,12 @@ class TrainSection(_Strict):
 
     @field_validator("memory_budget")
     @classmethod
-    def _size(cls, value: Optional[str]) -> Optional[str]:
+    def _size(cls, value: Optional[Union[int, str]]) -> Optional[Union[int, str]]:
         if value is not None:
-            parse_bytes(value)
+            try:
+                parse_bytes(str(value))
+            except ValueError as error:
+                raise ValueError(f"train.memory_budget: {error}") from None
         return value
 
     @model_validator(mode="after")

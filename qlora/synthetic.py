@@ -66,6 +66,8 @@ def build_random_base(
     leftover = [name for name, parameter in model.named_parameters() if parameter.is_meta]
     if leftover:
         raise ModelError(f"model.init random: could not build {leftover[0]} for {source}")
+    if device.type == "cuda":
+        model.hf_device_map = {"": device.index}  # as from_pretrained(device_map={"": index}): accelerate then leaves it in place
     if quantizer is not None:
         model.hf_quantizer = quantizer
         quantizer.postprocess_model(model)

@@ -111,7 +111,7 @@ def prove(model: str, args) -> dict:
 
 
 def gpu_from_device_name(device: str):
-    """The configs/gpus.yaml entry whose name appears in the CUDA device name (longest match wins)."""
+    """The configs/hardware/gpus.yaml entry whose name appears in the CUDA device name (longest match wins)."""
     from qlora.arch import load_gpus
 
     name = device.upper().replace(" ", "-")

@@ -3,7 +3,7 @@
 `qlora plan` and the random-weight base (`model.init: random`) both start here. A model source
 is a local model folder, a name in configs/arch/ (`llama-3.1-8b`), or a hub id whose config is
 shipped there (configs/arch/hub_ids.yaml), so planning works offline. GPU specs are data too
-(configs/gpus.yaml). transformers is imported inside the functions.
+(configs/hardware/gpus.yaml). transformers is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from qlora.errors import ConfigError, ModelError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCH_DIR = CONFIGS_DIR / "arch"
-GPUS_FILE = CONFIGS_DIR / "gpus.yaml"
+GPUS_FILE = CONFIGS_DIR / "hardware" / "gpus.yaml"
 
 
 @dataclass(frozen=True)

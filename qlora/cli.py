@@ -39,7 +39,7 @@ def add_plan_command(commands) -> None:
     plan.add_argument("config", help="job YAML, model folder, shipped architecture (e.g. llama-3.1-8b) or a hub id shipped in configs/arch")
     budget = plan.add_mutually_exclusive_group()
     budget.add_argument("--gpu-memory", metavar="SIZE", help="memory to fit in, e.g. 24GiB or 80GB")
-    budget.add_argument("--gpu", metavar="NAME", help="a GPU from configs/gpus.yaml (4090, A100-40, A100-80, H100, L40S, ...): its memory and speed")
+    budget.add_argument("--gpu", metavar="NAME", help="a GPU from configs/hardware/gpus.yaml (4090, A100-40, A100-80, H100, L40S, ...): its memory and speed")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a job key, e.g. --set data.max_seq_len=4096 (repeatable)")
@@ -51,7 +51,8 @@ def add_plan_command(commands) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     """`qlora plan`: a job file, or a bare model with the job defaults (and --set overrides)."""
     from qlora.arch import find_gpu, load_architecture
-    from qlora.config import ConfigError, apply_override, load_config, parse_bytes, validate
+    from qlora.config import apply_override, load_config, parse_bytes, validate
+    from qlora.errors import ConfigError
     from qlora.plan import describe_plan, make_plan, settings_from_job
 
     if args.config.endswith((".yaml", ".yml")):

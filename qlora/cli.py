@@ -67,8 +67,8 @@ def run_plan(args: argparse.Namespace) -> int:
         budget = gpu.memory_bytes if gpu else parse_bytes(args.gpu_memory) if args.gpu_memory else None
     except ValueError as error:
         raise ConfigError(f"--gpu-memory: {error}") from None
-    micro_batch = config.train.micro_batch_size if isinstance(config.train.micro_batch_size, int) else 1
-    plan = make_plan(load_architecture(config.model.name_or_path, config.model.trust_remote_code), settings_from_job(config, micro_batch), budget)
+    # micro_batch_size auto is planned at 1; the suggestions say how far it goes.
+    plan = make_plan(load_architecture(config.model.name_or_path, config.model.trust_remote_code), settings_from_job(config), budget)
     if args.json:
         record = plan.to_json()
         record["gpu"] = gpu.name if gpu else None

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,6 +38,10 @@ class ModelSection(_Strict):
     """Hub revision (branch, tag or commit) of the base model; ignored for local folders."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model. Off unless you trust its author."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """pretrained: load the weights; random: only config.json is read and random weights are quantized one linear at a time (memory/speed proofs)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer folder when name_or_path has none (e.g. init random with configs/arch/<name>); default: name_or_path."""
 
 
 class QuantizationSection(_Strict):
@@ -116,10 +121,14 @@ class TrainSection(_Strict):
     """Number of optimizer steps; set this or epochs."""
     epochs: Optional[float] = Field(None, gt=0)
     """Passes over the training data (fractions allowed); default 1 when max_steps is not set."""
-    micro_batch_size: int = Field(1, gt=0)
-    """Sequences per forward pass."""
+    micro_batch_size: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = 1
+    """Sequences per forward pass; auto: the largest that `qlora plan` says fits (grad_accum_steps then keeps effective_batch_size)."""
     grad_accum_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step; effective batch = micro_batch_size * grad_accum_steps."""
+    effective_batch_size: Optional[int] = Field(None, gt=0)
+    """Sequences per optimizer step kept when micro_batch_size is auto; default: grad_accum_steps."""
+    memory_budget: Optional[Union[int, str]] = None
+    """Memory micro_batch_size auto plans for, e.g. 24GiB; default: the CUDA device's total memory (needed on CPU)."""
     learning_rate: float = Field(2e-4, gt=0)
     """Peak learning rate."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -149,6 +158,16 @@ class TrainSection(_Strict):
     eval_max_new_tokens: int = Field(64, gt=0)
     """Longest answer generated for eval_exact_match."""
 
+    @field_validator("memory_budget")
+    @classmethod
+    def _size(cls, value: Optional[Union[int, str]]) -> Optional[Union[int, str]]:
+        if value is not None:
+            try:
+                parse_bytes(str(value))
+            except ValueError as error:
+                raise ValueError(f"train.memory_budget: {error}") from None
+        return value
+
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainSection":
         if self.max_steps is not None and self.epochs is not None:
@@ -177,6 +196,15 @@ class JobConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '80GB', '40 G', '1.5TiB' or a plain byte count -> bytes (GB = 1e9, GiB = 2**30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 24GiB or 80GB")
+    number, prefix, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(prefix or " "))
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -278,6 +306,8 @@ def resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
         return local(value) if value.lower().endswith(DATA_FILE_SUFFIXES) else local_if_exists(value)
 
     config.model.name_or_path = local_if_exists(config.model.name_or_path)
+    if config.model.tokenizer is not None:
+        config.model.tokenizer = local_if_exists(config.model.tokenizer)
     if isinstance(config.data.train, str):
         config.data.train = data_path(config.data.train)
     else:

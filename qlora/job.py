@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from qlora import data
 from qlora.adapters import attach_lora, load_adapter_weights, save_adapter, write_manifest
+from qlora.autobatch import confirm_micro_batch, resolve_micro_batch
 from qlora.checkpoint import TrainingState, apply_umask, load_training_state, remove_partial_checkpoints, save_checkpoint, save_training_state, verify_checkpoint
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
@@ -61,7 +62,7 @@ class JobResult:
 def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> PreparedData:
     """Tokenizer + every row read, validated and tokenized: all data errors surface here."""
     check_device_support(config)
-    tokenizer = load_tokenizer(config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
     rows = data.read_rows([(source.path, source.format) for source in config.data.sources()])
     if config.data.eval is not None:
         eval_rows = data.read_rows([(config.data.eval, config.data.format)], key="data.eval")
@@ -82,6 +83,7 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
 def validate_job(config: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """Everything `train` checks before loading the model, as a report; loads no weights."""
     prepared = prepare_data(config, echo)
+    resolve_micro_batch(config, echo)
     batches_per_epoch = epoch_length(config, prepared.train.examples)
     steps = total_steps(config, batches_per_epoch)
     echo(f"ok: {batches_per_epoch} micro-batches per epoch, {steps} optimizer steps")
@@ -136,11 +138,19 @@ def run_job(
     check_output_dir(output_dir, overwrite)
     checkpoint = None if overwrite else find_checkpoint(output_dir, resume_from)
     prepared = prepare_data(config, echo)
-    record = run_record(config, prepared.train.examples, prepared.eval.examples if prepared.eval else [])
+    auto_budget = resolve_micro_batch(config, echo)
     resume = None
     if checkpoint:
         verify_checkpoint(checkpoint)
         resume = ResumePoint(checkpoint, *load_training_state(checkpoint))
+        if auto_budget is not None:
+            # The data position counts the checkpoint's micro-batches: keep the size it trained
+            # with, whatever auto would pick on this machine now.
+            saved = resume.run.get("config", {})
+            config.train.micro_batch_size = saved.get("train.micro_batch_size", config.train.micro_batch_size)
+            config.train.grad_accum_steps = saved.get("train.grad_accum_steps", config.train.grad_accum_steps)
+    record = run_record(config, prepared.train.examples, prepared.eval.examples if prepared.eval else [])
+    if resume:
         check_same_run(checkpoint, resume.run, record, resume_anyway, echo)
     max_steps = total_steps(config, epoch_length(config, prepared.train.examples))
     if resume and resume.state.step > max_steps:
@@ -155,10 +165,12 @@ def run_job(
             note = f"; removed {len(removed)} partial checkpoint(s) a killed writer left" if removed else ""
             echo(f"resuming from {checkpoint} (step {resume.state.step} of {max_steps}){note}")
         (output_dir / "config.yaml").write_text(dump_config(config))
-        return train_and_publish(config, prepared, record, resume, max_steps, stop_requested, echo)
+        return train_and_publish(config, prepared, record, resume, max_steps, auto_budget, stop_requested, echo)
 
 
-def train_and_publish(config: JobConfig, prepared: PreparedData, record: dict, resume: Optional[ResumePoint], max_steps: int, stop_requested, echo) -> JobResult:
+def train_and_publish(
+    config: JobConfig, prepared: PreparedData, record: dict, resume: Optional[ResumePoint], max_steps: int, auto_budget: Optional[int], stop_requested, echo
+) -> JobResult:
     """Base + adapters (restored from the `resume` checkpoint if given) -> loop -> artifacts."""
     import torch
     from transformers import set_seed
@@ -179,6 +191,8 @@ def train_and_publish(config: JobConfig, prepared: PreparedData, record: dict, r
         gradient_checkpointing=config.train.gradient_checkpointing,
         revision=config.model.revision,
         trust_remote_code=config.model.trust_remote_code,
+        init=config.model.init,
+        seed=config.train.seed,
     )
     echo(f"base: {config.model.name_or_path} ({describe_quantization(config)}), {format_bytes(footprint_bytes(base))} in memory")
     lora = config.lora
@@ -194,6 +208,11 @@ def train_and_publish(config: JobConfig, prepared: PreparedData, record: dict, r
     )
     trainable, total = parameter_counts(model)
     echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA r={lora.r} alpha={lora.alpha:g}")
+    if auto_budget is not None and resume is None:
+        # A resumed run keeps the micro-batch its checkpoint was trained with (checked above).
+        confirm_micro_batch(model, config, auto_budget, len(tokenizer), echo)
+        max_steps = total_steps(config, epoch_length(config, prepared.train.examples))
+        record = run_record(config, prepared.train.examples, prepared.eval.examples if prepared.eval else [])
 
     exact_rows = [row for row in prepared.eval_rows if row.format != "text"][: config.train.eval_exact_match]
     if resume:

@@ -45,6 +45,8 @@ def load_base(
     gradient_checkpointing: bool = True,
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
+    init: str = "pretrained",
+    seed: int = 0,
 ):
     """Load the base quantized as asked, frozen, ready for adapters.
 
@@ -56,6 +58,12 @@ def load_base(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     check_source(name_or_path)
+    if init == "random":
+        from qlora.synthetic import build_random_base
+
+        model = build_random_base(name_or_path, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
+                                  bits=bits, seed=seed, trust_remote_code=trust_remote_code)
+        return freeze_for_training(model, gradient_checkpointing)
     dtype = getattr(torch, compute_dtype)
     quantization_config = None
     if bits == 4:
@@ -80,7 +88,10 @@ def load_base(
         )
     except (OSError, ValueError) as error:
         raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {first_line(error)}") from None
+    return freeze_for_training(model, gradient_checkpointing)
 
+
+def freeze_for_training(model, gradient_checkpointing: bool):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     disable_cpu_weight_repacking(model)
@@ -123,6 +134,28 @@ def parameter_counts(model) -> tuple[int, int]:
 def footprint_bytes(model) -> int:
     """Bytes held by the model's parameters and buffers (quantized weights at their packed size)."""
     return model.get_memory_footprint()
+
+
+def weight_bytes(model) -> int:
+    """Bytes the weights really occupy: every parameter and buffer plus each 4-bit weight's
+    quantization state (absmaxes, nested absmaxes, codes), which get_memory_footprint leaves out.
+    Tensors shared between modules are counted once."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def add(tensor) -> None:
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        add(tensor)
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:
+            for value in (state.absmax, state.code, getattr(state, "offset", None)):
+                add(value)
+            state = state.state2 if getattr(state, "nested", False) else None
+    return sum(seen.values())
 
 
 def first_line(error: BaseException) -> str:

@@ -15,7 +15,6 @@ never executes code from it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from qlora.errors import CheckpointError
+from qlora.output_dir import sha256_file
 
 COMPLETE_MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -114,14 +114,6 @@ def verify_checkpoint(folder: Path) -> None:
             raise CheckpointError(f"{path}: missing from the checkpoint; resume from an older one with --resume-from")
         if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: damaged (sha256 differs from when it was written); resume from an older one with --resume-from")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def remove_partial_checkpoints(root: Path) -> list[Path]:

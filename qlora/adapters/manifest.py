@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora.errors import ModelError
+from qlora.output_dir import sha256_file
 
 MANIFEST_NAME = "qlora_manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -70,14 +71,6 @@ def fingerprint(shape: dict) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(
     directory: Path,
     *,
@@ -112,7 +105,7 @@ def write_manifest(
         },
         "quantization": dict(quantization),
         "versions": library_versions(),
-        "files": {ADAPTER_WEIGHTS: {"sha256": file_sha256(weights), "bytes": weights.stat().st_size}},
+        "files": {ADAPTER_WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
         "data": [data_record(name) for name in data_files],
     }
     path = directory / MANIFEST_NAME
@@ -123,7 +116,7 @@ def write_manifest(
 def data_record(name: str) -> dict:
     path = Path(name)
     if path.is_file():
-        return {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
+        return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
     return {"path": name, "sha256": None, "note": "a cached dataset, not a file"}
 
 
@@ -216,7 +209,7 @@ def check_adapter_file(directory: Path, warn: Callable[[str], None]) -> None:
     """Warn if the weights are not the file training wrote (edited, re-saved, truncated)."""
     manifest = read_manifest(directory)
     recorded = (manifest or {}).get("files", {}).get(ADAPTER_WEIGHTS, {}).get("sha256")
-    if recorded and file_sha256(Path(directory) / ADAPTER_WEIGHTS) != recorded:
+    if recorded and sha256_file(Path(directory) / ADAPTER_WEIGHTS) != recorded:
         warn(f"warning: {Path(directory) / ADAPTER_WEIGHTS} differs from the file training wrote (sha256 mismatch)")
 
 

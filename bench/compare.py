@@ -7,7 +7,8 @@ Builds (or reuses) the fixture in --work: a ~25M-parameter random-init Llama sav
 folder with a byte-level tokenizer, and chat rows of ~40 to ~500 tokens (bench/fixture.py).
 Then each run trains in its OWN subprocess (so peak RSS / peak GPU memory is per run):
 
-  ours         qlora's job runner (python -m qlora.cli train's code path), unpacked padded batches
+  ours         qlora's job runner (python -m qlora.cli train's code path), data.padding_free: true
+  ours-padded  the same with padded micro-batches (data.padding_free: false, the default)
   trl-default  SFTTrainer + PEFT with its defaults (padded batches, adapters cast to bf16)
   trl-best     SFTTrainer + PEFT, padding-free, adapters kept in float32
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-RUNS = ("ours", "trl-default", "trl-best")
+RUNS = ("ours", "ours-padded", "trl-default", "trl-best")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,7 +113,7 @@ def ratios(records: dict) -> dict:
     <= 1.0x memory, eval loss within 2%)."""
     line = {"ratios": "ours / peer"}
     ours = records.get("ours", {})
-    for peer in ("trl-default", "trl-best"):
+    for peer in ("ours-padded", "trl-default", "trl-best"):
         other = records.get(peer, {})
         if "error" in ours or "error" in other or not ours or not other:
             continue
@@ -129,8 +130,8 @@ def run_one(run: str, settings: dict, fixture: dict) -> dict:
     import torch
 
     started = time.perf_counter()
-    if run == "ours":
-        record = run_ours(settings, fixture)
+    if run.startswith("ours"):
+        record = run_ours(settings, fixture, padding_free=run == "ours")
     else:
         from bench.peer_trl import run_trl
 
@@ -149,7 +150,7 @@ def run_one(run: str, settings: dict, fixture: dict) -> dict:
     return {key: round(value, 4) if isinstance(value, float) else value for key, value in record.items()}
 
 
-def run_ours(settings: dict, fixture: dict) -> dict:
+def run_ours(settings: dict, fixture: dict, padding_free: bool) -> dict:
     """The qlora job runner (the CLI's code path) on a job file with the shared settings."""
     import yaml
 
@@ -165,7 +166,7 @@ def run_ours(settings: dict, fixture: dict) -> dict:
         # No eval data in the job: the loop would time its final eval; the eval loss is measured
         # after training, by held_out_loss, as for the TRL runs.
         "data": {"train": fixture["train"], "format": "chat", "max_seq_len": settings["max_seq_len"],
-                 "train_on": "completions", "too_long": "drop"},
+                 "train_on": "completions", "too_long": "drop", "padding_free": padding_free},
         "train": {"max_steps": settings["steps"], "micro_batch_size": settings["micro_batch"], "grad_accum_steps": settings["batch"] // settings["micro_batch"],
                   "learning_rate": settings["learning_rate"], "lr_schedule": "cosine", "warmup_steps": settings["warmup_steps"], "optimizer": "adamw",
                   "weight_decay": 0.0, "max_grad_norm": 1.0, "gradient_checkpointing": True, "seed": settings["seed"], "log_every": 1},

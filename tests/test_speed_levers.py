@@ -1,4 +1,5 @@
-"""data.padding_free: a micro-batch's rows end to end in one sequence, the same numbers as padding.
+"""Speed levers keep the numbers: data.padding_free gives the padded loss and gradients; the
+cheap-mask LoRA dropout is a dropout (rate, expectation, replayed by gradient checkpointing).
 
 Also the bench fixture (bench/compare.py builds it): its model has the stated size.
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from qlora import data
+from qlora.adapters.dropout import CheapMaskDropout
 from qlora.data import IGNORE_INDEX
 from qlora.train import summed_loss
 from tests.test_training import build_model, tokenized
@@ -54,6 +56,39 @@ def test_padding_free_gives_the_padded_loss_and_gradients(tiny_model_dir, tmp_pa
     assert grads_flat.keys() == grads_padded.keys() and any(grad.abs().sum() > 0 for grad in grads_flat.values())
     for name in grads_padded:
         torch.testing.assert_close(grads_flat[name], grads_padded[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_cheap_mask_dropout_drops_at_rate_p_and_keeps_the_expectation():
+    dropout = CheapMaskDropout(0.05).train()
+    x = torch.ones(1000, 1001)  # an odd element count: the last int64 draw is cut
+    torch.manual_seed(0)
+    out = dropout(x)
+    assert out.shape == x.shape
+    assert abs(out.eq(0).float().mean().item() - 0.05) < 0.002
+    assert abs(out.mean().item() - 1.0) < 0.005
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out), "seeded like torch's dropout"
+    assert not torch.equal(dropout(x), out)
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_lora_dropout_is_cheap_mask_and_replayed_under_gradient_checkpointing(tiny_model_dir, tmp_path):
+    from qlora.adapters import attach_lora
+    from qlora.model import load_base
+
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=4)
+    batch = data.epoch_batches(examples, 4, False, 64, tokenizer.pad_token_id, seed=0, epoch=0)[0]
+    grads = []
+    for checkpointing in (False, True):
+        base = load_base(str(tiny_model_dir), bits=4, compute_dtype="float32", gradient_checkpointing=checkpointing)
+        model = attach_lora(base, r=8, alpha=16, dropout=0.3, target_modules="all-linear", seed=0).train()
+        assert sum(isinstance(module, CheapMaskDropout) for module in model.modules()) == 14  # 7 linears x 2 layers
+        torch.manual_seed(5)
+        summed_loss(model, batch, torch.device("cpu")).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    # The recomputed forward must draw the masks the first forward drew, or the grads would differ.
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bench_fixture_model_has_the_stated_size(tmp_path):

@@ -4,7 +4,7 @@
     python bench/compare.py --steps 40 --runs ours trl-best
 
 Builds (or reuses) the fixture in --work: a ~25M-parameter random-init Llama saved as an HF
-folder with a byte-level tokenizer, and chat rows of ~40 to ~500 tokens (bench/fixture.py).
+folder with a byte-level tokenizer, and chat rows of ~50 to ~470 tokens (bench/fixture.py).
 Then each run trains in its OWN subprocess (so peak RSS / peak GPU memory is per run):
 
   ours         qlora's job runner (python -m qlora.cli train's code path), data.padding_free: true

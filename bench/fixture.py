@@ -3,7 +3,7 @@
 The model is random-init (no hub here) with the demo's byte-level tokenizer, so a token is a
 byte and row lengths are easy to control. Every linear layer's input size is a multiple of 64:
 bitsandbytes' CPU 4-bit kernels need it. The rows ask to repeat a list of words in capitals;
-the word count is log-uniform, so rows run from ~40 to ~500 tokens, most of them short (the mix
+the word count is log-uniform, so rows run from ~50 to ~470 tokens (median ~110), most of them short (the mix
 that makes padding expensive and packing pay).
 """
 

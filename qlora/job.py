@@ -103,6 +103,7 @@ def batch_maker(config: JobConfig, examples: list, pad_id: int, shuffle: bool = 
             examples,
             micro_batch_size=config.train.micro_batch_size,
             packing=config.data.packing,
+            padding_free=config.data.padding_free,
             max_seq_len=config.data.max_seq_len,
             pad_id=pad_id,
             seed=config.train.seed,

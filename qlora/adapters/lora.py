@@ -47,6 +47,9 @@ def attach_lora(
     for parameter in peft_model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
+    from qlora.adapters.dropout import use_cheap_mask_dropout
+
+    use_cheap_mask_dropout(peft_model)  # 2.4x cheaper masks on CPU (see its module)
     return peft_model
 
 

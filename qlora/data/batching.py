@@ -46,13 +46,19 @@ def epoch_batches(
     seed: int,
     epoch: int,
     shuffle: bool = True,
+    padding_free: bool = False,
 ) -> list[Batch]:
-    """All micro-batches of one epoch; the same (seed, epoch) always gives the same batches."""
+    """All micro-batches of one epoch; the same (seed, epoch) always gives the same batches.
+
+    padding_free: each micro-batch's sequences become ONE sequence of their rows end to end
+    ([1, total tokens]): the same rows as the padded batch, no compute on padding, and rows
+    kept apart by their restarting position ids, as in a packed sequence.
+    """
     sequences = epoch_sequences(examples, packing, max_seq_len, seed, epoch, shuffle)
-    return [
-        collate(sequences[start : start + micro_batch_size], examples, pad_id, with_attention_mask=not packing)
-        for start in range(0, len(sequences), micro_batch_size)
-    ]
+    groups = [sequences[start : start + micro_batch_size] for start in range(0, len(sequences), micro_batch_size)]
+    if padding_free:
+        return [collate([[index for sequence in group for index in sequence]], examples, pad_id, with_attention_mask=False) for group in groups]
+    return [collate(group, examples, pad_id, with_attention_mask=not packing) for group in groups]
 
 
 def batches_per_epoch(examples: list[Example], micro_batch_size: int, packing: bool, max_seq_len: int, seed: int) -> int:

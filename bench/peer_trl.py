@@ -1,0 +1,114 @@
+"""The peer baseline: TRL SFTTrainer + PEFT QLoRA on the comparison fixture, with our settings.
+
+Imported only by bench/compare.py inside the subprocess of one TRL run (`pip install .[bench]`).
+The eval loss is NOT TRL's own eval: after training, the trained model goes through the same
+function as our run (qlora.train.evaluate on qlora's tokenization of the held-out rows), so the
+three eval losses are one measurement of three models.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+
+def prompt_completion_rows(path: str) -> list[dict]:
+    """Chat rows as TRL's conversational prompt-completion rows, so its completion-only loss
+    (the default for that format) masks the prompt exactly as ours does."""
+    rows = []
+    with open(path) as handle:
+        for line in handle:
+            messages = json.loads(line)["messages"]
+            rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    return rows
+
+
+def counting(collator, counter: dict):
+    """Wrap TRL's collator to count supervised targets (labels are unshifted; a row's first
+    label is never supervised, so each non -100 label is one predicted token)."""
+
+    def collate(examples):
+        batch = collator(examples)
+        counter["supervised_tokens"] += int((batch["labels"] != -100).sum())
+        counter["tokens"] += int(batch["input_ids"].numel())
+        return batch
+
+    return collate
+
+
+def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
+    """One TRL run; mode 'default' (padded batches) or 'best' (padding-free, LoRA kept in float32)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from qlora.metrics import peak_memory
+    from qlora.model import disable_cpu_weight_repacking
+
+    torch.manual_seed(settings["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(fixture["model"])
+    dtype = getattr(torch, settings["compute_dtype"])
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    model = AutoModelForCausalLM.from_pretrained(fixture["model"], quantization_config=quantization, dtype=dtype, device_map=device_map)
+    disable_cpu_weight_repacking(model)  # the AVX512-BF16 trap (see qlora.model)
+    lora = LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    padding_free = mode == "best"
+    output_dir = tempfile.mkdtemp(prefix="bench-trl-")
+    config = SFTConfig(
+        output_dir=output_dir,
+        max_steps=settings["steps"],
+        per_device_train_batch_size=settings["micro_batch"],
+        gradient_accumulation_steps=settings["batch"] // settings["micro_batch"],
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=settings["warmup_steps"],
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=settings["seed"],
+        bf16=settings["compute_dtype"] == "bfloat16" and torch.cuda.is_available(),
+        fp16=False,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Padding-free without packing keeps the rows per step equal to ours; it needs max_length
+        # None (the fixture's rows all fit in max_seq_len, checked by our run's tokenization).
+        max_length=None if padding_free else settings["max_seq_len"],
+        padding_free=padding_free,
+        completion_only_loss=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(prompt_completion_rows(fixture["train"])),
+                         processing_class=tokenizer, peft_config=lora)
+    if padding_free:
+        # TRL casts QLoRA adapters to bfloat16 (its QLoRA-paper default); on a CPU bf16 matmuls
+        # are emulated and slow, and ours are float32: give TRL's best run float32 adapters too.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    counter = {"supervised_tokens": 0, "tokens": 0}
+    trainer.data_collator = counting(trainer.data_collator, counter)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    peak = peak_memory()[1]
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return {
+        "train_s": seconds,
+        "supervised_tokens": counter["supervised_tokens"],
+        "tokens": counter["tokens"],
+        "final_train_loss": losses[-1],
+        "train_loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+        "peak_memory_bytes": peak,
+        "model": trainer.model,
+        "tokenizer": tokenizer,
+        "adapter_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)).removeprefix("torch."),
+    }

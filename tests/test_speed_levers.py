@@ -1,0 +1,106 @@
+"""Speed levers keep the numbers: data.padding_free gives the padded loss and gradients; the
+cheap-mask LoRA dropout is a dropout (rate, expectation, replayed by gradient checkpointing).
+
+Also the bench fixture (bench/compare.py builds it): its model has the stated size.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from qlora import data
+from qlora.adapters.dropout import CheapMaskDropout
+from qlora.data import IGNORE_INDEX
+from qlora.train import summed_loss
+from tests.test_training import build_model, tokenized
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def both_ways(examples, pad_id, micro_batch_size=4):
+    padded = data.epoch_batches(examples, micro_batch_size, False, 64, pad_id, seed=3, epoch=0)
+    flat = data.epoch_batches(examples, micro_batch_size, False, 64, pad_id, seed=3, epoch=0, padding_free=True)
+    return padded, flat
+
+
+def test_padding_free_batches_hold_the_same_rows_without_padding(tiny_model_dir, tmp_path):
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=10)
+    padded, flat = both_ways(examples, tokenizer.pad_token_id)
+    assert len(flat) == len(padded) == data.batches_per_epoch(examples, 4, False, 64, seed=3)
+    for wide, one in zip(padded, flat):
+        assert one.row_ids == wide.row_ids and one.attention_mask is None
+        assert one.input_ids.shape == (1, sum(len(examples[index].input_ids) for index in one.row_ids))
+        assert one.supervised_tokens == wide.supervised_tokens
+        # Position ids restart at each row; each row's last target is -100 (never the next row's first token).
+        starts = (one.position_ids[0] == 0).nonzero().flatten().tolist()
+        assert len(starts) == len(one.row_ids)
+        assert all(one.targets[0, start - 1] == IGNORE_INDEX for start in starts[1:])
+    assert any(wide.attention_mask.eq(0).any() for wide in padded), "the fixture has padding to save"
+
+
+def test_padding_free_gives_the_padded_loss_and_gradients(tiny_model_dir, tmp_path):
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=6)
+    padded, flat = both_ways(examples, tokenizer.pad_token_id, micro_batch_size=6)
+    model = build_model(tiny_model_dir).train()
+    results = []
+    for batch in (padded[0], flat[0]):
+        model.zero_grad(set_to_none=True)
+        loss = summed_loss(model, batch, torch.device("cpu"))
+        loss.backward()
+        grads = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss_padded, grads_padded), (loss_flat, grads_flat) = results
+    torch.testing.assert_close(loss_flat, loss_padded, rtol=1e-4, atol=1e-4)
+    assert grads_flat.keys() == grads_padded.keys() and any(grad.abs().sum() > 0 for grad in grads_flat.values())
+    for name in grads_padded:
+        torch.testing.assert_close(grads_flat[name], grads_padded[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_cheap_mask_dropout_drops_at_rate_p_and_keeps_the_expectation():
+    dropout = CheapMaskDropout(0.05).train()
+    x = torch.ones(1000, 1001)  # an odd element count: the last int64 draw is cut
+    torch.manual_seed(0)
+    out = dropout(x)
+    assert out.shape == x.shape
+    assert abs(out.eq(0).float().mean().item() - 0.05) < 0.002
+    assert abs(out.mean().item() - 1.0) < 0.005
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out), "seeded like torch's dropout"
+    assert not torch.equal(dropout(x), out)
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_lora_dropout_is_cheap_mask_and_replayed_under_gradient_checkpointing(tiny_model_dir, tmp_path):
+    from qlora.adapters import attach_lora
+    from qlora.model import load_base
+
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=4)
+    batch = data.epoch_batches(examples, 4, False, 64, tokenizer.pad_token_id, seed=0, epoch=0)[0]
+    grads = []
+    for checkpointing in (False, True):
+        base = load_base(str(tiny_model_dir), bits=4, compute_dtype="float32", gradient_checkpointing=checkpointing)
+        model = attach_lora(base, r=8, alpha=16, dropout=0.3, target_modules="all-linear", seed=0).train()
+        assert sum(isinstance(module, CheapMaskDropout) for module in model.modules()) == 14  # 7 linears x 2 layers
+        torch.manual_seed(5)
+        summed_loss(model, batch, torch.device("cpu")).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    # The recomputed forward must draw the masks the first forward drew, or the grads would differ.
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bench_fixture_model_has_the_stated_size(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from bench.fixture import build_fixture
+
+    fixture = build_fixture(tmp_path, train_rows=20, eval_rows=4)
+    assert 20e6 <= fixture["parameters"] <= 30e6
+    lines = Path(fixture["train"]).read_text().splitlines()
+    assert len(lines) == 20 and len(Path(fixture["eval"]).read_text().splitlines()) == 4
+
+
+def test_bench_compare_help_runs():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and "trl-best" in result.stdout

@@ -11,6 +11,7 @@ import traceback
 
 from qlora.adapter_cli import ADAPTER_COMMANDS, add_adapter_commands, run_adapter_command
 from qlora.errors import EXIT_ABORTED, EXIT_INTERNAL, Interrupted, QloraError
+from qlora.plan_cli import add_plan_command, run_plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,54 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_commands(commands)
     add_plan_command(commands)
     return parser
-
-
-def add_plan_command(commands) -> None:
-    plan = commands.add_parser("plan", help="peak GPU memory and speed of a job from the model's config.json alone (no weights, no GPU)")
-    plan.add_argument("config", help="job YAML, model folder, shipped architecture (e.g. llama-3.1-8b) or a hub id shipped in configs/arch")
-    budget = plan.add_mutually_exclusive_group()
-    budget.add_argument("--gpu-memory", metavar="SIZE", help="memory to fit in, e.g. 24GiB or 80GB")
-    budget.add_argument("--gpu", metavar="NAME", help="a GPU from configs/hardware/gpus.yaml (4090, A100-40, A100-80, H100, L40S, ...): its memory and speed")
-    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a job key, e.g. --set data.max_seq_len=4096 (repeatable)")
-    plan.add_argument("--mfu", type=float, default=0.4, help="utilization of the GPU's peak bf16 FLOP/s for the time estimate (default 0.4)")
-    plan.add_argument("--epoch-tokens", type=int, help="tokens in one epoch, for the time per epoch")
-    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    """`qlora plan`: a job file, or a bare model with the job defaults (and --set overrides)."""
-    from qlora.arch import find_gpu, load_architecture
-    from qlora.config import apply_override, load_config, parse_bytes, validate
-    from qlora.errors import ConfigError
-    from qlora.plan import describe_plan, make_plan, settings_from_job
-
-    if args.config.endswith((".yaml", ".yml")):
-        config = load_config(args.config, args.overrides)
-    else:
-        raw = {"model": {"name_or_path": args.config}, "data": {"train": "unused.jsonl"}, "output": {"dir": "unused"}}
-        for override in args.overrides:
-            apply_override(raw, override)
-        config = validate(raw, source=args.config)
-    gpu = find_gpu(args.gpu) if args.gpu else None
-    try:
-        budget = gpu.memory_bytes if gpu else parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    except ValueError as error:
-        raise ConfigError(f"--gpu-memory: {error}") from None
-    # micro_batch_size auto is planned at 1; the suggestions say how far it goes.
-    plan = make_plan(load_architecture(config.model.name_or_path, config.model.trust_remote_code), settings_from_job(config), budget)
-    if args.json:
-        record = plan.to_json()
-        record["gpu"] = gpu.name if gpu else None
-        if gpu:
-            record["tokens_per_s"] = gpu.bf16_tflops * 1e12 * args.mfu / plan.flops_per_token
-            record["utilization"] = args.mfu
-            record["epoch_seconds"] = args.epoch_tokens / record["tokens_per_s"] if args.epoch_tokens else None
-        print(json.dumps(record))
-    else:
-        print(describe_plan(plan, gpu.name if gpu else None, gpu.bf16_tflops if gpu else None, args.mfu, args.epoch_tokens))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

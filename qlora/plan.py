@@ -341,7 +341,7 @@ def seconds_per_token(flops: float, tflops: float, utilization: float) -> float:
     return flops / (tflops * 1e12 * utilization)
 
 
-# --------------------------------------------------------------------------- edges: job config in, text out
+# --------------------------------------------------------------------------- edge: job config in
 
 
 def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings:
@@ -362,45 +362,3 @@ def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings
         use_dora=lora.use_dora,
         optimizer=train.optimizer,
     )
-
-
-def describe_plan(plan: Plan, gpu_name: Optional[str] = None, tflops: Optional[float] = None, utilization: float = 0.4,
-                  epoch_tokens: Optional[int] = None) -> str:
-    from qlora.metrics import format_bytes
-
-    settings = plan.settings
-    lines = [
-        f"plan for {plan.architecture}: {plan.parameters['total'] / 1e9:.2f}B params "
-        f"({plan.parameters['quantized'] / 1e9:.2f}B quantized, {plan.parameters['lora'] / 1e6:.1f}M LoRA)",
-        f"  micro_batch {settings['micro_batch']} x seq_len {settings['seq_len']}, checkpointing "
-        f"{'on' if settings['gradient_checkpointing'] else 'off'}, {settings['bits'] or 16}-bit base, "
-        f"compute {settings['compute_dtype']}, optimizer {settings['optimizer']}",
-        "",
-    ]
-    for line in plan.lines:
-        mark = " " if line.counted else "-"
-        lines.append(f" {mark}{line.name:<20} {format_bytes(line.bytes):>10}  {line.why}")
-    lines += [
-        "",
-        f"  peak allocated {format_bytes(plan.allocated_bytes)} (torch.cuda.max_memory_allocated), "
-        f"reserved {format_bytes(plan.reserved_bytes)}, total on the card {format_bytes(plan.total_bytes)} ({plan.total_bytes / 1e9:.1f} GB)",
-    ]
-    if plan.budget_bytes is not None:
-        verdict = "FITS" if plan.fits else "DOES NOT FIT"
-        lines.append(f"  {verdict} in {format_bytes(plan.budget_bytes)}{f' ({gpu_name})' if gpu_name else ''}")
-        tips = plan.suggestions
-        if tips:
-            lines.append(f"  largest micro_batch at seq_len {settings['seq_len']}: {tips['largest_micro_batch']}"
-                         f"; largest seq_len at micro_batch {settings['micro_batch']}: {tips['largest_seq_len']}")
-            if tips["fits_without_checkpointing"]:
-                lines.append(f"  gradient checkpointing is not needed here (fits without it up to micro_batch "
-                             f"{tips['largest_micro_batch_without_checkpointing']}; ~30% less compute)")
-            else:
-                lines.append("  gradient checkpointing is needed: without it this does not fit")
-    lines.append(f"  compute: {plan.flops_per_token / 1e9:.1f} GFLOP per training token")
-    if tflops:
-        per_token = seconds_per_token(plan.flops_per_token, tflops, utilization)
-        lines.append(f"  time at {utilization:.0%} of {tflops:g} TFLOP/s: {1 / per_token:,.0f} tokens/s, "
-                     f"{per_token * 1e6 / 3600:.2f} h per million tokens"
-                     + (f", {per_token * epoch_tokens / 3600:.2f} h per epoch of {epoch_tokens:,} tokens" if epoch_tokens else ""))
-    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""`qlora plan`: parse, plan (qlora.plan does the arithmetic), print the breakdown or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional
+
+from qlora.metrics import format_bytes
+from qlora.plan import Plan, seconds_per_token
+
+
+def add_plan_command(commands) -> None:
+    plan = commands.add_parser("plan", help="peak GPU memory and speed of a job from the model's config.json alone (no weights, no GPU)")
+    plan.add_argument("config", help="job YAML, model folder, shipped architecture (e.g. llama-3.1-8b) or a hub id shipped in configs/arch")
+    budget = plan.add_mutually_exclusive_group()
+    budget.add_argument("--gpu-memory", metavar="SIZE", help="memory to fit in, e.g. 24GiB or 80GB")
+    budget.add_argument("--gpu", metavar="NAME", help="a GPU from configs/hardware/gpus.yaml (4090, A100-40, A100-80, H100, L40S, ...): its memory and speed")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a job key, e.g. --set data.max_seq_len=4096 (repeatable)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="utilization of the GPU's peak bf16 FLOP/s for the time estimate (default 0.4)")
+    plan.add_argument("--epoch-tokens", type=int, help="tokens in one epoch, for the time per epoch")
+    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`qlora plan`: a job file, or a bare model with the job defaults (and --set overrides)."""
+    from qlora.arch import find_gpu, load_architecture
+    from qlora.config import apply_override, load_config, parse_bytes, validate
+    from qlora.errors import ConfigError
+    from qlora.plan import make_plan, seconds_per_token, settings_from_job
+
+    if args.config.endswith((".yaml", ".yml")):
+        config = load_config(args.config, args.overrides)
+    else:
+        raw = {"model": {"name_or_path": args.config}, "data": {"train": "unused.jsonl"}, "output": {"dir": "unused"}}
+        for override in args.overrides:
+            apply_override(raw, override)
+        config = validate(raw, source=args.config)
+    gpu = find_gpu(args.gpu) if args.gpu else None
+    try:
+        budget = gpu.memory_bytes if gpu else parse_bytes(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as error:
+        raise ConfigError(f"--gpu-memory: {error}") from None
+    # micro_batch_size auto is planned at 1; the suggestions say how far it goes.
+    plan = make_plan(load_architecture(config.model.name_or_path, config.model.trust_remote_code), settings_from_job(config), budget)
+    if args.json:
+        record = plan.to_json()
+        record["gpu"] = gpu.name if gpu else None
+        if gpu:
+            record["tokens_per_s"] = 1 / seconds_per_token(plan.flops_per_token, gpu.bf16_tflops, args.mfu)
+            record["utilization"] = args.mfu
+            record["epoch_seconds"] = args.epoch_tokens / record["tokens_per_s"] if args.epoch_tokens else None
+        print(json.dumps(record))
+    else:
+        print(describe_plan(plan, gpu.name if gpu else None, gpu.bf16_tflops if gpu else None, args.mfu, args.epoch_tokens))
+    return 0
+
+
+def describe_plan(plan: Plan, gpu_name: Optional[str] = None, tflops: Optional[float] = None, utilization: float = 0.4,
+                  epoch_tokens: Optional[int] = None) -> str:
+    settings = plan.settings
+    lines = [
+        f"plan for {plan.architecture}: {plan.parameters['total'] / 1e9:.2f}B params "
+        f"({plan.parameters['quantized'] / 1e9:.2f}B quantized, {plan.parameters['lora'] / 1e6:.1f}M LoRA)",
+        f"  micro_batch {settings['micro_batch']} x seq_len {settings['seq_len']}, checkpointing "
+        f"{'on' if settings['gradient_checkpointing'] else 'off'}, {settings['bits'] or 16}-bit base, "
+        f"compute {settings['compute_dtype']}, optimizer {settings['optimizer']}",
+        "",
+    ]
+    for line in plan.lines:
+        mark = " " if line.counted else "-"
+        lines.append(f" {mark}{line.name:<20} {format_bytes(line.bytes):>10}  {line.why}")
+    lines += [
+        "",
+        f"  peak allocated {format_bytes(plan.allocated_bytes)} (torch.cuda.max_memory_allocated), "
+        f"reserved {format_bytes(plan.reserved_bytes)}, total on the card {format_bytes(plan.total_bytes)} ({plan.total_bytes / 1e9:.1f} GB)",
+    ]
+    if plan.budget_bytes is not None:
+        verdict = "FITS" if plan.fits else "DOES NOT FIT"
+        lines.append(f"  {verdict} in {format_bytes(plan.budget_bytes)}{f' ({gpu_name})' if gpu_name else ''}")
+        tips = plan.suggestions
+        if tips:
+            lines.append(f"  largest micro_batch at seq_len {settings['seq_len']}: {tips['largest_micro_batch']}"
+                         f"; largest seq_len at micro_batch {settings['micro_batch']}: {tips['largest_seq_len']}")
+            if tips["fits_without_checkpointing"]:
+                lines.append(f"  gradient checkpointing is not needed here (fits without it up to micro_batch "
+                             f"{tips['largest_micro_batch_without_checkpointing']}; ~30% less compute)")
+            else:
+                lines.append("  gradient checkpointing is needed: without it this does not fit")
+    lines.append(f"  compute: {plan.flops_per_token / 1e9:.1f} GFLOP per training token")
+    if tflops:
+        per_token = seconds_per_token(plan.flops_per_token, tflops, utilization)
+        lines.append(f"  time at {utilization:.0%} of {tflops:g} TFLOP/s: {1 / per_token:,.0f} tokens/s, "
+                     f"{per_token * 1e6 / 3600:.2f} h per million tokens"
+                     + (f", {per_token * epoch_tokens / 3600:.2f} h per epoch of {epoch_tokens:,} tokens" if epoch_tokens else ""))
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from qlora.errors import CheckpointError
-from qlora.output_dir import sha256_file
+from qlora.provenance import sha256_file
 
 COMPLETE_MARKER = "COMPLETE"
 PREFIX = "step-"

@@ -8,7 +8,6 @@ marker also carries the job's lock, and summary.json (written last) marks a fini
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -82,11 +81,3 @@ def write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 from array import array
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
 from qlora.checkpoint import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 from qlora.config import JobConfig
 from qlora.errors import CheckpointError
+from qlora.provenance import library_versions
 
 # Keys that do not change what is trained: moving the output, saving, logging and evaluating
 # more or less often (eval passes leave training bitwise unchanged: tests/test_training.py).
@@ -33,7 +33,6 @@ RUN_NEUTRAL_KEYS = frozenset(
         "train.memory_budget",  # only steers micro_batch_size auto, whose pick is itself recorded
     }
 )
-LIBRARIES = ("qlora", "torch", "transformers", "peft", "bitsandbytes", "accelerate")
 
 
 def run_record(config: JobConfig, train_examples: list, eval_examples: list) -> dict:
@@ -85,7 +84,7 @@ def check_same_run(checkpoint: Path, saved_run: dict, record: dict, resume_anywa
     if changes:
         echo(f"warning: resuming with changes: {'; '.join(changes)}")
     versions = saved_run.get("versions", {})
-    moved = [f"{name} {versions.get(name)} -> {record['versions'].get(name)}" for name in LIBRARIES if versions.get(name) != record["versions"].get(name)]
+    moved = [f"{name} {versions.get(name)} -> {now}" for name, now in record["versions"].items() if versions.get(name) != now]
     if moved:
         echo(f"warning: library versions changed since the checkpoint ({', '.join(moved)}); results may differ in the last digits")
 
@@ -127,15 +126,6 @@ def data_fingerprint(*example_sets: list) -> str:
         digest.update(b"#")
     return digest.hexdigest()
 
-
-def library_versions() -> dict:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
 from qlora.errors import ModelError
-from qlora.output_dir import sha256_file
+from qlora.provenance import library_versions, sha256_file
 
 MANIFEST_NAME = "qlora_manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,7 +53,6 @@ SHAPE_KEYS = (
 )
 # Checked first and named in the error, so the message says the obvious thing.
 HEADLINE_KEYS = ("model_type", "architectures", "hidden_size", "n_embd", "d_model")
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
 
 
 def base_shape(config: dict) -> dict:
@@ -119,17 +117,6 @@ def data_record(name: str) -> dict:
         return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
     return {"path": name, "sha256": None, "note": "a cached dataset, not a file"}
 
-
-def library_versions() -> dict:
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for name in ("qlora", *LIBRARIES):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def read_adapter_config(directory: Path) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from qlora.errors import CheckpointError
+from qlora.output_dir import apply_umask
 from qlora.provenance import sha256_file
 
 COMPLETE_MARKER = "COMPLETE"
@@ -122,15 +123,6 @@ def remove_partial_checkpoints(root: Path) -> list[Path]:
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)
     return partial
-
-
-def apply_umask(folder: Path) -> None:
-    """mkdtemp makes 0700 folders and safetensors writes 0600 files; give the published ones the
-    permissions any other file of the user's gets, so a shared volume's readers can load them."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def fsync_tree(folder: Path) -> None:

@@ -19,13 +19,13 @@ from typing import Callable, Optional
 from qlora import data
 from qlora.adapters import attach_lora, load_adapter_weights, save_adapter, write_manifest
 from qlora.autobatch import confirm_micro_batch, resolve_micro_batch
-from qlora.checkpoint import TrainingState, apply_umask, load_training_state, remove_partial_checkpoints, save_checkpoint, save_training_state, verify_checkpoint
+from qlora.checkpoint import TrainingState, load_training_state, remove_partial_checkpoints, save_checkpoint, save_training_state, verify_checkpoint
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
 from qlora.evaluate import ExactMatch, exact_match
 from qlora.metrics import MetricsLog, file_size, format_bytes
-from qlora.model import footprint_bytes, load_base, load_tokenizer, parameter_counts
-from qlora.output_dir import FINISHED_MARKER, check_output_dir, claim_output_dir, unfinished, write_atomically
+from qlora.model import load_base, load_tokenizer, parameter_counts, weight_bytes
+from qlora.output_dir import FINISHED_MARKER, apply_umask, check_output_dir, claim_output_dir, unfinished, write_atomically
 from qlora.plot import write_loss_plot
 from qlora.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
 from qlora.train import LoopResult, LoopSettings, train
@@ -195,7 +195,7 @@ def train_and_publish(
         init=config.model.init,
         seed=config.train.seed,
     )
-    echo(f"base: {config.model.name_or_path} ({describe_quantization(config)}), {format_bytes(footprint_bytes(base))} in memory")
+    echo(f"base: {config.model.name_or_path} ({describe_quantization(config)}), {format_bytes(weight_bytes(base))} in memory")
     lora = config.lora
     model = attach_lora(
         base,

@@ -131,11 +131,6 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
-def footprint_bytes(model) -> int:
-    """Bytes held by the model's parameters and buffers (quantized weights at their packed size)."""
-    return model.get_memory_footprint()
-
-
 def weight_bytes(model) -> int:
     """Bytes the weights really occupy: every parameter and buffer plus each 4-bit weight's
     quantization state (absmaxes, nested absmaxes, codes), which get_memory_footprint leaves out.

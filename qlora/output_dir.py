@@ -81,3 +81,12 @@ def write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def apply_umask(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors writes 0600 files; give the published ones the
+    permissions any other file of the user's gets, so a shared volume's readers can load them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

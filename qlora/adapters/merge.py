@@ -25,6 +25,7 @@ from qlora.adapters.loading import load_with_adapters, select_adapter, trained_q
 from qlora.adapters.manifest import read_adapter_config, recorded_base
 from qlora.errors import ConfigError, ModelError, OutputError
 from qlora.metrics import format_bytes
+from qlora.output_dir import apply_umask
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_PROMPTS = ("The quick brown fox jumps over the lazy dog.", "Question: what is 12 + 30?\nAnswer:", "def reverse(text):")
@@ -139,11 +140,7 @@ def check_output(output_dir: Path) -> None:
 
 def publish(staging: Path, output_dir: Path) -> None:
     """mkdtemp folders are 0700; the merged model is for others to read too."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
-    for path in staging.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+    apply_umask(staging)
     if output_dir.is_dir():
         output_dir.rmdir()  # empty (checked before loading): replaced by the complete folder
     os.rename(staging, output_dir)

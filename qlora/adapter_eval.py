@@ -15,11 +15,10 @@ from typing import Callable, Optional
 
 from qlora import data
 from qlora.adapters.generation import prompt_ids, read_prompts
-from qlora.adapters.loading import load_with_adapters, resolve_base, saved_tokenizer, select_adapter, tokenizer_source
+from qlora.adapters.loading import inference_tokenizer, load_with_adapters, resolve_base, select_adapter, tokenizer_source
 from qlora.data.sources import read_records
 from qlora.evaluate import exact_match_pairs
 from qlora.errors import DataError
-from qlora.model import load_tokenizer
 from qlora.train import evaluate, safe_exp
 
 
@@ -38,8 +37,7 @@ def evaluate_adapters(
     """{"rows", "supervised_tokens", "exact_match_rows", "results": [{"model", "loss", "perplexity",
     "exact_match", "exact_correct"}, ...]} for the base first, then each adapter."""
     base = resolve_base(adapters, base)
-    source = tokenizer_source(adapters[0][1], base)
-    tokenizer = load_tokenizer(base) if source == base else saved_tokenizer(source)
+    tokenizer = inference_tokenizer(base, tokenizer_source(adapters[0][1], base))
     examples, pairs = eval_rows(data_path, tokenizer, chat, max_seq_len)
     batches = data.epoch_batches(examples, batch_size, False, max_seq_len, tokenizer.pad_token_id, seed=0, epoch=0, shuffle=False)
 

@@ -68,7 +68,7 @@ def load(
         raise ConfigError(f"bits: {bits!r} is not one of 4, 8, 16")
     bits = None if bits == 16 else bits
     quantization = Quantization(bits, quant_type, double_quant, compute_dtype if bits is None else usable_dtype(compute_dtype))
-    tokenizer = load_tokenizer(base, revision, trust_remote_code) if tokenizer_from in (None, base) else saved_tokenizer(tokenizer_from)
+    tokenizer = inference_tokenizer(base, tokenizer_from, revision, trust_remote_code)
     model = load_base(
         base,
         bits=quantization.bits,
@@ -166,6 +166,13 @@ def resolve_base(adapters: list[tuple[str, Path]], base: Optional[str] = None) -
 def tokenizer_source(adapter_dir: Path, base: str) -> str:
     """Training saves its tokenizer (pad token, chat template) next to the adapter: prefer it."""
     return str(adapter_dir) if any((Path(adapter_dir) / name).is_file() for name in TOKENIZER_FILES) else base
+
+
+def inference_tokenizer(base: str, tokenizer_from: Optional[str] = None, revision: Optional[str] = None, trust_remote_code: bool = False):
+    """The base's tokenizer, or the one saved in `tokenizer_from` (see tokenizer_source)."""
+    if tokenizer_from in (None, base):
+        return load_tokenizer(base, revision, trust_remote_code)
+    return saved_tokenizer(tokenizer_from)
 
 
 def saved_tokenizer(directory: str):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from array import array
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,6 +16,7 @@ from typing import Callable, Optional
 from qlora.checkpoint import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 from qlora.config import JobConfig
 from qlora.errors import CheckpointError
+from qlora.output_dir import write_atomically
 from qlora.provenance import library_versions
 
 # Keys that do not change what is trained: moving the output, saving, logging and evaluating
@@ -109,9 +109,7 @@ def rewind_metrics(path: Path, step: int) -> int:
             continue
         if row.get("step", 0) <= step:
             kept.append(line)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(line + "\n" for line in kept))
-    os.replace(temporary, path)
+    write_atomically(path, "".join(line + "\n" for line in kept))
     return len(kept)
 
 

@@ -28,6 +28,8 @@ from qlora.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OUTPUT
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 NOBODY = 65534
+# This checkout's qlora first (in the image it is installed in the venv), then whatever the tests run with.
+PYTHONPATH = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 # The demo job, cut short: the tests prove the plumbing, configs/demo.yaml proves the training.
 QUICK = "train.micro_batch_size=4 data.eval=null train.eval_exact_match=0 train.save_every=1000"
 
@@ -84,7 +86,7 @@ class Container:
     def env(self, **extra) -> dict[str, str]:
         """The image's ENV with its absolute paths moved under the container root. PATH is the
         host's: the image's names /opt/venv, and the interpreter is given explicitly (argv)."""
-        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHONPATH}
         for key, value in image_env().items():
             if key != "PATH":
                 env[key] = str(self.path(value)) if value.startswith("/") else value
@@ -129,7 +131,7 @@ def unprivileged(root: Path) -> tuple[list[str], dict]:
         return [], {}
     user = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
     try:
-        probe = subprocess.run([sys.executable, "-c", "import qlora.cli"], cwd="/", env={"PYTHONPATH": str(ROOT)}, capture_output=True, **user)
+        probe = subprocess.run([sys.executable, "-c", "import qlora.cli"], cwd="/", env={"PYTHONPATH": PYTHONPATH}, capture_output=True, **user)
         if probe.returncode == 0:
             return [], user
     except OSError:

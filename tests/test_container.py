@@ -104,10 +104,10 @@ class Container:
         for part in json.loads(last("ENTRYPOINT")):
             if part == "qlora":
                 argv += [sys.executable, "-m", "qlora.cli"]
-            elif part.endswith("tini") and not Path(part).exists():
-                # Without tini (apt-get install tini) the signal goes to python directly, which is
-                # what `docker run --init` or a shell-less image without tini would do.
-                assert shutil.which("tini") is None, "tini is on PATH but not where the Dockerfile says"
+            elif Path(part).name == "tini" and not Path(part).exists():
+                # The real tini when installed (apt-get install tini), wherever it is; without it
+                # SIGTERM goes to python directly, as in an image without an init.
+                argv += [shutil.which("tini")] if shutil.which("tini") else []
             elif part == "--" and argv == []:
                 continue
             else:

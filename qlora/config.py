@@ -236,7 +236,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     return resolve_paths(validate(raw, source=str(path), origins=origins), base_dir=path.resolve().parent)
 
 
-
 def overrides_from_env(environ: dict[str, str] = os.environ) -> list[str]:
     """QLORA_SET="train.max_steps=100 output.dir='/out/run 2'" -> ["train.max_steps=100", ...]:
     --set for schedulers that can set a container's environment but not its arguments. Split

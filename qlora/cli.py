@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("config", help="job YAML file")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                             help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+                             help="override a config key, e.g. --set train.max_steps=20 (repeatable; wins over the QLORA_SET environment variable)")
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return command
 
@@ -62,12 +62,16 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.command in ADAPTER_COMMANDS:
         return run_adapter_command(args)
-    from qlora.config import load_config
+    from qlora.config import OVERRIDES_ENV, load_config, overrides_from_env
 
     if args.command == "plan":
         return run_plan(args)
 
-    config = load_config(args.config, args.overrides)
+    # QLORA_SET first, then --set: the command line wins over the environment.
+    env_overrides = overrides_from_env()
+    if env_overrides:
+        print(f"{OVERRIDES_ENV}: {' '.join(env_overrides)}", file=sys.stderr)
+    config = load_config(args.config, args.overrides, env_overrides=env_overrides)
     if args.command == "validate":
         from qlora.job import validate_job
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -23,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qlora.errors import ConfigError
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# The environment variable holding --set overrides, for schedulers that cannot pass arguments.
+OVERRIDES_ENV = "QLORA_SET"
 
 DataFormat = Literal["auto", "alpaca", "chat", "text"]
 
@@ -209,8 +212,11 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(prefix or " "))
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a job YAML, apply `key=value` overrides, validate, and resolve relative paths."""
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), env_overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job YAML, apply `key=value` overrides, validate, and resolve relative paths.
+
+    `env_overrides` (from QLORA_SET, see overrides_from_env) are applied first, so a --set of
+    the same key wins; a problem with a key that only QLORA_SET set is reported as QLORA_SET's."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -222,31 +228,48 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job config must be a mapping of sections (model, data, ...)")
+    origins = {}
+    for override in env_overrides:
+        origins[apply_override(raw, override, origin=OVERRIDES_ENV)] = OVERRIDES_ENV
     for override in overrides:
-        apply_override(raw, override)
-    return resolve_paths(validate(raw, source=str(path)), base_dir=path.resolve().parent)
+        origins.pop(apply_override(raw, override), None)
+    return resolve_paths(validate(raw, source=str(path), origins=origins), base_dir=path.resolve().parent)
 
 
-def apply_override(raw: dict, override: str) -> None:
-    """Set `section.key=value` in the raw mapping; the value is parsed as YAML (20, true, [a, b])."""
+def overrides_from_env(environ: dict[str, str] = os.environ) -> list[str]:
+    """QLORA_SET="train.max_steps=100 output.dir='/out/run 2'" -> ["train.max_steps=100", ...]:
+    --set for schedulers that can set a container's environment but not its arguments. Split
+    like a shell command line, so a value with spaces can be quoted."""
+    text = environ.get(OVERRIDES_ENV, "")
+    try:
+        return shlex.split(text)
+    except ValueError as error:
+        raise ConfigError(f"{OVERRIDES_ENV}={text!r}: {error}") from None
+
+
+def apply_override(raw: dict, override: str, origin: str = "--set") -> str:
+    """Set `section.key=value` in the raw mapping; the value is parsed as YAML (20, true, [a, b]).
+    Returns the dotted key; `origin` names where the override came from in errors."""
     key, sep, value = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {override!r}: expected section.key=value")
+        raise ConfigError(f"{origin} {override!r}: expected section.key=value")
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {override!r}: {part} is not a section")
+            raise ConfigError(f"{origin} {override!r}: {part} is not a section")
         node = child
     try:
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         node[parts[-1]] = value
+    return ".".join(parts)
 
 
-def validate(raw: dict, source: str = "config") -> JobConfig:
-    """Validate a raw mapping into a JobConfig; the first problem becomes a one-line ConfigError."""
+def validate(raw: dict, source: str = "config", origins: Optional[dict[str, str]] = None) -> JobConfig:
+    """Validate a raw mapping into a JobConfig; the first problem becomes a one-line ConfigError.
+    `origins` maps a dotted key to where its value came from, when not from `source`."""
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as error:
@@ -255,13 +278,22 @@ def validate(raw: dict, source: str = "config") -> JobConfig:
         problems = sorted(error.errors(), key=lambda problem: -len(problem["loc"]))
         message = describe_problem(problems[0])
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        source = (origins or {}).get(problem_key(problems[0]), source)
         raise ConfigError(f"{source}: {message}{more}") from None
+
+
+def problem_key(problem: dict) -> str:
+    return ".".join(problem_location(problem)) or "config"
+
+
+def problem_location(problem: dict) -> list[str]:
+    return [str(part) for part in problem["loc"] if isinstance(part, str) and part.isidentifier()]
 
 
 def describe_problem(problem: dict) -> str:
     """One pydantic error as `key: what is wrong`, suggesting the closest valid key for typos."""
-    location = [str(part) for part in problem["loc"] if isinstance(part, str) and part.isidentifier()]
-    key = ".".join(location) or "config"
+    location = problem_location(problem)
+    key = problem_key(problem)
     kind = problem["type"]
     if kind == "extra_forbidden":
         hint = closest_key(location)

@@ -37,7 +37,8 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     while not existing.exists():
         existing = existing.parent
     if not os.access(existing, os.W_OK):
-        raise OutputError(f"output.dir: cannot write to {existing}")
+        # The uid matters in a container: a volume is often owned by another uid than the image user.
+        raise OutputError(f"output.dir: cannot write to {existing} as uid {os.getuid()}")
 
 
 def unfinished(output_dir: Path) -> bool:

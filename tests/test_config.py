@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora.config import JobConfig, load_config
+from qlora.config import JobConfig, load_config, overrides_from_env
 from qlora.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +80,33 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert "train.max_stepz: unknown key" in error_for(tmp_path, minimal(), ["train.max_stepz=3"])
     assert "expected section.key=value" in error_for(tmp_path, minimal(), ["train.max_steps"])
+
+
+def test_qlora_set_applies_before_set_and_splits_like_a_shell(tmp_path):
+    path = write(tmp_path, minimal())
+    env = overrides_from_env({"QLORA_SET": "train.max_steps=100  'output.dir=/out/run 2' train.seed=7"})
+    assert env == ["train.max_steps=100", "output.dir=/out/run 2", "train.seed=7"]
+    config = load_config(path, ["train.seed=9"], env_overrides=env)
+    assert (config.train.max_steps, config.output.dir, config.train.seed) == (100, "/out/run 2", 9)  # the command line wins
+    assert overrides_from_env({}) == [] and overrides_from_env({"QLORA_SET": " "}) == []
+
+
+def test_a_bad_qlora_set_names_qlora_set_and_the_key(tmp_path):
+    path = write(tmp_path, minimal())
+
+    def error(env, overrides=()):
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, overrides, env_overrides=overrides_from_env({"QLORA_SET": env}))
+        return str(caught.value)
+
+    assert error("train.max_stepz=3").endswith("QLORA_SET: train.max_stepz: unknown key (did you mean 'train.max_steps'?)")
+    assert error("train.max_steps=lots").startswith("QLORA_SET: train.max_steps: ")
+    assert error("train.max_steps") == "QLORA_SET 'train.max_steps': expected section.key=value"
+    assert error("output.dir='/out") == "QLORA_SET=\"output.dir='/out\": No closing quotation"
+    # The same bad value given again on the command line is the command line's problem.
+    assert error("train.max_steps=lots", ["train.max_steps=many"]).startswith(f"{path}: train.max_steps: ")
+    # And a good --set repairs a bad QLORA_SET value.
+    assert load_config(path, ["train.max_steps=3"], env_overrides=["train.max_steps=lots"]).train.max_steps == 3
 
 
 def test_relative_paths_resolve_against_the_job_file(tmp_path):

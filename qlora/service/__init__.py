@@ -1,0 +1,8 @@
+"""`qlora serve`: a persistent training queue over HTTP, a thin shell over `qlora train`.
+
+Each module has one job: store (SQLite job records), security (token, paths inside the root),
+submission (a posted config -> a job folder, validated like the CLI), runner (one `qlora train`
+subprocess per GPU slot), events (server-sent events from a job's files), artifacts (adapter
+archives, uploads), app (the HTTP routes), command (the `serve` sub-parser). Nothing here
+imports torch: the training and the data checks run in subprocesses.
+"""

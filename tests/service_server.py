@@ -1,0 +1,121 @@
+"""A real `qlora serve` process on 127.0.0.1 for tests, and the small helpers the tests share."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.tiny import write_chat_data
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    def __init__(self, root: Path, *args: str, token: str | None = TOKEN, step_delay: float = 0.0):
+        self.root, self.args, self.step_delay = root, args, step_delay
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = token
+        self.process = None
+        self.log = root.parent / f"{root.name}-service.log"
+
+    def start(self) -> "Server":
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "QLORA_TEST_STEP_DELAY": str(self.step_delay)}
+        environment.pop("QLORA_SERVICE_TOKEN", None)
+        if self.token is not None:
+            environment["QLORA_SERVICE_TOKEN"] = self.token
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.serve_with_faults", "serve", "--root", str(self.root), "--port", str(self.port), *self.args],
+                cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
+            )
+        if self.token is None:
+            wait_until(lambda: (self.root / "service_token").exists(), "the token file", self.process)
+            self.token = (self.root / "service_token").read_text().strip()
+        wait_until(self.healthy, "the service to answer", self.process)
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", headers=self.headers(), timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers(), timeout=300)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=300)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_until(condition, what: str, process=None, seconds: float = 300):
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process exited ({process.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def wait_for_state(client: httpx.Client, job_id: str, states: tuple[str, ...], server: Server | None = None, seconds: float = 300) -> dict:
+    def reached():
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["state"] in states else None
+
+    return wait_until(reached, f"job {job_id} to be {' or '.join(states)}", server.process if server else None, seconds)
+
+
+def populate_root(root: Path, model_dir: Path) -> None:
+    """The tiny model and data inside the service root, where configs may name them."""
+    shutil.copytree(model_dir, root / "files" / "tiny-model")
+    (root / "files" / "tiny").mkdir()
+    write_chat_data(root / "files" / "tiny" / "train.jsonl", 32, seed=1)
+    write_chat_data(root / "files" / "tiny" / "eval.jsonl", 8, seed=2)
+
+
+def tiny_job(max_steps: int, **train) -> dict:
+    """The tests/tiny.py job, with paths relative to the service root."""
+    return {
+        "model": {"name_or_path": "files/tiny-model"},
+        "quantization": {"bits": 4, "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "data": {"train": "files/tiny/train.jsonl", "eval": "files/tiny/eval.jsonl", "max_seq_len": 64},
+        "train": {"max_steps": max_steps, "micro_batch_size": 4, "learning_rate": 1e-3, "optimizer": "adamw", "seed": 0, **train},
+        "output": {"dir": "ignored: the service sets it"},
+    }
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

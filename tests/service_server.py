@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -119,3 +121,51 @@ def tiny_job(max_steps: int, **train) -> dict:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--hide-scrollbars", "--virtual-time-budget=6000"]
+
+
+@dataclass
+class Page:
+    dom: str
+    screenshot: Path | None
+
+    def points(self, path_id: str) -> int:
+        match = re.search(rf'<path id="{path_id}"[^>]*data-points="(\d+)"', self.dom)
+        assert match, f"no #{path_id} with points in the page"
+        return int(match.group(1))
+
+
+def chromium() -> str:
+    """Debian's chromium; missing in CI (CI=true) is a failure, elsewhere a skip."""
+    import pytest
+
+    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if found is None:
+        message = "chromium is not installed (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def browse(server: Server, job_id: str, folder: Path, screenshot: bool = False) -> Page:
+    """Open the page at /#token=...&job=<id> in headless Chromium: its DOM after the scripts ran,
+    and optionally a screenshot."""
+    url = f"{server.url}/#token={server.token}&job={job_id}"
+    browser = chromium()
+
+    def run(*flags: str, profile: str) -> subprocess.CompletedProcess:
+        command = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={folder / profile}", *flags, url]
+        return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+    dom = run("--dump-dom", profile="browser-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    image = None
+    if screenshot:
+        image = folder / "service-page.png"
+        shot = run(f"--screenshot={image}", "--window-size=1000,1000", profile="browser-shot")
+        assert shot.returncode == 0 and image.exists(), shot.stderr[-2000:]
+    return Page(dom.stdout, image)

@@ -7,10 +7,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
-import signal
 import tarfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import yaml
 from qlora.config import load_config
 from qlora.errors import EXIT_INTERRUPTED, ConfigError
 from qlora.job import run_job
-from tests.service_server import ROOT, TOKEN, Server, populate_root, sha256, tiny_job, wait_for_state, wait_until
+from tests.service_server import ROOT, TOKEN, Server, browse, populate_root, sha256, tiny_job, wait_for_state, wait_until
 
 pytestmark = pytest.mark.slow
 MAX_UPLOAD = 2 * 2**20
@@ -32,8 +31,8 @@ def server(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("service") / "root"
     root.mkdir()
     populate_root(root, tiny_model_dir)
-    # Slow steps (0.2 s per forward) leave time to cancel a job mid-run.
-    service = Server(root, "--gpus", "1", "--max-upload-mb", str(MAX_UPLOAD / 2**20), step_delay=0.2).start()
+    # Slow steps (0.1 s per forward) leave time to cancel a job mid-run.
+    service = Server(root, "--gpus", "1", "--max-upload-mb", str(MAX_UPLOAD / 2**20), step_delay=0.1).start()
     yield service
     service.stop()
     print(f"service log: {service.log}")
@@ -92,7 +91,7 @@ def demo_job(server, client):
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     config["model"]["name_or_path"] = "files/demo-model"
     config["data"].update(train="files/demo/train.jsonl", eval="files/demo/eval.jsonl")
-    config["train"].update(max_steps=4, eval_every=2, eval_exact_match=0, save_every=2)
+    config["train"].update(max_steps=4, eval_every=None, eval_exact_match=0, save_every=2)
     response = client.post("/v1/jobs?priority=5&name=demo", content=yaml.safe_dump(config), headers={"Content-Type": "application/yaml"})
     assert response.status_code == 201, response.text
     return response.json()["id"]
@@ -135,16 +134,30 @@ def test_demo_job_streams_its_events_succeeds_and_its_adapter_loads_with_plain_p
     assert (plain(prompt).logits - before).abs().max() > 1e-3
 
 
+def test_the_web_page_shows_the_job_and_its_loss_curve(server, client, demo_job, tmp_path):
+    wait_for_state(client, demo_job, ("succeeded",), server)
+    page = browse(server, demo_job, tmp_path, screenshot=True)
+    row = re.search(rf'<tr data-job="{demo_job}"[^>]*>(.*?)</tr>', page.dom).group(1)
+    assert '<td class="state succeeded">succeeded</td>' in row and "<td>demo</td>" in row and "<td>4/4</td>" in row
+    assert 'id="job-state" class="state succeeded"' in page.dom
+    assert page.points("loss-path") == 4 and page.points("eval-path") == 2  # steps 1-4; evals at 0 and 4
+    assert server.token not in page.dom
+    print(f"screenshot of the service page: {page.screenshot}")
+    assert page.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and page.screenshot.stat().st_size > 20_000
+
+
 # --------------------------------------------------------------------------- cancel, queue, load
 
 
-def test_cancel_keeps_the_checkpoint_frees_the_slot_and_the_next_job_starts(server, client, demo_job):
+def test_cancel_keeps_the_checkpoint_frees_the_slot_and_the_next_job_starts(server, client, demo_job, tmp_path):
     wait_for_state(client, demo_job, ("succeeded",), server)
     long = submit(client, tiny_job(500))
     queued = submit(client, tiny_job(3))
     nxt = submit(client, tiny_job(2))
     wait_until(lambda: client.get(f"/v1/jobs/{long}").json()["step"] >= 2, "two steps of the long job", server.process)
     assert [client.get(f"/v1/jobs/{job}").json()["state"] for job in (long, queued, nxt)] == ["running", "queued", "queued"]
+    live = browse(server, long, tmp_path)  # the page follows a running job
+    assert 'id="job-state" class="state running"' in live.dom and live.points("loss-path") >= 2
 
     assert client.post(f"/v1/jobs/{queued}/cancel").json() == {"id": queued, "state": "cancelled"}
     assert client.get(f"/v1/jobs/{queued}").json()["state"] == "cancelled"

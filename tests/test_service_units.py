@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora.errors import ConfigError
-from qlora.service.command import gpu_slots
+from qlora.errors import ConfigError, OutputError
+from qlora.service.command import claim_root, gpu_slots
 from qlora.service.security import PathRejected, inside_root, load_or_create_token, token_matches
 from qlora.service.store import Store
 
@@ -95,3 +95,11 @@ def test_the_compose_file_runs_the_service_on_a_gpu_with_a_data_volume():
     assert mount == "/data" and volume in compose["volumes"]
     grace = int(service["stop_grace_period"].removesuffix("s"))
     assert grace > 300  # longer than the service's default --stop-grace: jobs checkpoint before the kill
+
+
+def test_one_service_per_root(tmp_path):
+    held = claim_root(tmp_path)
+    with pytest.raises(OutputError, match="is in use by another qlora serve"):
+        claim_root(tmp_path)  # an flock on a second open file conflicts, even in one process
+    held.close()
+    claim_root(tmp_path).close()

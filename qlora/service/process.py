@@ -32,17 +32,22 @@ def child_environment(device: Optional[str]) -> dict:
     return environment
 
 
-def die_with_parent(parent_pid: int):
-    """A preexec_fn: the kernel sends the child SIGTERM when the service dies, even by SIGKILL,
-    so `qlora train` checkpoints after its current step and frees the output folder's lock.
+def shepherded(command: list[str]) -> list[str]:
+    """The command behind a single-threaded shepherd process (see qlora/service/shepherd.py)."""
+    return [sys.executable, "-m", "qlora.service.shepherd", *command]
 
-    The signal follows the death of the thread that forked the child, so the runner forks from
-    its one long-lived scheduler thread."""
+
+def die_with_parent(parent_pid: int, number: int = signal.SIGTERM):
+    """A preexec_fn: the kernel sends the child `number` when its parent dies, even by SIGKILL.
+
+    The signal follows the death of the thread that forked the child, and is sent again each
+    time the child passes to another thread of a dying process: the service forks shepherds
+    (which die by SIGKILL, any number of times) and a shepherd forks the job (one SIGTERM)."""
 
     def preexec() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the service died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, number, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), number)
 
     return preexec

@@ -1,8 +1,8 @@
 """The scheduler: one `qlora train` subprocess per GPU slot, FIFO within priority.
 
 A job's process is its own session (a Ctrl-C at the service's terminal must not reach it: the
-service decides when a job stops) and gets SIGTERM from the kernel if the service dies. The
-exit code says what happened:
+service decides when a job stops), runs behind a shepherd process (qlora/service/shepherd.py)
+and gets one SIGTERM from the kernel if the service dies. The exit code says what happened:
   0                         succeeded
   75 / 130 after a cancel   cancelled (75: a checkpoint of the last step is kept)
   75 / 130 / SIGTERM while the service stops, or 75 from an outside SIGTERM
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora.errors import EXIT_ABORTED, EXIT_INTERRUPTED
-from qlora.output_dir import OWNER_MARKER, in_use
-from qlora.service.process import child_environment, die_with_parent, qlora_command
+from qlora.output_dir import FINISHED_MARKER, OWNER_MARKER, in_use
+from qlora.service.process import child_environment, die_with_parent, qlora_command, shepherded
 from qlora.service.store import Job, Store
 from qlora.service.submission import job_folder, last_error_line
 
@@ -90,7 +90,7 @@ class Runner:
         for job in self.store.waiting():
             if not free:
                 return
-            if self.output_locked(job):
+            if self.output_locked(job) or self.finished_meanwhile(job):
                 continue
             if self.launch(job, free[0]):
                 free.pop(0)
@@ -109,6 +109,15 @@ class Runner:
             self.locked_since.pop(job.id, None)
         return True
 
+    def finished_meanwhile(self, job: Job) -> bool:
+        """A job the service lost while it wrote its adapter may have finished on its own: rerunning
+        `qlora train` on a finished output folder would fail, and there is nothing left to do."""
+        if not (job_folder(self.root, job.id) / "output" / FINISHED_MARKER).exists():
+            return False
+        self.store.transition(job.id, ("queued", "interrupted"), "succeeded", finished=time.time(), exit_code=0)
+        self.echo(f"job {job.id}: had finished while the service was down")
+        return True
+
     def launch(self, job: Job, slot: str) -> bool:
         folder = job_folder(self.root, job.id)
         log = open(folder / "log.txt", "ab")
@@ -120,9 +129,9 @@ class Runner:
             log.close()  # cancelled between the listing and now
             return False
         process = subprocess.Popen(
-            qlora_command("train", str(folder / "job.yaml")),
+            shepherded(qlora_command("train", str(folder / "job.yaml"))),
             cwd=folder, env=child_environment(slot), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=die_with_parent(os.getpid()),
+            start_new_session=True, preexec_fn=die_with_parent(os.getpid(), signal.SIGKILL),
         )
         with self.children_lock:
             self.children[job.id] = Child(job.id, slot, process, log)

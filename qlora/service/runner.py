@@ -72,8 +72,11 @@ class Runner:
     def loop(self) -> None:
         # The children are forked from this thread and it outlives them (PDEATHSIG follows it).
         while not self.stopping.is_set():
-            self.reap()
-            self.schedule()
+            try:
+                self.reap()
+                self.schedule()
+            except Exception as error:  # noqa: BLE001 - one bad job record must not stop the queue for all
+                self.echo(f"scheduler: {error.__class__.__name__}: {error}")
             self.wake.wait(self.poll_s)
             self.wake.clear()
         self.stop_children()
@@ -120,19 +123,22 @@ class Runner:
 
     def launch(self, job: Job, slot: str) -> bool:
         folder = job_folder(self.root, job.id)
-        log = open(folder / "log.txt", "ab")
         attempt = job.attempts + 1
-        log.write(f"== qlora serve: attempt {attempt} on slot {slot}{' (resumes from its checkpoint)' if attempt > 1 else ''}\n".encode())
-        log.flush()
         if not self.store.transition(job.id, ("queued", "interrupted"), "running", started=job.started or time.time(),
                                      attempts=attempt, slot=slot, cancel_requested=0):
-            log.close()  # cancelled between the listing and now
+            return False  # cancelled between the listing and now
+        try:
+            log = open(folder / "log.txt", "ab")
+            log.write(f"== qlora serve: attempt {attempt} on slot {slot}{' (resumes from its checkpoint)' if attempt > 1 else ''}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                shepherded(qlora_command("train", str(folder / "job.yaml"))),
+                cwd=folder, env=child_environment(slot), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent(os.getpid(), signal.SIGKILL),
+            )
+        except OSError as error:
+            self.store.transition(job.id, ("running",), "failed", finished=time.time(), slot=None, error=f"cannot start the job: {error}")
             return False
-        process = subprocess.Popen(
-            shepherded(qlora_command("train", str(folder / "job.yaml"))),
-            cwd=folder, env=child_environment(slot), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=die_with_parent(os.getpid(), signal.SIGKILL),
-        )
         with self.children_lock:
             self.children[job.id] = Child(job.id, slot, process, log)
         self.store.transition(job.id, ("running",), "running", pid=process.pid)

@@ -66,9 +66,10 @@ def submit(client, config, **fields) -> str:
     return response.json()["id"]
 
 
-def read_events(client, job_id) -> list[tuple[str, dict]]:
+def read_events(client, job_id, last_event_id=None) -> list[tuple[str, dict]]:
     events, event = [], None
-    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         for line in stream.iter_lines():
             if line.startswith("event: "):
@@ -99,7 +100,7 @@ def demo_job(server, client):
     return response.json()["id"]
 
 
-def test_demo_job_streams_its_events_succeeds_and_its_adapter_loads_with_plain_peft(client, demo_job, tmp_path):
+def test_demo_job_streams_its_events_succeeds_and_its_adapter_loads_with_plain_peft(server, client, demo_job, tmp_path):
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -111,6 +112,16 @@ def test_demo_job_streams_its_events_succeeds_and_its_adapter_loads_with_plain_p
     assert [row["step"] for kind, row in events if kind == "metrics"] == [0, 1, 2, 3, 4]
     logs = [data["line"] for kind, data in events if kind == "log"]
     assert any(line.startswith("trainable parameters: 155,648") for line in logs)
+
+    # A client that reconnects with Last-Event-ID (byte offsets in metrics.jsonl and log.txt) gets what it missed only.
+    folder = server.root / "jobs" / demo_job
+    two_rows = sum(len(line) + 1 for line in (folder / "output/metrics.jsonl").read_bytes().split(b"\n")[:2])
+    log_size = (folder / "log.txt").stat().st_size
+    resumed = read_events(client, demo_job, f"{two_rows}-{log_size}")
+    assert [row["step"] for kind, row in resumed if kind == "metrics"] == [2, 3, 4]
+    assert [kind for kind, _ in resumed if kind == "log"] == [] and resumed[-1][0] == "end"
+    resynced = read_events(client, demo_job, f"{two_rows - 3}-{log_size}")  # not a line start: from the top
+    assert [row["step"] for kind, row in resynced if kind == "metrics"] == [0, 1, 2, 3, 4]
 
     job = client.get(f"/v1/jobs/{demo_job}").json()
     assert (job["state"], job["step"], job["total_steps"], job["exit_code"], job["name"]) == ("succeeded", 4, 4, 0, "demo")
@@ -210,6 +221,9 @@ def test_requests_without_the_right_token_get_401(server):
             assert response.status_code == 401, (method, path, headers)
             assert response.headers["www-authenticate"].startswith("Bearer")
     assert not (server.root / "files" / "x.jsonl").exists()
+    with server.client() as client:
+        assert client.get("/v1/jobs/20261123-000000-abcdef").status_code == 404
+        assert client.get("/v1/jobs/..%2F..%2Fservice_token").status_code == 404
     # The page shell and the schema hold no data: public.
     assert httpx.get(server.url + "/").status_code == 200
     schema = httpx.get(server.url + "/openapi.json").json()

@@ -41,11 +41,11 @@ def run_serve(args: argparse.Namespace) -> int:
         raise QloraError(f"qlora serve needs the serve extra ({error.name} is missing): pip install 'qlora[serve]'") from None
     from qlora.service.security import load_or_create_token
 
+    slots = gpu_slots(args.gpus)  # every flag checked before anything is written
     root = Path(args.root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     lock = claim_root(root)
     token = load_or_create_token(root, echo=lambda line: print(line, file=sys.stderr, flush=True))
-    slots = gpu_slots(args.gpus)
     settings = Settings(root=root, token=token, slots=slots, allow_remote_code=args.allow_remote_code,
                         max_upload_bytes=int(args.max_upload_mb * 2**20), stop_grace_s=args.stop_grace)
     app = create_app(settings, echo=lambda line: print(line, file=sys.stderr, flush=True))

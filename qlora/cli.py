@@ -12,6 +12,7 @@ import traceback
 from qlora.adapter_cli import ADAPTER_COMMANDS, add_adapter_commands, run_adapter_command
 from qlora.errors import EXIT_ABORTED, EXIT_INTERNAL, Interrupted, QloraError
 from qlora.plan_cli import add_plan_command, run_plan
+from qlora.service.command import add_serve_command, run_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_adapter_commands(commands)
     add_plan_command(commands)
+    add_serve_command(commands)
     return parser
 
 
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "plan":
         return run_plan(args)
+    if args.command == "serve":
+        return run_serve(args)
 
     # QLORA_SET first, then --set: the command line wins over the environment.
     env_overrides = overrides_from_env()

@@ -1,0 +1,10 @@
+"""`qlora serve`: a persistent training queue over HTTP, a thin shell over `qlora train`.
+
+Each module has one job: store (SQLite job records), security (token, paths inside the root),
+submission (a posted config -> a job folder, validated like the CLI), process (how qlora
+subprocesses are started), runner (the scheduler: one `qlora train` per GPU slot), shepherd (the
+single-threaded process between the service and a job), events (job views and server-sent
+events from a job's files), artifacts (adapter archives), files (uploads), app (the HTTP
+routes), command (the `serve` sub-parser). Nothing here imports torch: the training and the
+data checks run in subprocesses.
+"""

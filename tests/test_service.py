@@ -1,0 +1,341 @@
+"""`qlora serve` end to end: a real server on 127.0.0.1, real `qlora train` subprocesses on the
+tiny model (and the demo model), real HTTP. One server is shared by the module; the SIGKILL
+test runs its own."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import yaml
+
+from qlora.config import load_config
+from qlora.errors import EXIT_INTERRUPTED, ConfigError
+from qlora.job import run_job
+from qlora.output_dir import in_use
+from tests.service_server import ROOT, TOKEN, Server, browse, populate_root, sha256, tiny_job, wait_for_state, wait_until
+
+pytestmark = pytest.mark.slow
+MAX_UPLOAD = 2 * 2**20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("service") / "root"
+    root.mkdir()
+    populate_root(root, tiny_model_dir)
+    # Slow steps (0.1 s per forward) leave time to cancel a job mid-run.
+    service = Server(root, "--gpus", "1", "--max-upload-mb", str(MAX_UPLOAD / 2**20), step_delay=0.1).start()
+    yield service
+    service.stop()
+    print(f"service log: {service.log}")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference_adapter(server, tmp_path_factory):
+    """sha256 of the 8-step tiny job's adapter run in-process, undisturbed, outside the service."""
+    folder = tmp_path_factory.mktemp("reference")
+    job = tiny_job(8)
+    job["model"]["name_or_path"] = str(server.root / "files" / "tiny-model")
+    job["data"].update(train=str(server.root / "files/tiny/train.jsonl"), eval=str(server.root / "files/tiny/eval.jsonl"))
+    job["output"]["dir"] = str(folder / "out")
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    run_job(load_config(folder / "job.yaml"), echo=lambda line: None)
+    return sha256(folder / "out" / "adapter_model.safetensors")
+
+
+def submit(client, config, **fields) -> str:
+    response = client.post("/v1/jobs", json={"config": config, **fields})
+    assert response.status_code == 201, response.text
+    assert response.json()["state"] == "queued"
+    return response.json()["id"]
+
+
+def read_events(client, job_id, last_event_id=None) -> list[tuple[str, dict]]:
+    events, event = [], None
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+# --------------------------------------------------------------------------- the demo job
+
+
+@pytest.fixture(scope="module")
+def demo_job(server, client):
+    """The demo config (embedded model and data, uploaded through the files endpoint), 4 steps, submitted as YAML."""
+    demo = ROOT / "qlora" / "demo"
+    for source, name in [*((path, f"demo-model/{path.name}") for path in (demo / "model").iterdir()),
+                         (demo / "data" / "train.jsonl", "demo/train.jsonl"), (demo / "data" / "eval.jsonl", "demo/eval.jsonl")]:
+        response = client.put(f"/v1/files/{name}", content=source.read_bytes())
+        assert response.status_code == 201, response.text
+        assert response.json()["sha256"] == sha256(source)
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["model"]["name_or_path"] = "files/demo-model"
+    config["data"].update(train="files/demo/train.jsonl", eval="files/demo/eval.jsonl")
+    config["train"].update(max_steps=4, eval_every=None, eval_exact_match=0, save_every=2)
+    response = client.post("/v1/jobs?priority=5&name=demo", content=yaml.safe_dump(config), headers={"Content-Type": "application/yaml"})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def test_demo_job_streams_its_events_succeeds_and_its_adapter_loads_with_plain_peft(server, client, demo_job, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    events = read_events(client, demo_job)
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "end" and events[-1][1]["state"] == "succeeded"
+    assert [row["step"] for kind, row in events if kind == "metrics"] == [0, 1, 2, 3, 4]
+    logs = [data["line"] for kind, data in events if kind == "log"]
+    assert any(line.startswith("trainable parameters: 155,648") for line in logs)
+
+    # A client that reconnects with Last-Event-ID (byte offsets in metrics.jsonl and log.txt) gets what it missed only.
+    folder = server.root / "jobs" / demo_job
+    two_rows = sum(len(line) + 1 for line in (folder / "output/metrics.jsonl").read_bytes().split(b"\n")[:2])
+    log_size = (folder / "log.txt").stat().st_size
+    resumed = read_events(client, demo_job, f"{two_rows}-{log_size}")
+    assert [row["step"] for kind, row in resumed if kind == "metrics"] == [2, 3, 4]
+    assert [kind for kind, _ in resumed if kind == "log"] == [] and resumed[-1][0] == "end"
+    resynced = read_events(client, demo_job, f"{two_rows - 3}-{log_size}")  # not a line start: from the top
+    assert [row["step"] for kind, row in resynced if kind == "metrics"] == [0, 1, 2, 3, 4]
+
+    job = client.get(f"/v1/jobs/{demo_job}").json()
+    assert (job["state"], job["step"], job["total_steps"], job["exit_code"], job["name"]) == ("succeeded", 4, 4, 0, "demo")
+    assert job["eval_loss"] < 8.58  # the base's eval loss before training is 8.58
+    assert [adapter["job"] for adapter in client.get("/v1/adapters").json()["adapters"]] == [demo_job]
+
+    response = client.get(f"/v1/jobs/{demo_job}/adapter")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        names = archive.getnames()
+        archive.extractall(tmp_path, filter="data")
+    assert f"{demo_job}/adapter_model.safetensors" in names and not any("checkpoints" in name for name in names)
+    adapter = tmp_path / demo_job
+    base = AutoModelForCausalLM.from_pretrained(str(ROOT / "qlora/demo/model"), dtype=torch.float32)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    before = base(prompt).logits
+    plain = PeftModel.from_pretrained(base, str(adapter))
+    saved = load_file(adapter / "adapter_model.safetensors")
+    loaded = {name: tensor for name, tensor in plain.state_dict().items() if "lora_" in name}
+    assert len(loaded) == len(saved) > 0
+    for name, tensor in saved.items():
+        torch.testing.assert_close(loaded[name.replace(".weight", ".default.weight")], tensor, rtol=0, atol=0)
+    assert (plain(prompt).logits - before).abs().max() > 1e-3
+
+
+def test_the_web_page_shows_the_job_and_its_loss_curve(server, client, demo_job, tmp_path):
+    wait_for_state(client, demo_job, ("succeeded",), server)
+    page = browse(server, demo_job, tmp_path, screenshot=True)
+    row = re.search(rf'<tr data-job="{demo_job}"[^>]*>(.*?)</tr>', page.dom).group(1)
+    assert '<td class="state succeeded">succeeded</td>' in row and "<td>demo</td>" in row and "<td>4/4</td>" in row
+    assert 'id="job-state" class="state succeeded"' in page.dom
+    assert page.points("loss-path") == 4 and page.points("eval-path") == 2  # steps 1-4; evals at 0 and 4
+    assert server.token not in page.dom
+    print(f"screenshot of the service page: {page.screenshot}")
+    assert page.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and page.screenshot.stat().st_size > 20_000
+
+
+# --------------------------------------------------------------------------- cancel, queue, load
+
+
+def test_cancel_keeps_the_checkpoint_frees_the_slot_and_the_next_job_starts(server, client, demo_job, tmp_path):
+    wait_for_state(client, demo_job, ("succeeded",), server)
+    long = submit(client, tiny_job(500))
+    queued = submit(client, tiny_job(3))
+    nxt = submit(client, tiny_job(2))
+    wait_until(lambda: client.get(f"/v1/jobs/{long}").json()["step"] >= 2, "two steps of the long job", server.process)
+    assert [client.get(f"/v1/jobs/{job}").json()["state"] for job in (long, queued, nxt)] == ["running", "queued", "queued"]
+    live = browse(server, long, tmp_path)  # the page follows a running job
+    assert 'id="job-state" class="state running"' in live.dom and live.points("loss-path") >= 2
+
+    assert client.post(f"/v1/jobs/{queued}/cancel").json() == {"id": queued, "state": "cancelled"}
+    assert client.get(f"/v1/jobs/{queued}").json()["state"] == "cancelled"
+    assert client.post(f"/v1/jobs/{long}/cancel").json()["state"] == "cancelling"
+
+    cancelled = wait_for_state(client, long, ("cancelled", "failed", "succeeded"), server)
+    assert (cancelled["state"], cancelled["exit_code"]) == ("cancelled", EXIT_INTERRUPTED)
+    checkpoints = server.root / "jobs" / long / "output" / "checkpoints"
+    (checkpoint,) = [path for path in checkpoints.iterdir() if not path.name.startswith(".")]
+    assert checkpoint.name == f"step-{cancelled['step']:08d}" and (checkpoint / "COMPLETE").exists()
+
+    finished = wait_for_state(client, nxt, ("succeeded", "failed"), server)
+    assert finished["state"] == "succeeded" and finished["attempts"] == 1
+    assert finished["started"] >= cancelled["finished"] - 1
+    assert client.get(f"/v1/jobs/{queued}").json()["attempts"] == 0  # never ran
+    assert client.get("/healthz").json()["busy"] == 0
+
+
+def test_200_concurrent_requests_while_a_job_trains_are_all_answered_and_the_job_is_unaffected(server, client, reference_adapter):
+    job_id = submit(client, tiny_job(8))
+    wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["step"] >= 1, "the job to train", server.process)
+
+    def ask(index: int) -> tuple[int, object]:
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=300) as own:
+            response = own.get(f"/v1/jobs/{job_id}" if index % 2 else "/v1/jobs")
+        return response.status_code, response.json()
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(ask, range(200)))
+    assert [status for status, _ in answers] == [200] * 200
+    assert all(body["id"] == job_id for status, body in answers[1::2])
+    assert all(job_id in [job["id"] for job in body["jobs"]] for status, body in answers[0::2])
+    states = {body["state"] for status, body in answers[1::2]}
+    assert "running" in states
+
+    finished = wait_for_state(client, job_id, ("succeeded", "failed"), server)
+    assert finished["state"] == "succeeded", finished
+    assert sha256(server.root / "jobs" / job_id / "output" / "adapter_model.safetensors") == reference_adapter
+
+
+# --------------------------------------------------------------------------- security
+
+
+def test_requests_without_the_right_token_get_401(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"}):
+        for method, path in [("GET", "/healthz"), ("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("PUT", "/v1/files/x.jsonl"), ("GET", "/v1/adapters")]:
+            response = httpx.request(method, server.url + path, headers=headers, content=b"{}")
+            assert response.status_code == 401, (method, path, headers)
+            assert response.headers["www-authenticate"].startswith("Bearer")
+    assert not (server.root / "files" / "x.jsonl").exists()
+    with server.client() as client:
+        assert client.get("/v1/jobs/20261123-000000-abcdef").status_code == 404
+        assert client.get("/v1/jobs/..%2F..%2Fservice_token").status_code == 404
+    # The page shell and the schema hold no data: public.
+    assert httpx.get(server.url + "/").status_code == 200
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/cancel",
+            "/v1/jobs/{job_id}/adapter", "/v1/adapters", "/v1/files/{path}", "/healthz"} <= set(schema["paths"])
+
+
+def test_paths_outside_the_root_are_refused(server, client, tmp_path):
+    outside = tmp_path / "secret.jsonl"
+    shutil.copy(server.root / "files/tiny/train.jsonl", outside)
+    os.symlink(outside, server.root / "files" / "escape.jsonl")
+    os.symlink(tmp_path, server.root / "files" / "escape-folder")
+    jobs_before = sorted((server.root / "jobs").iterdir())
+    for path, reason in [("../secret.jsonl", "'..' is refused"), ("files/../../secret.jsonl", "'..' is refused"),
+                         (str(outside), "absolute paths are refused"), ("~/secret.jsonl", "absolute paths are refused"),
+                         ("files/escape.jsonl", "resolves outside the service root"),
+                         ("files/escape-folder/secret.jsonl", "resolves outside the service root")]:
+        config = tiny_job(2)
+        config["data"]["train"] = path
+        response = client.post("/v1/jobs", json={"config": config})
+        assert response.status_code == 400, path
+        assert response.json()["detail"].startswith(f"data.train: {path}: {reason}")
+    config = tiny_job(2)
+    config["model"]["name_or_path"] = "../tiny-model"
+    assert client.post("/v1/jobs", json={"config": config}).json()["detail"].startswith("model.name_or_path: ../tiny-model: '..' is refused")
+    assert sorted((server.root / "jobs").iterdir()) == jobs_before  # nothing left behind
+
+    for path in ["..%2F..%2Fescape.jsonl", "%2Fetc%2Fescape.jsonl", "escape-folder/new.jsonl"]:
+        response = client.put(f"/v1/files/{path}", content=b"{}\n")
+        assert response.status_code in (400, 404), path
+    assert not (tmp_path / "new.jsonl").exists() and not (server.root.parent / "escape.jsonl").exists()
+
+
+def test_an_invalid_config_gets_400_with_the_clis_one_line_error(server, client, tmp_path):
+    config = tiny_job(2)
+    config["train"]["max_stepz"] = 3
+    response = client.post("/v1/jobs", json={"config": config})
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    # The CLI's line for the same file, with the job file's place in the root as the source.
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as cli:
+        load_config(tmp_path / "job.yaml")
+    assert detail.split(": ", 1)[1] == str(cli.value).split(": ", 1)[1] == "train.max_stepz: unknown key (did you mean 'train.max_steps'?)"
+    assert detail.startswith("jobs/") and detail.split(": ")[0].endswith("/job.yaml")
+
+    config = tiny_job(2)
+    config["data"]["train"] = "files/tiny/missing.jsonl"
+    detail = client.post("/v1/jobs", json={"config": config}).json()["detail"]
+    assert "files/tiny/missing.jsonl" in detail and str(server.root) not in detail
+
+    config = tiny_job(2)
+    config["model"]["trust_remote_code"] = True
+    response = client.post("/v1/jobs", json={"config": config})
+    assert response.status_code == 400 and response.json()["detail"].startswith("model.trust_remote_code: refused")
+    assert client.post("/v1/jobs", json={"config": "[1, 2"}).json()["detail"].startswith("config: not valid YAML")
+    assert client.post("/v1/jobs", json={"cfg": {}}).status_code == 400
+
+
+def test_oversized_uploads_are_refused_while_streaming(server, client):
+    too_big = b"x" * (MAX_UPLOAD + 1)
+    response = client.put("/v1/files/big.jsonl", content=too_big)
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the server counts as the body arrives
+        for _ in range(MAX_UPLOAD // 2**16 + 8):
+            yield b"y" * 2**16
+
+    response = client.put("/v1/files/big-chunked.jsonl", content=chunks())
+    assert response.status_code == 413
+    leftovers = [path.name for path in (server.root / "files").iterdir() if "big" in path.name or path.name.startswith(".upload")]
+    assert leftovers == []
+    assert client.put("/v1/files/tiny/train.jsonl", content=b"{}\n").status_code == 409  # never replaced silently
+
+
+# --------------------------------------------------------------------------- restart
+
+
+def test_sigkill_or_sigterm_of_the_service_mid_job_then_restart_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, reference_adapter):
+    root = tmp_path / "root"
+    root.mkdir()
+    populate_root(root, tiny_model_dir)
+    service = Server(root, step_delay=0.5, token=None).start()  # token=None: the token file is created
+    assert (root / "service_token").stat().st_mode & 0o777 == 0o600
+    try:
+        with service.client() as client:
+            job_id = submit(client, tiny_job(8))
+            wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["step"] >= 3, "three steps", service.process)
+        service.kill()
+        # The kernel sends the orphaned `qlora train` one SIGTERM: it checkpoints its step and exits.
+        output = root / "jobs" / job_id / "output"
+        wait_until(lambda: not in_use(output), "the orphaned job to free its output folder", seconds=120)
+        assert any((path / "COMPLETE").exists() for path in (output / "checkpoints").iterdir())
+        assert not (output / "summary.json").exists()
+
+        service.start()
+        with service.client() as client:
+            wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["step"] >= 5, "two more steps", service.process)
+            assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 2
+        # A graceful stop (SIGTERM) asks the job to checkpoint, waits for it, and leaves it interrupted.
+        service.stop()
+        assert service.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its clean shutdown
+        with sqlite3.connect(root / "service.db") as database:
+            assert database.execute("SELECT state, exit_code FROM jobs WHERE id = ?", (job_id,)).fetchone() == ("interrupted", EXIT_INTERRUPTED)
+
+        service.start()
+        with service.client() as client:
+            finished = wait_for_state(client, job_id, ("succeeded", "failed", "cancelled"), service)
+        assert (finished["state"], finished["attempts"]) == ("succeeded", 3), finished
+        log = (root / "jobs" / job_id / "log.txt").read_text()
+        assert log.count("resuming from") == 2 and log.count("interrupted: stopped on request") == 2
+        assert sha256(output / "adapter_model.safetensors") == reference_adapter
+    finally:
+        service.stop()
+    assert TOKEN not in service.output() and service.token not in service.output()

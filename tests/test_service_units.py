@@ -1,0 +1,105 @@
+"""The service's pieces without a server: paths, token, GPU slots, queue order, compose file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora.errors import ConfigError, OutputError
+from qlora.service.command import claim_root, gpu_slots
+from qlora.service.security import PathRejected, inside_root, load_or_create_token, token_matches
+from qlora.service.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_paths_resolve_inside_the_root_only(tmp_path):
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "rows.jsonl").write_text("{}\n")
+    (tmp_path / "outside.jsonl").write_text("{}\n")
+    os.symlink(root / "data" / "rows.jsonl", root / "data" / "alias.jsonl")
+    os.symlink(tmp_path / "outside.jsonl", root / "data" / "escape.jsonl")
+    os.symlink(root, tmp_path / "root-link")
+
+    assert inside_root(root, "data/alias.jsonl", "k") == (root / "data" / "rows.jsonl").resolve()
+    assert inside_root(tmp_path / "root-link", "data/rows.jsonl", "k") == (root / "data" / "rows.jsonl").resolve()
+    for path, reason in [("../outside.jsonl", "'..'"), ("data/../data/rows.jsonl", "'..'"), ("/etc/passwd", "absolute"),
+                         ("~/x.jsonl", "absolute"), ("data/escape.jsonl", "outside the service root"), ("", "expected a path")]:
+        with pytest.raises(PathRejected, match=reason) as error:
+            inside_root(root, path, "data.train")
+        assert str(error.value).startswith("data.train: ")
+
+
+def test_the_token_file_is_created_0600_once_and_compared_in_full(tmp_path, monkeypatch):
+    monkeypatch.delenv("QLORA_SERVICE_TOKEN", raising=False)
+    lines = []
+    token = load_or_create_token(tmp_path, echo=lines.append)
+    assert (tmp_path / "service_token").stat().st_mode & 0o777 == 0o600
+    assert len(token) >= 40 and not any(token in line for line in lines)
+    assert load_or_create_token(tmp_path, echo=lines.append) == token
+    os.chmod(tmp_path / "service_token", 0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        load_or_create_token(tmp_path, echo=lines.append)
+    monkeypatch.setenv("QLORA_SERVICE_TOKEN", "from-env")
+    assert load_or_create_token(tmp_path, echo=lines.append) == "from-env"
+
+    assert token_matches(f"Bearer {token}", token) and token_matches(f"bearer {token}", token)
+    for header in (None, "", token, f"Bearer {token[:-1]}", f"Bearer {token}x", f"Basic {token}", "Bearer "):
+        assert not token_matches(header, token)
+
+
+def test_gpu_slots_follow_the_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert gpu_slots(None) == ["2", "3"] and gpu_slots(1) == ["2"]
+    with pytest.raises(ConfigError, match="only 2 GPU"):
+        gpu_slots(3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_slots(None) == ["0"] and gpu_slots(2) == ["0", "1"]  # no GPU: N slots on the CPU
+    with pytest.raises(ConfigError, match="--gpus"):
+        gpu_slots(0)
+
+
+def test_the_queue_runs_higher_priority_first_then_oldest_first(tmp_path):
+    store = Store(tmp_path / "service.db")
+    for job_id, priority in [("a", 0), ("b", 0), ("c", 5), ("d", 0)]:
+        store.add(job_id, None, priority, None)
+    assert store.transition("b", ("running",), "succeeded") is False  # it is not running: nothing written
+    assert store.transition("d", ("queued",), "cancelled")
+    assert store.transition("a", ("queued",), "interrupted")
+    assert [job.id for job in store.waiting()] == ["c", "a", "b"]
+    assert store.get("b").state == "queued" and store.get("d").state == "cancelled"
+    store.close()
+    assert [job.id for job in Store(tmp_path / "service.db").waiting()] == ["c", "a", "b"]  # persisted
+
+
+def test_qlora_train_imports_neither_fastapi_nor_torch_for_the_cli():
+    probe = "import sys, qlora.cli; print(sorted({'fastapi', 'uvicorn', 'torch'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_compose_file_runs_the_service_on_a_gpu_with_a_data_volume():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    service = compose["services"]["serve"]
+    assert service["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+    assert service["command"][:3] == ["serve", "--root", "/data"] and "0.0.0.0" in service["command"]
+    assert service["ports"] == ["127.0.0.1:8000:8000"]
+    assert "QLORA_SERVICE_TOKEN" in service["environment"]
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    volume, mount = service["volumes"][0].split(":")
+    assert mount == "/data" and volume in compose["volumes"]
+    grace = int(service["stop_grace_period"].removesuffix("s"))
+    assert grace > 300  # longer than the service's default --stop-grace: jobs checkpoint before the kill
+
+
+def test_one_service_per_root(tmp_path):
+    held = claim_root(tmp_path)
+    with pytest.raises(OutputError, match="is in use by another qlora serve"):
+        claim_root(tmp_path)  # an flock on a second open file conflicts, even in one process
+    held.close()
+    claim_root(tmp_path).close()

@@ -13,4 +13,5 @@ def job_flop_meter(name_or_path: str, lora_params: int, compute_dtype: str, trus
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = load_architecture(name_or_path, trust_remote_code)
-    return FlopMeter(FlopModel.of(arch, lora_params), peak_matmul_flops(device, compute_dtype)["flops_per_s"])
+    # Useful head FLOPs are those at supervised positions: the loss computes logits nowhere else.
+    return FlopMeter(FlopModel.of(arch, lora_params), peak_matmul_flops(device, compute_dtype)["flops_per_s"], head_on_supervised_only=True)

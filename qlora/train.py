@@ -223,15 +223,23 @@ def stop_message(done: int, max_steps: int, saved_step: int, saved_path: Optiona
 
 
 def summed_loss(model: torch.nn.Module, batch, device) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the batch's supervised targets."""
+    """Sum (not mean) of next-token cross-entropy over the batch's supervised targets.
+
+    The model computes logits only at the columns holding a supervised target (transformers'
+    `logits_to_keep` with an index tensor, through the model's own forward: its softcap and the
+    mixed-precision autocast apply): none for prompt and padding positions, the vocabulary-sized
+    tensors shrink by the supervised share. The columns are found on the CPU batch: no sync.
+    """
     attention_mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
+    columns = (batch.targets != -100).any(dim=0).nonzero().flatten()
     logits = model(
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
         attention_mask=attention_mask,
         use_cache=False,
+        logits_to_keep=columns.to(device),
     ).logits
-    targets = batch.targets.to(device)
+    targets = batch.targets[:, columns].to(device)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 

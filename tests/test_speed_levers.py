@@ -127,3 +127,31 @@ def test_row_attention_keeps_rows_apart_and_falls_back_to_sdpa_elsewhere(tiny_mo
         ours = model(input_ids=two_rows, attention_mask=mask, use_cache=False).logits
         model.set_attn_implementation("sdpa")
         torch.testing.assert_close(ours, model(input_ids=two_rows, attention_mask=mask, use_cache=False).logits, rtol=0, atol=0)
+
+
+def test_loss_computes_logits_only_at_supervised_positions_and_equals_the_full_loss(tiny_model_dir, tmp_path):
+    import torch.nn.functional as F
+
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=6)
+    padded, flat = both_ways(examples, tokenizer.pad_token_id, micro_batch_size=6)
+    model = build_model(tiny_model_dir).train()
+    head_positions = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_positions.append(args[0].shape[1]))
+    for batch in (flat[0], padded[0]):
+        results = []
+        for full in (False, True):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            if full:
+                logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            else:
+                loss = summed_loss(model, batch, torch.device("cpu"))
+            loss.backward()
+            results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+        (loss_kept, grads_kept), (loss_full, grads_full) = results
+        torch.testing.assert_close(loss_kept, loss_full, rtol=1e-5, atol=1e-5)
+        for name in grads_full:
+            torch.testing.assert_close(grads_kept[name], grads_full[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Padding-free: the head saw exactly the supervised positions, far fewer than the tokens.
+    assert head_positions[0] == flat[0].supervised_tokens < flat[0].input_ids.shape[1] == head_positions[1]

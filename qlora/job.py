@@ -72,9 +72,9 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
     else:
         eval_rows = []
     shape = dict(max_seq_len=config.data.max_seq_len, train_on=config.data.train_on, too_long=config.data.too_long)
-    train_set = data.tokenize_rows(rows, tokenizer, **shape)
-    eval_set = data.tokenize_rows(eval_rows, tokenizer, **shape) if eval_rows else None
-    echo(describe_data("train", train_set.stats))
+    train_set, cache_hit = data.tokenize_rows_cached(rows, tokenizer, **shape)  # reused across runs: qlora/data/cache.py
+    eval_set = data.tokenize_rows_cached(eval_rows, tokenizer, **shape)[0] if eval_rows else None
+    echo(describe_data("train", train_set.stats) + (" (tokenized earlier: from the cache)" if cache_hit else ""))
     if eval_set:
         echo(describe_data("eval", eval_set.stats))
     echo("example (supervised spans in ⟦ ⟧):\n" + data.render_supervision(train_set.examples[0], tokenizer))

@@ -9,18 +9,12 @@ the package), so only the first run on a machine pays the second or two it takes
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from qlora.user_cache import cache_dir, write_json_atomically
+
 CACHE_FILE = "peak_matmul_flops.json"
-
-
-def cache_dir() -> Path:
-    """$QLORA_CACHE_DIR, else $XDG_CACHE_HOME/qlora, else ~/.cache/qlora."""
-    if os.environ.get("QLORA_CACHE_DIR"):
-        return Path(os.environ["QLORA_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora"
 
 
 def device_name(device) -> str:
@@ -79,10 +73,3 @@ def measure(device, dtype, seconds: float = 0.5) -> dict:
         spent += elapsed
         best = max(best, 4 * 2 * size**3 / elapsed)
     return {"flops_per_s": best, "size": size}
-
-
-def write_json_atomically(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(record, indent=2))
-    os.replace(temporary, path)

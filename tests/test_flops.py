@@ -8,7 +8,8 @@ import torch
 
 from qlora.arch import describe_skeleton
 from qlora.flops import FlopModel
-from qlora.peak_flops import CACHE_FILE, cache_dir, peak_matmul_flops
+from qlora.peak_flops import CACHE_FILE, peak_matmul_flops
+from qlora.user_cache import cache_dir
 
 
 def counted_flops(length: int):

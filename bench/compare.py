@@ -7,8 +7,8 @@ Builds (or reuses) the fixture in --work: a ~25M-parameter random-init Llama sav
 folder with a byte-level tokenizer, and chat rows of ~50 to ~470 tokens (bench/fixture.py).
 Then each run trains in its OWN subprocess (so peak RSS / peak GPU memory is per run):
 
-  ours         qlora's job runner (python -m qlora.cli train's code path), data.padding_free: true
-  ours-padded  the same with padded micro-batches (data.padding_free: false, the default)
+  ours         qlora's job runner (python -m qlora.cli train's code path), data.padding_free: true (the default)
+  ours-padded  the same with padded micro-batches (data.padding_free: false)
   trl-default  SFTTrainer + PEFT with its defaults (padded batches, adapters cast to bf16)
   trl-best     SFTTrainer + PEFT, padding-free, adapters kept in float32
 

@@ -241,7 +241,8 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
     # NLL gradient: three float32 vocab-sized tensors at once.
     logits_per_token = 12 * arch.vocab + (2 * e * arch.vocab if arch.logit_softcap else 0)
     loss = Line("logits_and_loss", logits_per_token * tokens,
-                f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({shape})")
+                f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({shape}; "
+                "the loop computes logits only at supervised positions, so this is the bound for train_on: all)")
     # Backward through one layer: its recomputed activations (with checkpointing) + gradients of
     # the hidden states in and out and of the two MLP intermediates.
     temporaries = e * (2 * arch.hidden + 2 * arch.intermediate)

@@ -7,8 +7,8 @@ Builds (or reuses) the fixture in --work: a ~25M-parameter random-init Llama sav
 folder with a byte-level tokenizer, and chat rows of ~50 to ~470 tokens (bench/fixture.py).
 Then each run trains in its OWN subprocess (so peak RSS / peak GPU memory is per run):
 
-  ours         qlora's job runner (python -m qlora.cli train's code path), data.padding_free: true
-  ours-padded  the same with padded micro-batches (data.padding_free: false, the default)
+  ours         qlora's job runner (python -m qlora.cli train's code path), data.padding_free: true (the default)
+  ours-padded  the same with padded micro-batches (data.padding_free: false)
   trl-default  SFTTrainer + PEFT with its defaults (padded batches, adapters cast to bf16)
   trl-best     SFTTrainer + PEFT, padding-free, adapters kept in float32
 
@@ -102,8 +102,11 @@ def main(argv=None) -> int:
         record = json.loads(lines[-1]) if lines else {"run": run, "error": f"exit code {result.returncode}"}
         record["wall_s"] = round(time.perf_counter() - started, 2)
         records[run] = record
-        print(json.dumps(record), flush=True)
+        print(json.dumps(record), file=sys.stderr, flush=True)  # progress; the final lines go to stdout
         status = status or result.returncode
+    add_peer_mfu(records)
+    for record in records.values():
+        print(json.dumps(record), flush=True)
     print(json.dumps(ratios(records)), flush=True)
     return status
 
@@ -125,6 +128,18 @@ def ratios(records: dict) -> dict:
     return line
 
 
+def add_peer_mfu(records: dict) -> None:
+    """MFU of a run that is not ours: our run's useful FLOPs per supervised token (qlora/flops.py,
+    same rows' length mix) x its supervised tokens/s, over the same measured peak."""
+    ours = records.get("ours") or records.get("ours-padded") or {}
+    if not ours.get("useful_flops"):
+        return
+    per_token = ours["useful_flops"] / ours["supervised_tokens"]
+    for record in records.values():
+        if "error" not in record and "mfu" not in record:
+            record["mfu_estimated"] = round(per_token * record["supervised_tokens_per_s"] / ours["peak_flops_per_s"], 5)
+
+
 def run_one(run: str, settings: dict, fixture: dict) -> dict:
     """Train one run in this process and return its JSON record."""
     import torch
@@ -139,6 +154,10 @@ def run_one(run: str, settings: dict, fixture: dict) -> dict:
         model, tokenizer = result.pop("model"), result.pop("tokenizer")
         record = {**result, "eval_loss": held_out_loss(model, tokenizer, settings, fixture)}
     on_cuda = torch.cuda.is_available()
+    from qlora.peak_flops import peak_matmul_flops
+
+    device = torch.device("cuda" if on_cuda else "cpu")
+    record["peak_matmul_flops_per_s"] = {dtype: peak_matmul_flops(device, dtype)["flops_per_s"] for dtype in ("float32", "bfloat16")}
     record.update(
         run=run,
         device=torch.cuda.get_device_name() if on_cuda else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -189,7 +208,7 @@ def run_ours(settings: dict, fixture: dict, padding_free: bool) -> dict:
     losses = [row["loss"] for row in steps if "loss" in row]
     return {"train_s": loop.seconds, "supervised_tokens": loop.supervised_tokens, "tokens": loop.tokens, "final_train_loss": loop.final_loss,
             "train_loss_last5": sum(losses[-5:]) / len(losses[-5:]), "eval_loss": held_out_loss(model, tokenizer, settings, fixture), "adapter_dtype": "float32",
-            "peak_memory_bytes": peak}
+            "peak_memory_bytes": peak, "useful_flops": loop.useful_flops, "mfu": round(loop.mfu, 5), "peak_flops_per_s": loop.peak_flops_per_s}
 
 
 def held_out_loss(model, tokenizer, settings: dict, fixture: dict) -> float:

@@ -98,8 +98,8 @@ class DataSection(_Strict):
     """Longest sequence in tokens; longer rows are handled by too_long."""
     packing: bool = False
     """Pack several rows into each sequence (no attention across rows; position ids restart per row)."""
-    padding_free: bool = False
-    """Concatenate each micro-batch's rows into one sequence (no padding, no attention across rows, same rows per step); faster on CPU."""
+    padding_free: bool = True
+    """Concatenate each micro-batch's rows into one sequence (no padding, no attention across rows, same rows per step): the padded loss, less compute; false pads each micro-batch instead."""
     train_on: Literal["completions", "all"] = "completions"
     """completions: loss on answers only (prompts masked); all: loss on every token."""
     too_long: Literal["truncate", "drop"] = "truncate"

@@ -24,6 +24,7 @@ from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
 from qlora.evaluate import ExactMatch, exact_match
 from qlora.metrics import MetricsLog, file_size, format_bytes
+from qlora.mfu import job_flop_meter
 from qlora.model import load_base, load_tokenizer, parameter_counts, weight_bytes
 from qlora.output_dir import FINISHED_MARKER, apply_umask, check_output_dir, claim_output_dir, unfinished, write_atomically
 from qlora.plot import write_loss_plot
@@ -71,9 +72,9 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
     else:
         eval_rows = []
     shape = dict(max_seq_len=config.data.max_seq_len, train_on=config.data.train_on, too_long=config.data.too_long)
-    train_set = data.tokenize_rows(rows, tokenizer, **shape)
-    eval_set = data.tokenize_rows(eval_rows, tokenizer, **shape) if eval_rows else None
-    echo(describe_data("train", train_set.stats))
+    train_set, cache_hit = data.tokenize_rows_cached(rows, tokenizer, **shape)  # reused across runs: qlora/data/cache.py
+    eval_set = data.tokenize_rows_cached(eval_rows, tokenizer, **shape)[0] if eval_rows else None
+    echo(describe_data("train", train_set.stats) + (" (tokenized earlier: from the cache)" if cache_hit else ""))
     if eval_set:
         echo(describe_data("eval", eval_set.stats))
     echo("example (supervised spans in ⟦ ⟧):\n" + data.render_supervision(train_set.examples[0], tokenizer))
@@ -240,7 +241,8 @@ def train_and_publish(
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     writer = checkpoint_writer(model, output_dir, config.train.keep_checkpoints, run)
     try:
-        loop = train(model, epoch_batches, eval_batches, settings, metrics, writer, resume=resume.state if resume else None, stop_requested=stop_requested)
+        meter = job_flop_meter(config.model.name_or_path, trainable, quant.compute_dtype, config.model.trust_remote_code)
+        loop = train(model, epoch_batches, eval_batches, settings, metrics, writer, resume=resume.state if resume else None, stop_requested=stop_requested, flop_meter=meter)
     finally:
         metrics.close()
 
@@ -386,6 +388,7 @@ def describe_result(result: JobResult) -> str:
         f"  tokens           {loop.supervised_tokens:,} supervised of {loop.tokens:,} ({loop.tokens_per_s:,.0f} supervised tokens/s)",
         f"  peak memory      {format_bytes(loop.peak_memory_bytes)} ({loop.peak_memory_kind.replace('_', ' ')})",
         f"  final train loss {loop.final_loss:.4f}",
+        f"  MFU              {loop.mfu:.1%} of a measured peak of {loop.peak_flops_per_s / 1e9:,.0f} GFLOP/s (useful FLOPs: qlora/flops.py)",
     ]
     if loop.eval_loss is not None:
         before = f" (before training {loop.eval_loss_before:.4f})" if loop.eval_loss_before is not None else ""

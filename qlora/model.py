@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from qlora.errors import ModelError
+from qlora.row_attention import use_row_attention
 
 
 def check_source(name_or_path: str) -> None:
@@ -95,6 +96,9 @@ def freeze_for_training(model, gradient_checkpointing: bool):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     disable_cpu_weight_repacking(model)
+    # Padding-free / packed micro-batches attend within each row only (no block-diagonal mask
+    # over the whole sequence); every other input takes transformers' SDPA path unchanged.
+    use_row_attention(model)
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Union
 
 from qlora.arch import Architecture, Linear
+from qlora.flops import FlopModel
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
@@ -240,7 +241,8 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
     # NLL gradient: three float32 vocab-sized tensors at once.
     logits_per_token = 12 * arch.vocab + (2 * e * arch.vocab if arch.logit_softcap else 0)
     loss = Line("logits_and_loss", logits_per_token * tokens,
-                f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({shape})")
+                f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({shape}; "
+                "the loop computes logits only at supervised positions, so this is the bound for train_on: all)")
     # Backward through one layer: its recomputed activations (with checkpointing) + gradients of
     # the hidden states in and out and of the two MLP intermediates.
     temporaries = e * (2 * arch.hidden + 2 * arch.intermediate)
@@ -259,14 +261,9 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
 
 
 def flops_per_token(arch: Architecture, settings: PlanSettings) -> float:
-    """Training FLOPs per token: a forward is 2 FLOPs per weight (+ causal attention
-    2*seq*q_dim per layer); backward computes input gradients only (the base is frozen: 1x
-    forward) plus LoRA weight gradients; checkpointing adds one more forward."""
-    lora = sum(lora_tensor_sizes(arch, settings))
-    matmul_weights = arch.quantized_params + arch.head_params + (arch.embedding_params if not arch.head_params else 0)
-    forward = 2 * (matmul_weights + lora) + 2 * arch.layers * settings.seq_len * arch.q_dim
-    passes = 3 if settings.gradient_checkpointing else 2
-    return forward * passes + 2 * lora
+    """Training FLOPs per token of full seq_len rows (qlora.flops: useful FLOPs + the forward
+    that checkpointing recomputes); the loop's MFU counts the useful part by the same model."""
+    return FlopModel.of(arch, sum(lora_tensor_sizes(arch, settings))).per_token(settings.seq_len, settings.gradient_checkpointing)
 
 
 def make_plan(arch: Architecture, settings: PlanSettings, budget_bytes: Optional[int] = None, suggest: bool = True) -> Plan:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from qlora.checkpoint import TrainingState, capture_rng, restore_rng
 from qlora.errors import Interrupted, TrainingError
+from qlora.flops import FlopMeter, mfu
 from qlora.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
 
 
@@ -50,6 +51,9 @@ class LoopResult:
     eval_loss_before: Optional[float]
     peak_memory_kind: str
     peak_memory_bytes: int
+    useful_flops: float = 0.0  # of this process's steps (a resumed run counts from its resume)
+    mfu: Optional[float] = None  # useful FLOPs / s over peak_flops_per_s (qlora.flops)
+    peak_flops_per_s: Optional[float] = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -65,11 +69,13 @@ def train(
     save_checkpoint: Optional[Callable[[TrainingState], Path]] = None,
     resume: Optional[TrainingState] = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    flop_meter: Optional[FlopMeter] = None,
 ) -> LoopResult:
     """Run optimizer steps from `resume` (or the start) to settings.max_steps.
 
     `save_checkpoint(state)` is called every settings.save_every steps and when
     `stop_requested()` turns true (checked before each step); then the loop raises Interrupted.
+    With a `flop_meter`, each metrics row and the result carry `mfu`.
     """
     from accelerate import Accelerator
 
@@ -122,6 +128,8 @@ def train(
     total_supervised, total_tokens = state.supervised_tokens, state.tokens
     saved_step, saved_path = state.step, None
     loss = nan_if_none(state.loss)
+    # MFU over this process's steps only: the FLOPs before a resume are not in the checkpoint.
+    useful_flops, flops_started = 0.0, time.perf_counter()
     # The with-block closes the bar on every way out (a stop, a NaN), so the last line is ours.
     with progress_bar(settings.max_steps, "training", initial=state.step) as bar:
         for step in range(state.step + 1, settings.max_steps + 1):
@@ -145,6 +153,7 @@ def train(
                 accelerator.backward(batch_loss_sum / max(window_supervised, 1))
                 loss_sum += batch_loss_sum.detach()
                 total_tokens += batch.input_ids.numel()
+                useful_flops += flop_meter.of_batch(batch) if flop_meter else 0.0
             lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
             grad_norm = None
             if settings.max_grad_norm:
@@ -153,9 +162,13 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # One host sync per optimizer step (not per micro-batch): needed to stop on NaN.
-            # A non-finite loss raises before any checkpoint of this step: the last one stays good.
-            loss = loss_sum.item() / max(window_supervised, 1)
+            # One host sync per optimizer step (not per micro-batch), loss and grad norm in one
+            # transfer: needed to stop on NaN. A non-finite loss raises before any checkpoint of
+            # this step: the last one stays good.
+            readings = [loss_sum] + ([torch.as_tensor(grad_norm, device=loss_sum.device).float()] if grad_norm is not None else [])
+            loss_total, *norm = torch.stack(readings).tolist()
+            grad_norm = norm[0] if norm else math.nan
+            loss = loss_total / max(window_supervised, 1)
             if not math.isfinite(loss):
                 raise TrainingError(f"step {step}: loss is {loss}; lower train.learning_rate or check the data")
             total_supervised += window_supervised
@@ -164,11 +177,13 @@ def train(
                 "step": step,
                 "loss": loss,
                 "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": none_if_nan(grad_norm),
                 "supervised_tokens": window_supervised,
                 "tokens_per_s": total_supervised / elapsed,
                 "elapsed_s": elapsed,
             }
+            if flop_meter:
+                row["mfu"] = mfu(useful_flops, time.perf_counter() - flops_started, flop_meter.peak_flops_per_s)
             last_step = step == settings.max_steps
             if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last_step):
                 eval_loss = evaluate(model, eval_batches, accelerator.device)
@@ -192,6 +207,9 @@ def train(
         eval_loss_before=none_if_nan(eval_loss_before),
         peak_memory_kind=kind,
         peak_memory_bytes=peak,
+        useful_flops=useful_flops,
+        mfu=mfu(useful_flops, time.perf_counter() - flops_started, flop_meter.peak_flops_per_s) if flop_meter else None,
+        peak_flops_per_s=flop_meter.peak_flops_per_s if flop_meter else None,
     )
 
 
@@ -205,15 +223,23 @@ def stop_message(done: int, max_steps: int, saved_step: int, saved_path: Optiona
 
 
 def summed_loss(model: torch.nn.Module, batch, device) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the batch's supervised targets."""
+    """Sum (not mean) of next-token cross-entropy over the batch's supervised targets.
+
+    The model computes logits only at the columns holding a supervised target (transformers'
+    `logits_to_keep` with an index tensor, through the model's own forward: its softcap and the
+    mixed-precision autocast apply): none for prompt and padding positions, the vocabulary-sized
+    tensors shrink by the supervised share. The columns are found on the CPU batch: no sync.
+    """
     attention_mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
+    columns = (batch.targets != -100).any(dim=0).nonzero().flatten()
     logits = model(
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
         attention_mask=attention_mask,
         use_cache=False,
+        logits_to_keep=columns.to(device),
     ).logits
-    targets = batch.targets.to(device)
+    targets = batch.targets[:, columns].to(device)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 

@@ -3,6 +3,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The measured peak matmul rate (MFU) is cached here, not in the user's ~/.cache.
+os.environ.setdefault("QLORA_CACHE_DIR", os.path.join(__import__("tempfile").mkdtemp(prefix="qlora-test-cache-")))
 
 import pytest  # noqa: E402
 

@@ -480,3 +480,25 @@ def test_template_that_is_not_prefix_stable_is_rejected(tmp_path, tokenizer):
     rows = read_rows([(write_jsonl(tmp_path, [CHAT]), "auto")])
     with pytest.raises(DataError, match=r"data\.jsonl:1: the chat template does not render this conversation prefix by prefix"):
         tokenize_rows(rows, counting, 512, "completions", "truncate")
+
+
+def test_tokenized_sets_are_cached_across_runs_and_a_changed_row_misses(tiny_model_dir, tmp_path):
+    from qlora.data import read_rows, tokenize_rows_cached
+    from qlora.model import load_tokenizer
+    from tests.tiny import write_chat_data
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    path = write_chat_data(tmp_path / "rows.jsonl", 8, seed=2)
+    shape = dict(max_seq_len=64, train_on="completions", too_long="truncate", folder=tmp_path / "cache")
+    rows = read_rows([(str(path), "auto")])
+    first, hit = tokenize_rows_cached(rows, tokenizer, **shape)
+    assert not hit and len(list((tmp_path / "cache").iterdir())) == 1
+    again, hit = tokenize_rows_cached(read_rows([(str(path), "auto")]), tokenizer, **shape)
+    assert hit and again.stats == first.stats
+    assert [(e.input_ids, e.labels, e.row.line, e.truncated) for e in again.examples] == [(e.input_ids, e.labels, e.row.line, e.truncated) for e in first.examples]
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].replace('"content": "', '"content": "changed ', 1)
+    path.write_text("\n".join(lines) + "\n")
+    changed, hit = tokenize_rows_cached(read_rows([(str(path), "auto")]), tokenizer, **shape)
+    assert not hit and changed.examples[3].input_ids != first.examples[3].input_ids
+    assert tokenize_rows_cached(rows, tokenizer, **{**shape, "max_seq_len": 32})[1] is False  # shape keys are in the key

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from qlora import data
 from qlora.adapters.dropout import CheapMaskDropout
 from qlora.data import IGNORE_INDEX
+from qlora.row_attention import ROW_ATTENTION, row_bounds
 from qlora.train import summed_loss
 from tests.test_training import build_model, tokenized
 
@@ -40,10 +42,14 @@ def test_padding_free_batches_hold_the_same_rows_without_padding(tiny_model_dir,
     assert any(wide.attention_mask.eq(0).any() for wide in padded), "the fixture has padding to save"
 
 
-def test_padding_free_gives_the_padded_loss_and_gradients(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("attention", [ROW_ATTENTION, "sdpa"])
+def test_padding_free_gives_the_padded_loss_and_gradients(tiny_model_dir, tmp_path, attention):
+    """Per-row attention (what load_base sets) and transformers' block-diagonal SDPA mask alike."""
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=6)
     padded, flat = both_ways(examples, tokenizer.pad_token_id, micro_batch_size=6)
     model = build_model(tiny_model_dir).train()
+    assert model.config._attn_implementation == ROW_ATTENTION
+    model.set_attn_implementation(attention)
     results = []
     for batch in (padded[0], flat[0]):
         model.zero_grad(set_to_none=True)
@@ -104,3 +110,48 @@ def test_bench_fixture_model_has_the_stated_size(tmp_path):
 def test_bench_compare_help_runs():
     result = subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), "--help"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0 and "trl-best" in result.stdout
+
+
+def test_row_attention_keeps_rows_apart_and_falls_back_to_sdpa_elsewhere(tiny_model_dir):
+    model = build_model(tiny_model_dir).eval()
+    ids = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([list(range(10)) + list(range(15)) + list(range(5))])
+    assert row_bounds(positions[0]) == [(0, 10), (10, 25), (25, 30)]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        alone = torch.cat([model(input_ids=ids[:, start:end], use_cache=False).logits for start, end in ((0, 10), (10, 25), (25, 30))], dim=1)
+        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+        # A padded batch (attention mask) takes transformers' SDPA path: the same logits as with sdpa set.
+        two_rows = ids[:, :20].reshape(2, 10)
+        mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])
+        ours = model(input_ids=two_rows, attention_mask=mask, use_cache=False).logits
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(ours, model(input_ids=two_rows, attention_mask=mask, use_cache=False).logits, rtol=0, atol=0)
+
+
+def test_loss_computes_logits_only_at_supervised_positions_and_equals_the_full_loss(tiny_model_dir, tmp_path):
+    import torch.nn.functional as F
+
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=6)
+    padded, flat = both_ways(examples, tokenizer.pad_token_id, micro_batch_size=6)
+    model = build_model(tiny_model_dir).train()
+    head_positions = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_positions.append(args[0].shape[1]))
+    for batch in (flat[0], padded[0]):
+        results = []
+        for full in (False, True):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            if full:
+                logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            else:
+                loss = summed_loss(model, batch, torch.device("cpu"))
+            loss.backward()
+            results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+        (loss_kept, grads_kept), (loss_full, grads_full) = results
+        torch.testing.assert_close(loss_kept, loss_full, rtol=1e-5, atol=1e-5)
+        for name in grads_full:
+            torch.testing.assert_close(grads_kept[name], grads_full[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Padding-free: the head saw exactly the supervised positions, far fewer than the tokens.
+    assert head_positions[0] == flat[0].supervised_tokens < flat[0].input_ids.shape[1] == head_positions[1]

@@ -7,10 +7,11 @@
 
 Modules, one job each: sources (files and datasets -> validated rows), formats (format detection,
 validation, rendering to text + supervised character spans), tokenize (token ids, labels, length
-policy, stats), batching (epoch order, packing, padding, shifted targets), report (what users see).
+policy, stats), cache (tokenized sets reused across runs), batching (epoch order, packing, padding, shifted targets), report (what users see).
 """
 
 from qlora.data.batching import Batch, batches_per_epoch, epoch_batches
+from qlora.data.cache import tokenize_rows_cached
 from qlora.data.report import render_supervision
 from qlora.data.sources import Row, read_rows, split_eval
 from qlora.data.tokenize import IGNORE_INDEX, Example, TokenizedSet, prompt_and_answer, tokenize_rows, turn_terminators
@@ -28,5 +29,6 @@ __all__ = [
     "render_supervision",
     "split_eval",
     "tokenize_rows",
+    "tokenize_rows_cached",
     "turn_terminators",
 ]

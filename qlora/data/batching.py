@@ -35,6 +35,8 @@ class Batch:
     """Indexes into the examples list of the rows in this batch, in order."""
     supervised_tokens: int
     """Number of targets that are not -100."""
+    row_lengths: list[int]
+    """Tokens of each row, in order (padding excluded): what the loop's FLOP count needs."""
 
 
 def epoch_batches(
@@ -133,4 +135,5 @@ def collate(sequences: list[list[int]], examples: list[Example], pad_id: int, wi
         attention_mask=torch.tensor(attention_mask, dtype=torch.long) if with_attention_mask else None,
         row_ids=[index for sequence in sequences for index in sequence],
         supervised_tokens=int((targets_tensor != IGNORE_INDEX).sum()),
+        row_lengths=[len(examples[index].input_ids) for sequence in sequences for index in sequence],
     )

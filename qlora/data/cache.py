@@ -1,0 +1,54 @@
+"""Tokenized data sets cached across runs: rendering and tokenizing a large set is the slow part
+of startup, and reruns (resume, a sweep over learning rates) tokenize the same rows again.
+
+The key is a sha256 over everything that shapes the token ids: every row (source, line, format,
+fields, in order), the tokenizer (its full serialized form, special tokens and chat template),
+max_seq_len / train_on / too_long, and the library versions (qlora's included). Any change is a miss, never a stale
+hit. Entries are JSON files written atomically under <user cache>/tokenized/ (QLORA_CACHE_DIR).
+Rows are still read and validated every run; only the tokenization is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from qlora.data.sources import Row
+from qlora.data.tokenize import Example, TokenizedSet, tokenize_rows
+from qlora.provenance import library_versions
+from qlora.user_cache import cache_dir, write_json_atomically
+
+
+def tokenize_rows_cached(rows: list[Row], tokenizer, max_seq_len: int, train_on: str, too_long: str, folder: Optional[Path] = None) -> tuple[TokenizedSet, bool]:
+    """tokenize_rows through the cache: (the tokenized set, whether it came from the cache)."""
+    path = (folder or cache_dir() / "tokenized") / f"{fingerprint(rows, tokenizer, max_seq_len, train_on, too_long)}.json"
+    try:
+        saved = json.loads(path.read_text())
+        examples = [Example(input_ids=ids, labels=labels, row=rows[index], truncated=truncated) for index, ids, labels, truncated in saved["examples"]]
+        return TokenizedSet(examples=examples, stats=saved["stats"]), True
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    tokenized = tokenize_rows(rows, tokenizer, max_seq_len, train_on, too_long)
+    row_index = {id(row): index for index, row in enumerate(rows)}
+    record = {"examples": [[row_index[id(example.row)], example.input_ids, example.labels, example.truncated] for example in tokenized.examples],
+              "stats": tokenized.stats}
+    try:
+        write_json_atomically(path, record)
+    except OSError:
+        pass  # a read-only cache only costs the next run its tokenization
+    return tokenized, False
+
+
+def fingerprint(rows: list[Row], tokenizer, max_seq_len: int, train_on: str, too_long: str) -> str:
+    digest = hashlib.sha256()
+    settings = {"max_seq_len": max_seq_len, "train_on": train_on, "too_long": too_long, "versions": library_versions()}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token], default=str).encode())
+    for row in rows:
+        digest.update(json.dumps([row.source, row.line, row.format, row.fields], sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()

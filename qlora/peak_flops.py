@@ -1,0 +1,75 @@
+"""The device's peak matmul rate, measured once and cached: MFU's denominator.
+
+A data-sheet number is a promise, not what this device does with this torch build (a shared
+CPU, a power-capped card), so the loop divides by what a few large matmuls really reach here.
+The result is cached per device name + torch version under the user's cache dir (never inside
+the package), so only the first run on a machine pays the second or two it takes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from qlora.user_cache import cache_dir, write_json_atomically
+
+CACHE_FILE = "peak_matmul_flops.json"
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in cpu_info() if line.startswith("model name")), "cpu")
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def cpu_info() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def peak_matmul_flops(device, dtype: str) -> dict:
+    """{"device", "torch", "dtype", "flops_per_s", "size"}: the best rate of square matmuls in
+    `dtype` on `device`, from the cache when this device and torch version were measured."""
+    import torch
+
+    key = f"{device_name(device)} | torch {torch.__version__} | {dtype}"
+    path = cache_dir() / CACHE_FILE
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = measure(device, getattr(torch, dtype))
+        write_json_atomically(path, cached)
+    return {"device": device_name(device), "torch": torch.__version__, "dtype": dtype, **cached[key]}
+
+
+def measure(device, dtype, seconds: float = 0.5) -> dict:
+    """Best of repeated n x n matmuls (n: 8192 on CUDA, 1024 on CPU), for about `seconds` after a warmup."""
+    import torch
+
+    size = 8192 if device.type == "cuda" else 1024
+    # Its own generator: measuring (first run) or not (cached) must not move the global RNG,
+    # or a run's dropout masks would depend on the cache.
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.matmul(a, b)
+    synchronize()
+    best, spent = 0.0, 0.0
+    while spent < seconds or best == 0.0:
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.matmul(a, b)
+        synchronize()
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        best = max(best, 4 * 2 * size**3 / elapsed)
+    return {"flops_per_s": best, "size": size}

@@ -1,5 +1,6 @@
 """Speed levers keep the numbers: data.padding_free gives the padded loss and gradients; the
-cheap-mask LoRA dropout is a dropout (rate, expectation, replayed by gradient checkpointing).
+cheap-mask LoRA dropout is a dropout (rate, expectation, replayed by gradient checkpointing);
+train.offload_activations gives the same losses and adapter.
 
 Also the bench fixture (bench/compare.py builds it): its model has the stated size.
 """

@@ -148,6 +148,8 @@ class TrainSection(_Strict):
     """Clip the global gradient norm to this; none disables clipping."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: far less memory, ~30% more compute."""
+    offload_activations: bool = False
+    """Keep the tensors saved for backward in host memory (CUDA: pinned, copied back in backward): less GPU memory for long sequences, more transfer time; no effect on CPU."""
     seed: int = 42
     """Seed for LoRA init, dropout and data order."""
     eval_every: Optional[int] = Field(None, gt=0)

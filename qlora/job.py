@@ -237,6 +237,7 @@ def train_and_publish(
         save_every=config.train.save_every,
         log_every=config.train.log_every,
         mixed_precision=mixed_precision(quant.compute_dtype, torch.cuda.is_available()),
+        offload_activations=config.train.offload_activations,
     )
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     writer = checkpoint_writer(model, output_dir, config.train.keep_checkpoints, run)

@@ -9,6 +9,7 @@ and `supervised_tokens`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class LoopSettings:
     save_every: Optional[int] = None
     log_every: int = 1
     mixed_precision: str = "no"  # "bf16" | "fp16" | "no", as accelerate names them
+    offload_activations: bool = False  # tensors saved for backward wait in host memory
 
 
 @dataclass
@@ -149,8 +151,9 @@ def train(
             window_supervised = sum(batch.supervised_tokens for batch in window)
             loss_sum = torch.zeros((), device=accelerator.device)
             for batch in window:
-                batch_loss_sum = summed_loss(model, batch, accelerator.device)
-                accelerator.backward(batch_loss_sum / max(window_supervised, 1))
+                with saved_for_backward_on_host(settings.offload_activations):
+                    batch_loss_sum = summed_loss(model, batch, accelerator.device)
+                    accelerator.backward(batch_loss_sum / max(window_supervised, 1))
                 loss_sum += batch_loss_sum.detach()
                 total_tokens += batch.input_ids.numel()
                 useful_flops += flop_meter.of_batch(batch) if flop_meter else 0.0
@@ -241,6 +244,21 @@ def summed_loss(model: torch.nn.Module, batch, device) -> torch.Tensor:
     ).logits
     targets = batch.targets[:, columns].to(device)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+def saved_for_backward_on_host(offload: bool):
+    """Where the tensors autograd saves for backward wait between forward and backward: on the
+    device, or (offload) copied to host memory, pinned on CUDA, and back when backward needs them.
+
+    With non-reentrant gradient checkpointing a checkpointed layer saves only its inputs (through
+    this hook; inside the layer torch's own checkpoint hook takes precedence and keeps nothing), so
+    offload then moves one hidden state per layer plus what the head and loss save; the layer's
+    activations recomputed in backward live on the device only while that layer's backward runs.
+    On a CPU both places are host memory: the same numbers, no memory saved.
+    """
+    if not offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Speed levers keep the numbers: data.padding_free gives the padded loss and gradients; the
-cheap-mask LoRA dropout is a dropout (rate, expectation, replayed by gradient checkpointing).
+cheap-mask LoRA dropout is a dropout (rate, expectation, replayed by gradient checkpointing);
+train.offload_activations gives the same losses and adapter.
 
 Also the bench fixture (bench/compare.py builds it): its model has the stated size.
 """
@@ -155,3 +156,28 @@ def test_loss_computes_logits_only_at_supervised_positions_and_equals_the_full_l
             torch.testing.assert_close(grads_kept[name], grads_full[name], rtol=1e-4, atol=1e-6, msg=name)
     # Padding-free: the head saw exactly the supervised positions, far fewer than the tokens.
     assert head_positions[0] == flat[0].supervised_tokens < flat[0].input_ids.shape[1] == head_positions[1]
+
+
+def test_activation_offload_gives_the_same_losses_and_adapter(tiny_model_dir, tmp_path):
+    """train.offload_activations under gradient checkpointing: on a CPU the saved tensors go to
+    host memory either way, so the numbers must not move at all (on CUDA they would be copies)."""
+    from qlora.train import saved_for_backward_on_host
+    from tests.test_training import batches_fn, run_logged, settings
+
+    assert isinstance(saved_for_backward_on_host(True), torch.autograd.graph.save_on_cpu)
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=16)
+    runs = []
+    for offload in (False, True):
+        model = build_model(tiny_model_dir, dropout=0.1)  # load_base turns non-reentrant checkpointing on
+        assert model.base_model.model.is_gradient_checkpointing
+        loop_settings = settings(max_steps=3, grad_accum_steps=2, offload_activations=offload)
+        torch.manual_seed(0)  # the same dropout masks (job.py seeds the same way before its loop)
+        rows = run_logged(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), loop_settings, tmp_path / f"metrics-{offload}.jsonl")
+        adapter = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+        runs.append(([row["loss"] for row in rows], adapter))
+    (losses_off, adapter_off), (losses_on, adapter_on) = runs
+    assert len(losses_on) == 3 and losses_on == pytest.approx(losses_off, abs=1e-6)
+    assert adapter_on.keys() == adapter_off.keys()
+    for name in adapter_off:
+        torch.testing.assert_close(adapter_on[name], adapter_off[name], rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(tensor, 0 * tensor) for name, tensor in adapter_on.items() if "lora_B" in name), "training moved the adapter"

@@ -74,9 +74,9 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
     shape = dict(max_seq_len=config.data.max_seq_len, train_on=config.data.train_on, too_long=config.data.too_long)
     train_set, cache_hit = data.tokenize_rows_cached(rows, tokenizer, **shape)  # reused across runs: qlora/data/cache.py
     eval_set = data.tokenize_rows_cached(eval_rows, tokenizer, **shape)[0] if eval_rows else None
-    echo(describe_data("train", train_set.stats) + (" (tokenized earlier: from the cache)" if cache_hit else ""))
+    echo(data.describe_data("train", train_set.stats) + (" (tokenized earlier: from the cache)" if cache_hit else ""))
     if eval_set:
-        echo(describe_data("eval", eval_set.stats))
+        echo(data.describe_data("eval", eval_set.stats))
     echo("example (supervised spans in ⟦ ⟧):\n" + data.render_supervision(train_set.examples[0], tokenizer))
     return PreparedData(train=train_set, eval=eval_set, eval_rows=eval_rows, tokenizer=tokenizer)
 
@@ -349,18 +349,6 @@ def describe_quantization(config: JobConfig) -> str:
     if quant.bits == 8:
         return f"LLM.int8, compute {quant.compute_dtype}"
     return f"unquantized {quant.compute_dtype}"
-
-
-def describe_data(name: str, stats: dict) -> str:
-    parts = [
-        f"{stats['kept']} rows kept of {stats['rows']}",
-        f"{stats['supervised_tokens']:,} supervised / {stats['total_tokens']:,} tokens",
-        f"row length min/p50/p95/max {stats['length_min']}/{stats['length_p50']}/{stats['length_p95']}/{stats['length_max']}",
-    ]
-    if stats["rows_over_max_seq_len"]:
-        dropped = stats["dropped_too_long"] + stats["dropped_no_supervision_after_truncation"]
-        parts.append(f"{stats['rows_over_max_seq_len']} over max_seq_len ({stats['truncated']} truncated, {dropped} dropped)")
-    return f"{name} data: " + ", ".join(parts)
 
 
 def summary_record(result: JobResult, prepared: PreparedData) -> dict:

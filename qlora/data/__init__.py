@@ -12,7 +12,7 @@ policy, stats), cache (tokenized sets reused across runs), batching (epoch order
 
 from qlora.data.batching import Batch, batches_per_epoch, epoch_batches
 from qlora.data.cache import tokenize_rows_cached
-from qlora.data.report import render_supervision
+from qlora.data.report import describe_data, render_supervision
 from qlora.data.sources import Row, read_rows, split_eval
 from qlora.data.tokenize import IGNORE_INDEX, Example, TokenizedSet, prompt_and_answer, tokenize_rows, turn_terminators
 
@@ -26,6 +26,7 @@ __all__ = [
     "epoch_batches",
     "prompt_and_answer",
     "read_rows",
+    "describe_data",
     "render_supervision",
     "split_eval",
     "tokenize_rows",

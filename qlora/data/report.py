@@ -1,4 +1,4 @@
-"""What users see of an example: its text with the supervised spans marked."""
+"""What users see of the data: an example's text with the supervised spans marked, and a set's statistics in one line."""
 
 from __future__ import annotations
 
@@ -32,3 +32,16 @@ def render_supervision(example: Example, tokenizer, max_chars: int = 2000) -> st
             pieces.append(ELLIPSIS)
             break
     return "".join(pieces)
+
+
+def describe_data(name: str, stats: dict) -> str:
+    """One line of a tokenized set's statistics (TokenizedSet.stats), as training and validate print it."""
+    parts = [
+        f"{stats['kept']} rows kept of {stats['rows']}",
+        f"{stats['supervised_tokens']:,} supervised / {stats['total_tokens']:,} tokens",
+        f"row length min/p50/p95/max {stats['length_min']}/{stats['length_p50']}/{stats['length_p95']}/{stats['length_max']}",
+    ]
+    if stats["rows_over_max_seq_len"]:
+        dropped = stats["dropped_too_long"] + stats["dropped_no_supervision_after_truncation"]
+        parts.append(f"{stats['rows_over_max_seq_len']} over max_seq_len ({stats['truncated']} truncated, {dropped} dropped)")
+    return f"{name} data: " + ", ".join(parts)

@@ -7,14 +7,16 @@ Builds (or reuses) the fixture in --work: a ~25M-parameter random-init Llama sav
 folder with a byte-level tokenizer, and chat rows of ~50 to ~470 tokens (bench/fixture.py).
 Then each run trains in its OWN subprocess (so peak RSS / peak GPU memory is per run):
 
-  ours         qlora's job runner (python -m qlora.cli train's code path), data.padding_free: true (the default)
-  ours-padded  the same with padded micro-batches (data.padding_free: false)
+  ours         qlora's job runner (python -m qlora.cli train's code path), data.padding_free: true (the
+               default), train.gradient_checkpointing: selective (keeps the 4-bit matmuls' outputs)
+  ours-full-checkpointing  the same with full gradient checkpointing, as every TRL run
+  ours-padded  full checkpointing and padded micro-batches (data.padding_free: false)
   trl-default  SFTTrainer + PEFT with its defaults (padded batches, adapters cast to bf16)
   trl-best     SFTTrainer + PEFT, padding-free, adapters kept in float32
 
 Shared by every run: NF4 + double quant, compute dtype (float32 on CPU), LoRA r/alpha/dropout on
 all linear layers, AdamW (torch), lr, cosine schedule, warmup, grad-norm clip 1.0, gradient
-checkpointing (non-reentrant), max_seq_len, effective batch in rows, optimizer steps, seed,
+checkpointing (non-reentrant; ours: selective, which TRL does not offer), max_seq_len, effective batch in rows, optimizer steps, seed,
 completion-only loss, the same held-out rows for the eval loss (measured by the same function
 for all runs, after training). Prints one JSON line per run, then one ratio line.
 Needs `pip install .[bench]` (trl).
@@ -34,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-RUNS = ("ours", "ours-padded", "trl-default", "trl-best")
+RUNS = ("ours", "ours-full-checkpointing", "ours-padded", "trl-default", "trl-best")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,7 +118,7 @@ def ratios(records: dict) -> dict:
     <= 1.0x memory, eval loss within 2%)."""
     line = {"ratios": "ours / peer"}
     ours = records.get("ours", {})
-    for peer in ("ours-padded", "trl-default", "trl-best"):
+    for peer in ("ours-full-checkpointing", "ours-padded", "trl-default", "trl-best"):
         other = records.get(peer, {})
         if "error" in ours or "error" in other or not ours or not other:
             continue
@@ -146,7 +148,7 @@ def run_one(run: str, settings: dict, fixture: dict) -> dict:
 
     started = time.perf_counter()
     if run.startswith("ours"):
-        record = run_ours(settings, fixture, padding_free=run == "ours")
+        record = run_ours(settings, fixture, padding_free=run != "ours-padded", checkpointing="selective" if run == "ours" else True)
     else:
         from bench.peer_trl import run_trl
 
@@ -169,8 +171,9 @@ def run_one(run: str, settings: dict, fixture: dict) -> dict:
     return {key: round(value, 4) if isinstance(value, float) else value for key, value in record.items()}
 
 
-def run_ours(settings: dict, fixture: dict, padding_free: bool) -> dict:
-    """The qlora job runner (the CLI's code path) on a job file with the shared settings."""
+def run_ours(settings: dict, fixture: dict, padding_free: bool, checkpointing) -> dict:
+    """The qlora job runner (the CLI's code path) on a job file with the shared settings.
+    `checkpointing`: True (full, as TRL) or "selective" (qlora.activation_checkpointing)."""
     import yaml
 
     from qlora.config import load_config
@@ -188,7 +191,7 @@ def run_ours(settings: dict, fixture: dict, padding_free: bool) -> dict:
                  "train_on": "completions", "too_long": "drop", "padding_free": padding_free},
         "train": {"max_steps": settings["steps"], "micro_batch_size": settings["micro_batch"], "grad_accum_steps": settings["batch"] // settings["micro_batch"],
                   "learning_rate": settings["learning_rate"], "lr_schedule": "cosine", "warmup_steps": settings["warmup_steps"], "optimizer": "adamw",
-                  "weight_decay": 0.0, "max_grad_norm": 1.0, "gradient_checkpointing": True, "seed": settings["seed"], "log_every": 1},
+                  "weight_decay": 0.0, "max_grad_norm": 1.0, "gradient_checkpointing": checkpointing, "seed": settings["seed"], "log_every": 1},
         "output": {"dir": str(folder / "out")},
     }
     (folder / "job.yaml").write_text(yaml.safe_dump(job))

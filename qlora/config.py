@@ -146,8 +146,8 @@ class TrainSection(_Strict):
     """Decoupled weight decay on the LoRA weights."""
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     """Clip the global gradient norm to this; none disables clipping."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: far less memory, ~30% more compute."""
+    gradient_checkpointing: Union[bool, Literal["selective"]] = True
+    """Recompute activations in the backward pass: far less memory, ~30% more compute; selective: keep the 4-bit matmuls' outputs and recompute only the rest (faster, more memory: see `qlora plan`; needs quantization.bits 4)."""
     offload_activations: bool = False
     """Keep the tensors saved for backward in host memory (CUDA: pinned, copied back in backward): less GPU memory for long sequences, more transfer time; no effect on CPU."""
     seed: int = 42
@@ -175,6 +175,15 @@ class TrainSection(_Strict):
                 raise ValueError(f"train.memory_budget: {error}") from None
         return value
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_mode(cls, value: Any) -> Any:
+        # One message for the union (bool or "selective") instead of one per member.
+        allowed = {"selective", "true", "false", "yes", "no", "on", "off", "1", "0"}
+        if not isinstance(value, bool) and str(value).strip().lower() not in allowed:
+            raise ValueError(f"train.gradient_checkpointing: expected true, false or selective (got {value!r})")
+        return value
+
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainSection":
         if self.max_steps is not None and self.epochs is not None:
@@ -200,6 +209,13 @@ class JobConfig(_Strict):
     """The optimization loop."""
     output: OutputSection
     """Where the results go."""
+
+    @model_validator(mode="after")
+    def _selective_needs_4bit(self) -> "JobConfig":
+        # The selective policy recognises bitsandbytes' 4-bit matmul op; other bases never dispatch it.
+        if self.train.gradient_checkpointing == "selective" and self.quantization.bits != 4:
+            raise ValueError(f"train.gradient_checkpointing: selective keeps the 4-bit matmuls' outputs; it needs quantization.bits: 4 (got {self.quantization.bits})")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

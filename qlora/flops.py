@@ -17,7 +17,7 @@ dequantization). Hardware FLOPs (what the plan's time estimate needs) add the re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 from qlora.arch import Architecture
 
@@ -49,13 +49,16 @@ class FlopModel:
         dense = tokens * (4.0 * self.base_linear_weights + 6.0 * self.lora_params)
         return dense + 4.0 * self.head_weights * head_positions + 3.0 * sum(self.attention_forward(length) for length in row_lengths)
 
-    def per_token(self, seq_len: int, gradient_checkpointing: bool) -> float:
+    def per_token(self, seq_len: int, gradient_checkpointing: Union[bool, str]) -> float:
         """Hardware FLOPs per token of full rows of seq_len tokens, the head on every token:
         the useful FLOPs + the forward that checkpointing recomputes (head excluded: it is
-        outside the checkpointed layers)."""
+        outside the checkpointed layers; "selective" keeps the frozen base matmuls' outputs, so
+        only the LoRA branch and attention are recomputed)."""
         useful = self.useful([seq_len], seq_len) / seq_len
-        recompute = self.forward_per_token() + self.attention_forward(seq_len) / seq_len if gradient_checkpointing else 0.0
-        return useful + recompute
+        if not gradient_checkpointing:
+            return useful
+        recomputed_linears = self.forward_per_token() if gradient_checkpointing != "selective" else 2.0 * self.lora_params
+        return useful + recomputed_linears + self.attention_forward(seq_len) / seq_len
 
 
 def mfu(useful_flops: float, seconds: float, peak_flops_per_s: float) -> float:

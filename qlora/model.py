@@ -7,8 +7,9 @@ import on any machine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+from qlora.activation_checkpointing import checkpoint_kwargs
 from qlora.errors import ModelError
 from qlora.row_attention import use_row_attention
 
@@ -43,7 +44,7 @@ def load_base(
     quant_type: str = "nf4",
     double_quant: bool = True,
     compute_dtype: str = "bfloat16",
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: Union[bool, str] = True,
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
     init: str = "pretrained",
@@ -52,8 +53,9 @@ def load_base(
     """Load the base quantized as asked, frozen, ready for adapters.
 
     Every weight is frozen; non-quantized layers (embeddings, norms, head) stay in the compute
-    dtype. With gradient checkpointing, the non-reentrant variant is used and input embeddings
-    require grad, so the checkpointed blocks see a graph even though the base is frozen.
+    dtype. With gradient checkpointing (True, or "selective": qlora.activation_checkpointing), the
+    non-reentrant variant is used and input embeddings require grad, so the checkpointed blocks
+    see a graph even though the base is frozen.
     """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -92,7 +94,7 @@ def load_base(
     return freeze_for_training(model, gradient_checkpointing)
 
 
-def freeze_for_training(model, gradient_checkpointing: bool):
+def freeze_for_training(model, gradient_checkpointing: Union[bool, str]):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     disable_cpu_weight_repacking(model)
@@ -101,7 +103,7 @@ def freeze_for_training(model, gradient_checkpointing: bool):
     use_row_attention(model)
     model.config.use_cache = False
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(gradient_checkpointing))
         model.enable_input_require_grads()
     return model
 

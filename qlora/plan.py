@@ -42,7 +42,7 @@ class PlanSettings:
 
     micro_batch: int = 1
     seq_len: int = 2048
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Union[bool, str] = True  # True, False or "selective" (qlora.activation_checkpointing)
     grad_accum_steps: int = 1
     bits: Optional[int] = 4
     double_quant: bool = True
@@ -230,7 +230,12 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
     final_norm = 4 * arch.hidden + 4
     rope = 2 * e * arch.head_dim  # cos and sin per position, shared by every layer
     shape = f"{settings.micro_batch} x {settings.seq_len} tokens"
-    if settings.gradient_checkpointing:
+    if settings.gradient_checkpointing == "selective":
+        kept = arch.hidden + sum(linear.out_features for linear in layer_linears(arch))
+        held = Line("activations", (arch.layers * e * kept + final_norm) * tokens,
+                    f"selective checkpointing: each of {arch.layers} layers keeps its input and its 4-bit linears' outputs, "
+                    f"{e}*{kept:,} B/token ({shape})")
+    elif settings.gradient_checkpointing:
         # The rotary tables the checkpoints hold as inputs are ignored here: 2*e*head_dim per position.
         held = Line("activations", (arch.layers * e * arch.hidden + final_norm) * tokens,
                     f"checkpointing: each of {arch.layers} layers keeps only its input, {e}*hidden B/token ({shape})")
@@ -326,12 +331,15 @@ def largest_fitting(test, low: int, high: int) -> int:
 
 def suggestions(arch: Architecture, settings: PlanSettings, budget_bytes: int) -> dict:
     without = replace(settings, gradient_checkpointing=False)
-    return {
+    found = {
         "largest_micro_batch": largest_micro_batch(arch, settings, budget_bytes),
         "largest_seq_len": largest_seq_len(arch, settings, budget_bytes),
         "fits_without_checkpointing": fits(arch, without, budget_bytes),
         "largest_micro_batch_without_checkpointing": largest_micro_batch(arch, without, budget_bytes),
     }
+    if settings.bits == 4:  # selective checkpointing keeps 4-bit matmul outputs only
+        found["fits_with_selective_checkpointing"] = fits(arch, replace(settings, gradient_checkpointing="selective"), budget_bytes)
+    return found
 
 
 def seconds_per_token(flops: float, tflops: float, utilization: float) -> float:

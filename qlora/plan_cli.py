@@ -65,7 +65,7 @@ def describe_plan(plan: Plan, gpu_name: Optional[str] = None, tflops: Optional[f
         f"plan for {plan.architecture}: {plan.parameters['total'] / 1e9:.2f}B params "
         f"({plan.parameters['quantized'] / 1e9:.2f}B quantized, {plan.parameters['lora'] / 1e6:.1f}M LoRA)",
         f"  micro_batch {settings['micro_batch']} x seq_len {settings['seq_len']}, checkpointing "
-        f"{'on' if settings['gradient_checkpointing'] else 'off'}, {settings['bits'] or 16}-bit base, "
+        f"{checkpointing_word(settings['gradient_checkpointing'])}, {settings['bits'] or 16}-bit base, "
         f"compute {settings['compute_dtype']}, optimizer {settings['optimizer']}",
         "",
     ]
@@ -89,6 +89,8 @@ def describe_plan(plan: Plan, gpu_name: Optional[str] = None, tflops: Optional[f
                              f"{tips['largest_micro_batch_without_checkpointing']}; ~30% less compute)")
             else:
                 lines.append("  gradient checkpointing is needed: without it this does not fit")
+                if tips.get("fits_with_selective_checkpointing") and settings["gradient_checkpointing"] is True:
+                    lines.append("  train.gradient_checkpointing: selective fits too (skips recomputing the 4-bit matmuls: less compute)")
     lines.append(f"  compute: {plan.flops_per_token / 1e9:.1f} GFLOP per training token")
     if tflops:
         per_token = seconds_per_token(plan.flops_per_token, tflops, utilization)
@@ -96,3 +98,7 @@ def describe_plan(plan: Plan, gpu_name: Optional[str] = None, tflops: Optional[f
                      f"{per_token * 1e6 / 3600:.2f} h per million tokens"
                      + (f", {per_token * epoch_tokens / 3600:.2f} h per epoch of {epoch_tokens:,} tokens" if epoch_tokens else ""))
     return "\n".join(lines)
+
+
+def checkpointing_word(mode) -> str:
+    return "selective" if mode == "selective" else ("on" if mode else "off")

@@ -150,6 +150,8 @@ class TrainSection(_Strict):
     """Recompute activations in the backward pass: far less memory, ~30% more compute."""
     offload_activations: bool = False
     """Keep the tensors saved for backward in host memory (CUDA: pinned, copied back in backward): less GPU memory for long sequences, more transfer time; no effect on CPU."""
+    loss_chunk_tokens: Union[Annotated[int, Field(gt=0)], Literal["auto", "off"]] = "auto"
+    """Supervised positions whose vocabulary-sized logits the loss computes at once (chunks recomputed in backward); auto: one chunk's float32 logits within 256 MiB (523 tokens for a 128k vocabulary); off: all of a micro-batch's at once."""
     seed: int = 42
     """Seed for LoRA init, dropout and data order."""
     eval_every: Optional[int] = Field(None, gt=0)

@@ -1,0 +1,172 @@
+"""The chunked loss (qlora.loss): the whole path's loss and LoRA gradients, vocabulary-sized
+tensors of one chunk at most, the same training run, and the whole path for heads whose logits
+the model post-processes (a softcap).
+
+Real 4-bit bitsandbytes + peft LoRA on tiny models with a 2048-entry vocabulary, so a
+micro-batch's logits (~150 x 2048) dwarf a chunk's (a few x 2048).
+"""
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qlora import data
+from qlora.adapters import attach_lora
+from qlora.loss import summed_cross_entropy
+from qlora.model import load_base, load_tokenizer
+from tests.tiny import build_tiny_model, write_chat_data, write_job
+
+VOCAB = 2048
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("wide-vocab"), vocab=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def model(wide_vocab_dir):
+    """NF4 base + LoRA whose B is not zero, so every A and B gets a gradient."""
+    base = load_base(str(wide_vocab_dir), bits=4, compute_dtype="float32")
+    model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+def first_batch(model_dir, tmp_path, train_on, padding_free, rows=6):
+    tokenizer = load_tokenizer(str(model_dir))
+    path = write_chat_data(tmp_path / "rows.jsonl", rows, seed=4)
+    examples = data.tokenize_rows(data.read_rows([(str(path), "auto")]), tokenizer, 64, train_on, "truncate").examples
+    return data.epoch_batches(examples, rows, False, 64, tokenizer.pad_token_id, seed=0, epoch=0, padding_free=padding_free)[0]
+
+
+def loss_and_grads(model, batch, chunk_tokens):
+    model.zero_grad(set_to_none=True)
+    loss = summed_cross_entropy(model, batch, CPU, chunk_tokens)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+class VocabSizedTensors(TorchDispatchMode):
+    """The largest tensor with a vocabulary-sized dimension any op allocates (views and in-place
+    results share an earlier allocation: not counted), forward and backward."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.largest, self.ops = vocab, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(result.alias_info is None for result in func._schema.returns):
+            for tensor in torch.utils._pytree.tree_leaves(out):
+                if torch.is_tensor(tensor) and self.vocab in tensor.shape:
+                    self.largest = max(self.largest, tensor.numel())
+                    self.ops.add(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("train_on", ["completions", "all"])
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_chunked_loss_and_every_lora_gradient_equal_the_whole_path(model, wide_vocab_dir, tmp_path, train_on, padding_free):
+    batch = first_batch(wide_vocab_dir, tmp_path, train_on, padding_free)
+    supervised = batch.supervised_tokens
+    dividing = next(size for size in range(5, supervised + 1) if supervised % size == 0)
+    not_dividing = next(size for size in range(5, supervised) if supervised % size)
+    whole_loss, whole_grads = loss_and_grads(model, batch, "off")
+    assert all(grad.abs().max() > 0 for grad in whole_grads.values())  # every A and B is tested
+    for size in (dividing, not_dividing, "auto"):
+        loss, grads = loss_and_grads(model, batch, size)
+        torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=0, msg=f"chunk {size}")
+        for name, grad in whole_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(), msg=f"chunk {size}: {name}")
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_no_tensor_beyond_one_chunk_of_logits_while_the_whole_path_holds_them_all(model, wide_vocab_dir, tmp_path, padding_free):
+    batch = first_batch(wide_vocab_dir, tmp_path, "all", padding_free)
+    chunk = 6
+    summed_cross_entropy(model, batch, CPU, chunk)  # the one-time probe, outside the count
+    largest = {}
+    for setting in (chunk, "off"):
+        with VocabSizedTensors(VOCAB) as recorder:
+            summed_cross_entropy(model, batch, CPU, setting).backward()
+        largest[setting] = recorder.largest
+        assert {"_log_softmax", "_log_softmax_backward_data"} <= recorder.ops  # forward and backward were both seen
+    assert largest[chunk] == chunk * VOCAB
+    assert largest["off"] >= batch.supervised_tokens * VOCAB > 10 * largest[chunk]
+
+
+def test_eval_takes_the_chunked_path_without_checkpointing_and_gives_the_whole_loss(model, wide_vocab_dir, tmp_path):
+    batch = first_batch(wide_vocab_dir, tmp_path, "all", padding_free=True)
+    with torch.no_grad():
+        whole = summed_cross_entropy(model, batch, CPU, "off")
+        with VocabSizedTensors(VOCAB) as recorder:
+            chunked = summed_cross_entropy(model, batch, CPU, 6)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+    assert recorder.largest == 6 * VOCAB
+
+
+def test_training_with_small_chunks_gives_the_same_losses(wide_vocab_dir, tmp_path):
+    from qlora.config import load_config
+    from qlora.job import run_job
+
+    losses = {}
+    for setting in (3, "off"):
+        directory = tmp_path / str(setting)
+        directory.mkdir()
+        job = write_job(directory, wide_vocab_dir, data={"train_on": "all", "max_seq_len": 64},
+                        train={"max_steps": 3, "loss_chunk_tokens": setting, "learning_rate": 1e-2})
+        run_job(load_config(job), echo=lambda line: None)
+        rows = [json.loads(line) for line in (directory / "out" / "metrics.jsonl").read_text().splitlines()]
+        losses[setting] = [(row.get("loss"), row.get("eval_loss")) for row in rows]
+    assert len(losses[3]) == 4 and losses[3][1][0] != losses[3][3][0]  # step 0 eval + 3 steps; the loss moved
+    for chunked, whole in zip(losses[3], losses["off"]):
+        assert chunked == pytest.approx(whole, rel=1e-5, nan_ok=True)
+
+
+def build_tiny_gemma2(directory, softcap):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, max_position_embeddings=128, final_logit_softcapping=softcap,
+                          attn_logit_softcapping=None, sliding_window=32, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+@pytest.mark.parametrize("softcap", [1.0, None])
+def test_a_softcapped_head_takes_the_whole_path_and_says_so(tmp_path, capfd, softcap):
+    """Gemma 2 squashes its logits after the head: the probe sees it and the loss is the model's
+    own; the same model without the softcap is chunked."""
+    directory = build_tiny_gemma2(tmp_path / "gemma2", softcap)
+    base = load_base(str(directory), bits=4, compute_dtype="float32")
+    model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1024, (2, 40), generator=generator)
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    batch = data.Batch(input_ids=ids, position_ids=torch.arange(40).expand(2, 40), targets=targets, attention_mask=None,
+                       row_ids=[0, 1], supervised_tokens=int((targets != -100).sum()), row_lengths=[40, 40])
+    capfd.readouterr()
+    with VocabSizedTensors(1024) as recorder:
+        chunked_setting = summed_cross_entropy(model, batch, CPU, 4)
+        chunked_setting.backward()
+    with VocabSizedTensors(1024) as again:
+        summed_cross_entropy(model, batch, CPU, 4)  # decided once: no second probe, no second note
+    whole = summed_cross_entropy(model, batch, CPU, "off")
+    note = capfd.readouterr().err
+    if softcap:
+        assert note.count("Gemma2ForCausalLM's logits are not its output head's alone") == 1
+        assert recorder.largest >= batch.supervised_tokens * 1024
+        assert torch.equal(chunked_setting.detach(), whole)
+    else:
+        assert note == ""
+        assert recorder.largest <= batch.supervised_tokens * 1024 / 4 and again.largest == 4 * 1024
+        torch.testing.assert_close(chunked_setting.detach(), whole, rtol=1e-6, atol=0)

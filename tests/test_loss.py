@@ -170,3 +170,31 @@ def test_a_softcapped_head_takes_the_whole_path_and_says_so(tmp_path, capfd, sof
         assert note == ""
         assert recorder.largest <= batch.supervised_tokens * 1024 / 4 and again.largest == 4 * 1024
         torch.testing.assert_close(chunked_setting.detach(), whole, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("value", [0, -5, "lots", 2.5, True])
+def test_a_bad_chunk_size_is_a_one_line_error_naming_the_key(tiny_model_dir, tmp_path, value):
+    from qlora.config import load_config
+    from qlora.errors import ConfigError
+
+    job = write_job(tmp_path, tiny_model_dir, train={"loss_chunk_tokens": value})
+    with pytest.raises(ConfigError, match=r"^[^\n]*train\.loss_chunk_tokens: a positive number of supervised positions, auto or off \(got") as error:
+        load_config(job)
+    assert "\n" not in str(error.value)
+    assert load_config(write_job(tmp_path, tiny_model_dir, train={"loss_chunk_tokens": 512})).train.loss_chunk_tokens == 512
+
+
+def test_plan_counts_one_chunk_of_logits_by_the_loops_rule():
+    from qlora.arch import load_architecture
+    from qlora.plan import PlanSettings, loss_chunk_tokens, make_plan
+
+    llama3 = load_architecture("llama-3.1-8b")
+    assert loss_chunk_tokens(llama3.vocab) == 523 == 256 * 2**20 // (4 * 128256)
+    logits = {setting: next(line for line in make_plan(llama3, PlanSettings(seq_len=2048, loss_chunk_tokens=setting)).lines
+                            if line.name == "logits_and_loss").bytes for setting in ("auto", "off", 100)}
+    assert logits["off"] == 12 * llama3.vocab * 2048  # 3 float32 copies of every position's logits
+    assert logits["auto"] == 12 * llama3.vocab * 523 and logits[100] == 12 * llama3.vocab * 100
+    gemma2 = load_architecture("gemma-2-9b")  # softcapped: the loop takes the all-at-once path
+    auto = next(line for line in make_plan(gemma2, PlanSettings(seq_len=2048)).lines if line.name == "logits_and_loss")
+    assert auto.bytes == next(line for line in make_plan(gemma2, PlanSettings(seq_len=2048, loss_chunk_tokens="off")).lines
+                              if line.name == "logits_and_loss").bytes

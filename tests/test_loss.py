@@ -47,6 +47,14 @@ def first_batch(model_dir, tmp_path, train_on, padding_free, rows=6):
     return data.epoch_batches(examples, rows, False, 64, tokenizer.pad_token_id, seed=0, epoch=0, padding_free=padding_free)[0]
 
 
+def random_batch(rows, length, vocab):
+    """Unpadded rows of random ids, every next token supervised."""
+    ids = torch.randint(3, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
+    targets = torch.cat([ids[:, 1:], torch.full((rows, 1), -100)], dim=1)
+    return data.Batch(input_ids=ids, position_ids=torch.arange(length).expand(rows, length), targets=targets, attention_mask=None,
+                      row_ids=list(range(rows)), supervised_tokens=rows * (length - 1), row_lengths=[length] * rows)
+
+
 def loss_and_grads(model, batch, chunk_tokens):
     model.zero_grad(set_to_none=True)
     loss = summed_cross_entropy(model, batch, CPU, chunk_tokens)
@@ -55,8 +63,9 @@ def loss_and_grads(model, batch, chunk_tokens):
 
 
 class VocabSizedTensors(TorchDispatchMode):
-    """The largest tensor with a vocabulary-sized dimension any op allocates (views and in-place
-    results share an earlier allocation: not counted), forward and backward."""
+    """The largest logits-shaped tensor ([..., vocab]) any op allocates, forward and backward
+    (views and in-place results share an earlier allocation: not counted; the head's [vocab,
+    hidden] weight and its autocast copies are not logits)."""
 
     def __init__(self, vocab):
         super().__init__()
@@ -66,7 +75,7 @@ class VocabSizedTensors(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if all(result.alias_info is None for result in func._schema.returns):
             for tensor in torch.utils._pytree.tree_leaves(out):
-                if torch.is_tensor(tensor) and self.vocab in tensor.shape:
+                if torch.is_tensor(tensor) and tensor.dim() and tensor.shape[-1] == self.vocab:
                     self.largest = max(self.largest, tensor.numel())
                     self.ops.add(func.overloadpacket.__name__)
         return out
@@ -149,11 +158,7 @@ def test_a_softcapped_head_takes_the_whole_path_and_says_so(tmp_path, capfd, sof
     directory = build_tiny_gemma2(tmp_path / "gemma2", softcap)
     base = load_base(str(directory), bits=4, compute_dtype="float32")
     model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 1024, (2, 40), generator=generator)
-    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
-    batch = data.Batch(input_ids=ids, position_ids=torch.arange(40).expand(2, 40), targets=targets, attention_mask=None,
-                       row_ids=[0, 1], supervised_tokens=int((targets != -100).sum()), row_lengths=[40, 40])
+    batch = random_batch(rows=2, length=40, vocab=1024)
     capfd.readouterr()
     with VocabSizedTensors(1024) as recorder:
         chunked_setting = summed_cross_entropy(model, batch, CPU, 4)
@@ -198,3 +203,41 @@ def test_plan_counts_one_chunk_of_logits_by_the_loops_rule():
     auto = next(line for line in make_plan(gemma2, PlanSettings(seq_len=2048)).lines if line.name == "logits_and_loss")
     assert auto.bytes == next(line for line in make_plan(gemma2, PlanSettings(seq_len=2048, loss_chunk_tokens="off")).lines
                               if line.name == "logits_and_loss").bytes
+
+
+def test_under_accelerates_bf16_autocast_the_head_is_chunked_in_bf16_with_the_same_loss(wide_vocab_dir, capfd):
+    """The mixed-precision autocast wraps the model's forward only: the chunks run the head under
+    the autocast its forward had, so the probe accepts and the loss is the whole path's."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # A float32 head: only the autocast makes its logits bf16 (a bf16 head would be bf16 anyway).
+    base = load_base(str(wide_vocab_dir), bits=4, compute_dtype="float32")
+    model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton: other tests ran without bf16
+    try:
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+        model = accelerator.prepare(model)
+        losses, head_dtypes, note = bf16_losses(model, accelerator, capfd)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert note == ""
+    assert set(head_dtypes) == {torch.bfloat16}
+    assert losses[5][1] == 5 * VOCAB < losses["off"][1]
+    torch.testing.assert_close(losses[5][0], losses["off"][0], rtol=1e-5, atol=0)
+
+
+def bf16_losses(model, accelerator, capfd):
+    batch = random_batch(rows=1, length=60, vocab=VOCAB)
+    capfd.readouterr()
+    with torch.no_grad():
+        summed_cross_entropy(model, batch, CPU, 5)  # the one-time probe, outside the count
+    losses, head_dtypes = {}, []
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_dtypes.append(out.dtype))
+    for setting in (5, "off"):
+        with VocabSizedTensors(VOCAB) as recorder:
+            loss = summed_cross_entropy(model, batch, CPU, setting)
+            accelerator.backward(loss)
+        losses[setting] = (loss.detach(), recorder.largest)
+    handle.remove()
+    return losses, head_dtypes, capfd.readouterr().err

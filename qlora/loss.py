@@ -145,7 +145,7 @@ def head_reproduces_logits(model: torch.nn.Module, head: torch.nn.Module, inputs
         with torch.no_grad():
             own = model(**probe, logits_to_keep=columns).logits
             hidden, autocast = final_hidden_states(model, head, probe, columns)
-            ours = chunk_logits(head, hidden, autocast) if hidden is not None else None
+            ours = head_outside_forward(head, hidden, autocast)
     finally:
         model.train(was_training)
     verdict = ours is not None and logits_agree(own, ours)
@@ -154,6 +154,17 @@ def head_reproduces_logits(model: torch.nn.Module, head: torch.nn.Module, inputs
               "its loss computes the logits of all supervised positions at once, not in chunks", file=sys.stderr)
     _head_reproduces_logits[model] = verdict
     return verdict
+
+
+def head_outside_forward(head: torch.nn.Module, hidden: Optional[torch.Tensor], autocast: Autocast) -> Optional[torch.Tensor]:
+    """The head's logits called on its own, or None where it cannot be: the model's forward never
+    called it, or its weight exists only inside that forward (FSDP sharding may do it; untested)."""
+    if hidden is None:
+        return None
+    try:
+        return chunk_logits(head, hidden, autocast)
+    except RuntimeError:
+        return None
 
 
 def chunk_logits(head: torch.nn.Module, hidden: torch.Tensor, autocast: Autocast) -> torch.Tensor:

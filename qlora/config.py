@@ -177,18 +177,18 @@ class TrainSection(_Strict):
                 raise ValueError(f"train.memory_budget: {error}") from None
         return value
 
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainSection":
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("train.max_steps and train.epochs: set one, not both")
+        return self
+
     @field_validator("loss_chunk_tokens", mode="before")
     @classmethod
     def _chunk(cls, value):
         if value in ("auto", "off") or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             return value
         raise ValueError(f"train.loss_chunk_tokens: a positive number of supervised positions, auto or off (got {value!r})")
-
-    @model_validator(mode="after")
-    def _steps_or_epochs(self) -> "TrainSection":
-        if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("train.max_steps and train.epochs: set one, not both")
-        return self
 
 
 class OutputSection(_Strict):

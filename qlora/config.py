@@ -150,6 +150,8 @@ class TrainSection(_Strict):
     """Recompute activations in the backward pass: far less memory, ~30% more compute; selective: keep the 4-bit matmuls' outputs and recompute only the rest (faster, more memory: see `qlora plan`; needs quantization.bits 4)."""
     offload_activations: bool = False
     """Keep the tensors saved for backward in host memory (CUDA: pinned, copied back in backward): less GPU memory for long sequences, more transfer time; no effect on CPU."""
+    loss_chunk_tokens: Union[Annotated[int, Field(gt=0)], Literal["auto", "off"]] = "auto"
+    """Supervised positions whose vocabulary-sized logits the loss computes at once (chunks recomputed in backward); auto: one chunk's float32 logits within 256 MiB (523 tokens for a 128k vocabulary); off: all of a micro-batch's at once."""
     seed: int = 42
     """Seed for LoRA init, dropout and data order."""
     eval_every: Optional[int] = Field(None, gt=0)
@@ -189,6 +191,13 @@ class TrainSection(_Strict):
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("train.max_steps and train.epochs: set one, not both")
         return self
+
+    @field_validator("loss_chunk_tokens", mode="before")
+    @classmethod
+    def _chunk(cls, value):
+        if value in ("auto", "off") or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"train.loss_chunk_tokens: a positive number of supervised positions, auto or off (got {value!r})")
 
 
 class OutputSection(_Strict):

@@ -238,6 +238,7 @@ def train_and_publish(
         log_every=config.train.log_every,
         mixed_precision=mixed_precision(quant.compute_dtype, torch.cuda.is_available()),
         offload_activations=config.train.offload_activations,
+        loss_chunk_tokens=config.train.loss_chunk_tokens,
     )
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     writer = checkpoint_writer(model, output_dir, config.train.keep_checkpoints, run)

@@ -34,6 +34,9 @@ ALLOCATOR_SLACK = 0.05
 # CUDA context, cuBLAS workspaces and bitsandbytes kernels: memory nvidia-smi shows that torch's
 # allocator never reports. ~0.5 GiB on recent cards with torch 2.x.
 CUDA_CONTEXT_BYTES = 512 * 2**20
+# One loss chunk's float32 logits (train.loss_chunk_tokens: auto): big enough that the head's
+# matmul stays efficient, small next to a 7B model's checkpointed activations at 2k tokens.
+LOSS_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class PlanSettings:
     optimizer: str = "paged_adamw_8bit"
     # A CUDA dropout mask is one byte per element; on CPU it has the activation's dtype.
     dropout_mask_bytes: int = 1
+    loss_chunk_tokens: Union[int, str] = "auto"  # train.loss_chunk_tokens: a number, auto or off
 
 
 @dataclass
@@ -243,11 +247,15 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
         held = Line("activations", (arch.layers * per_layer + final_norm + rope) * tokens,
                     f"no checkpointing: {arch.layers} layers x {per_layer / 1024:.0f} KiB/token saved for backward ({shape})")
     # Loss: bf16 logits -> float32 copy -> log-softmax (saved) -> in backward its gradient and the
-    # NLL gradient: three float32 vocab-sized tensors at once.
+    # NLL gradient: three float32 vocab-sized tensors at once, for one chunk of supervised
+    # positions (qlora.loss); a softcapped head's logits are the model's own, all at once.
     logits_per_token = 12 * arch.vocab + (2 * e * arch.vocab if arch.logit_softcap else 0)
-    loss = Line("logits_and_loss", logits_per_token * tokens,
-                f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({shape}; "
-                "the loop computes logits only at supervised positions, so this is the bound for train_on: all)")
+    chunk = None if arch.logit_softcap else loss_chunk_tokens(arch.vocab, settings.loss_chunk_tokens)
+    logit_tokens = tokens if chunk is None else min(tokens, chunk)
+    where = (f"a chunk of {logit_tokens:,} supervised positions" if logit_tokens < tokens
+             else f"{shape}; the loop computes logits only at supervised positions, so this is the bound for train_on: all")
+    loss = Line("logits_and_loss", logits_per_token * logit_tokens,
+                f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({where})")
     # Backward through one layer: its recomputed activations (with checkpointing) + gradients of
     # the hidden states in and out and of the two MLP intermediates.
     temporaries = e * (2 * arch.hidden + 2 * arch.intermediate)
@@ -260,6 +268,17 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
         backward.append(Line("dequant_workspace", biggest.weights * e,
                              f"the largest linear ({biggest.name.rsplit('.', 1)[-1]}, {biggest.out_features}x{biggest.in_features}) dequantized to {settings.compute_dtype} for its matmul"))
     return [held], [loss], backward
+
+
+def loss_chunk_tokens(vocab: int, setting: Union[int, str] = "auto") -> Optional[int]:
+    """Supervised positions whose logits the loss computes at once (train.loss_chunk_tokens):
+    the setting when a number; None when off (all of a micro-batch's at once); auto: as many
+    as keep one chunk's float32 logits within LOSS_CHUNK_BYTES (Llama 3's 128k vocabulary: 523)."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return max(1, LOSS_CHUNK_BYTES // (4 * vocab))
+    return int(setting)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -366,4 +385,5 @@ def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings
         lora_dropout=lora.dropout,
         use_dora=lora.use_dora,
         optimizer=train.optimizer,
+        loss_chunk_tokens=train.loss_chunk_tokens,
     )

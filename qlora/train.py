@@ -14,14 +14,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from qlora.checkpoint import TrainingState, capture_rng, restore_rng
 from qlora.errors import Interrupted, TrainingError
 from qlora.flops import FlopMeter, mfu
+from qlora.loss import summed_cross_entropy
 from qlora.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
 
 
@@ -40,6 +40,7 @@ class LoopSettings:
     log_every: int = 1
     mixed_precision: str = "no"  # "bf16" | "fp16" | "no", as accelerate names them
     offload_activations: bool = False  # tensors saved for backward wait in host memory
+    loss_chunk_tokens: Union[int, str] = "auto"  # supervised positions per loss chunk (qlora.loss)
 
 
 @dataclass
@@ -101,7 +102,7 @@ def train(
     # The untrained baseline, so every run shows how far the adapter moved the eval loss.
     eval_loss, eval_loss_before = nan_if_none(state.eval_loss), nan_if_none(state.eval_loss_before)
     if eval_batches and not resume:
-        eval_loss = eval_loss_before = evaluate(model, eval_batches, accelerator.device)
+        eval_loss = eval_loss_before = evaluate(model, eval_batches, accelerator.device, settings.loss_chunk_tokens)
         if metrics:
             metrics.write({"step": 0, "eval_loss": eval_loss, "eval_perplexity": safe_exp(eval_loss)})
     if resume:
@@ -152,7 +153,7 @@ def train(
             loss_sum = torch.zeros((), device=accelerator.device)
             for batch in window:
                 with saved_for_backward_on_host(settings.offload_activations):
-                    batch_loss_sum = summed_loss(model, batch, accelerator.device)
+                    batch_loss_sum = summed_loss(model, batch, accelerator.device, settings.loss_chunk_tokens)
                     accelerator.backward(batch_loss_sum / max(window_supervised, 1))
                 loss_sum += batch_loss_sum.detach()
                 total_tokens += batch.input_ids.numel()
@@ -189,7 +190,7 @@ def train(
                 row["mfu"] = mfu(useful_flops, time.perf_counter() - flops_started, flop_meter.peak_flops_per_s)
             last_step = step == settings.max_steps
             if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last_step):
-                eval_loss = evaluate(model, eval_batches, accelerator.device)
+                eval_loss = evaluate(model, eval_batches, accelerator.device, settings.loss_chunk_tokens)
                 row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
             if metrics:
                 metrics.write(row)
@@ -225,25 +226,15 @@ def stop_message(done: int, max_steps: int, saved_step: int, saved_path: Optiona
     return f"stopped on request {where}; nothing trained yet; rerun the same command to start"
 
 
-def summed_loss(model: torch.nn.Module, batch, device) -> torch.Tensor:
+def summed_loss(model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the batch's supervised targets.
 
-    The model computes logits only at the columns holding a supervised target (transformers'
-    `logits_to_keep` with an index tensor, through the model's own forward: its softcap and the
-    mixed-precision autocast apply): none for prompt and padding positions, the vocabulary-sized
-    tensors shrink by the supervised share. The columns are found on the CPU batch: no sync.
+    Logits exist only for supervised positions, and (qlora.loss) for `chunk_tokens` of them at
+    a time, recomputed in backward: the vocabulary-sized tensors stay one chunk's size however
+    long the completions. Models whose forward post-processes the head's logits (a softcap)
+    get their own logits at every supervised position at once.
     """
-    attention_mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
-    columns = (batch.targets != -100).any(dim=0).nonzero().flatten()
-    logits = model(
-        input_ids=batch.input_ids.to(device),
-        position_ids=batch.position_ids.to(device),
-        attention_mask=attention_mask,
-        use_cache=False,
-        logits_to_keep=columns.to(device),
-    ).logits
-    targets = batch.targets[:, columns].to(device)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return summed_cross_entropy(model, batch, device, chunk_tokens)
 
 
 def saved_for_backward_on_host(offload: bool):
@@ -262,14 +253,14 @@ def saved_for_backward_on_host(offload: bool):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence, device) -> float:
+def evaluate(model: torch.nn.Module, batches: Sequence, device, chunk_tokens: Union[int, str] = "auto") -> float:
     """Mean loss per supervised token over the eval batches (dropout off), then back to training."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     supervised = 0
     for batch in batches:
-        loss_sum += summed_loss(model, batch, device).double()
+        loss_sum += summed_loss(model, batch, device, chunk_tokens).double()
         supervised += batch.supervised_tokens
     model.train(was_training)
     return loss_sum.item() / max(supervised, 1)

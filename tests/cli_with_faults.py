@@ -25,11 +25,11 @@ real_save_state = qlora.checkpoint.save_training_state
 forward_calls = 0
 
 
-def summed_loss(model, batch, device):
+def summed_loss(model, batch, device, *chunking):
     global forward_calls
     forward_calls += 1 if model.training else 0
     time.sleep(delay)
-    loss = real_summed_loss(model, batch, device)
+    loss = real_summed_loss(model, batch, device, *chunking)
     # Micro-batches of step s are forward calls (s-1)*accum+1 .. s*accum; accum is 1 in these tests.
     return loss * float("nan") if model.training and forward_calls == nan_at else loss
 

@@ -147,7 +147,8 @@ def test_loss_computes_logits_only_at_supervised_positions_and_equals_the_full_l
                 logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False).logits
                 loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             else:
-                loss = summed_loss(model, batch, torch.device("cpu"))
+                # The whole path (tests/test_loss.py: the chunked one gives its loss and gradients).
+                loss = summed_loss(model, batch, torch.device("cpu"), chunk_tokens="off")
             loss.backward()
             results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
         (loss_kept, grads_kept), (loss_full, grads_full) = results

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 
-def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 320) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -19,7 +19,7 @@ def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: i
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=320,
+        vocab_size=vocab,  # the demo tokenizer's 320 ids, or more rows in the embedding and head
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,

@@ -1,0 +1,189 @@
+"""Summed next-token cross-entropy, with full-vocabulary logits for one chunk of supervised
+positions at a time, never for the whole micro-batch.
+
+The model's own forward runs once, with `logits_to_keep` at the columns holding a supervised
+target (so its wrappers all apply: peft, gradient checkpointing, accelerate's autocast); a
+pre-hook on its output head takes the head's input (the final hidden states at those columns)
+and hands the head an empty tensor instead. The loss then projects the supervised hidden states
+chunk by chunk: head -> float32 -> cross-entropy (sum), each chunk inside a non-reentrant
+checkpoint, so its logits are freed after its forward and recomputed in backward. Under no_grad
+(eval) the chunks run without checkpointing.
+
+Some models post-process logits inside their forward (Gemma 2's softcap, Cohere's logit scale):
+the head alone does not give their logits. A probe at a model's first loss (a few positions,
+eval mode, no_grad: no random numbers drawn) compares the model's own logits with the head's
+output; when they differ, that model's loss takes the whole path (the model's own logits at
+every supervised column at once), and it says so once on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from qlora.plan import loss_chunk_tokens
+
+IGNORE_INDEX = -100
+PROBE_TOKENS = 16  # positions the probe compares: enough to see a softcap, cheap next to a step
+
+# model -> whether its head alone reproduces its logits; decided once per model object
+_head_reproduces_logits: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Autocast:
+    """The autocast state the model's forward ran its head under (accelerate's mixed precision)."""
+
+    enabled: bool
+    dtype: Optional[torch.dtype]
+
+    def context(self, device_type: str):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.dtype)
+
+
+def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the batch's supervised targets.
+
+    chunk_tokens: supervised positions per chunk, "auto" (qlora.plan.loss_chunk_tokens: one
+    chunk's float32 logits within a fixed budget) or "off" (the whole path).
+    """
+    inputs = model_inputs(batch, device)
+    columns = (batch.targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    head = output_head(model)
+    if chunk_tokens == "off" or head is None or not head_reproduces_logits(model, head, inputs):
+        return whole_summed_loss(model, inputs, columns, batch.targets[:, columns].to(device))
+    size = loss_chunk_tokens(head.weight.shape[0], chunk_tokens)
+    hidden, autocast = final_hidden_states(model, head, inputs, columns.to(device))
+    # The supervised (row, column) pairs, found on the CPU batch: no host sync.
+    kept_targets = batch.targets[:, columns].flatten()
+    supervised = (kept_targets != IGNORE_INDEX).nonzero().flatten()
+    hidden = hidden.flatten(0, 1).index_select(0, supervised.to(device))
+    targets = kept_targets[supervised].to(device)
+    total = hidden[:0].float().sum()  # zero, attached to the graph even without supervised tokens
+    for start in range(0, len(supervised), size):
+        part = (head, hidden[start : start + size], targets[start : start + size], autocast)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(chunk_loss, *part, use_reentrant=False)
+        else:
+            total = total + chunk_loss(*part)
+    return total
+
+
+def chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, autocast: Autocast) -> torch.Tensor:
+    return F.cross_entropy(chunk_logits(head, hidden, autocast).float(), targets, reduction="sum")
+
+
+def whole_summed_loss(model: torch.nn.Module, inputs: dict, columns: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's own logits at every column holding a supervised target, at once: its softcap
+    and the mixed-precision autocast apply; prompt and padding columns get no logits."""
+    logits = model(**inputs, logits_to_keep=columns.to(targets.device)).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def model_inputs(batch, device) -> dict:
+    return {
+        "input_ids": batch.input_ids.to(device),
+        "position_ids": batch.position_ids.to(device),
+        "attention_mask": batch.attention_mask.to(device) if batch.attention_mask is not None else None,
+        "use_cache": False,
+    }
+
+
+def output_head(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The module projecting hidden states to vocabulary logits (through peft's and DDP's
+    wrappers), or None when the model has no such module with a [vocab, hidden] weight."""
+    for candidate in (model, getattr(model, "module", None)):
+        get = getattr(candidate, "get_output_embeddings", None)
+        head = get() if get is not None else None
+        if head is not None and getattr(head, "weight", None) is not None and head.weight.dim() == 2:
+            return head
+    return None
+
+
+def final_hidden_states(model: torch.nn.Module, head: torch.nn.Module, inputs: dict, columns: torch.Tensor) -> tuple[Optional[torch.Tensor], Autocast]:
+    """The head's input at `columns` ([B, len(columns), hidden]) from the model's own forward, and
+    the autocast state it ran under; the head itself computes nothing (an empty input)."""
+    captured = {}
+
+    def take_input(module, args):
+        hidden = args[0]
+        device_type = hidden.device.type
+        enabled = torch.is_autocast_enabled(device_type)
+        captured["hidden"] = hidden
+        captured["autocast"] = Autocast(enabled, torch.get_autocast_dtype(device_type) if enabled else None)
+        return (hidden[..., :0, :],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(take_input)
+    try:
+        model(**inputs, logits_to_keep=columns)
+    finally:
+        handle.remove()
+    return captured.get("hidden"), captured.get("autocast", Autocast(False, None))
+
+
+def head_reproduces_logits(model: torch.nn.Module, head: torch.nn.Module, inputs: dict) -> bool:
+    """Whether the head alone gives the model's own logits; probed once per model (eval mode,
+    no_grad, the first row's first PROBE_TOKENS positions), the answer kept for the model's life."""
+    verdict = _head_reproduces_logits.get(model)
+    if verdict is not None:
+        return verdict
+    width = min(PROBE_TOKENS, inputs["input_ids"].shape[1])
+    probe = {name: value[:1, :width] if torch.is_tensor(value) else value for name, value in inputs.items()}
+    columns = torch.arange(width, device=inputs["input_ids"].device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            own = model(**probe, logits_to_keep=columns).logits
+            hidden, autocast = final_hidden_states(model, head, probe, columns)
+            ours = head_outside_forward(head, hidden, autocast)
+    finally:
+        model.train(was_training)
+    verdict = ours is not None and logits_agree(own, ours)
+    if not verdict:
+        print(f"note: {type(unwrapped(model)).__name__}'s logits are not its output head's alone (a softcap or logit scale?): "
+              "its loss computes the logits of all supervised positions at once, not in chunks", file=sys.stderr)
+    _head_reproduces_logits[model] = verdict
+    return verdict
+
+
+def head_outside_forward(head: torch.nn.Module, hidden: Optional[torch.Tensor], autocast: Autocast) -> Optional[torch.Tensor]:
+    """The head's logits called on its own, or None where it cannot be: the model's forward never
+    called it, or its weight exists only inside that forward (FSDP sharding may do it; untested)."""
+    if hidden is None:
+        return None
+    try:
+        return chunk_logits(head, hidden, autocast)
+    except RuntimeError:
+        return None
+
+
+def chunk_logits(head: torch.nn.Module, hidden: torch.Tensor, autocast: Autocast) -> torch.Tensor:
+    with autocast.context(hidden.device.type):
+        return head(hidden)
+
+
+def logits_agree(own: torch.Tensor, ours: torch.Tensor) -> bool:
+    """Equal up to the rounding of the dtype the head computed in (a matmul over a different
+    number of rows may sum in another order); a softcap or a scale moves logits far more."""
+    if own.shape != ours.shape:
+        return False
+    tolerance = max(1e-5, 2 * torch.finfo(ours.dtype).eps)
+    scale = own.float().abs().max().clamp_min(1.0)
+    return bool(((own.float() - ours.float()).abs() <= tolerance * scale).all())
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside peft's (and DDP's) wrappers, for naming it."""
+    model = getattr(model, "module", model)
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model

@@ -97,12 +97,12 @@ def main(argv=None) -> int:
     sampler = Sampler()
     sampler.start()
     sampler.phase("python started")
-    import torch  # noqa: F401  (its libraries' share of the RSS shows as "imports")
+    import torch
 
     from bench import compare
     from qlora import job, train
 
-    sampler.phase("imports")
+    sampler.phase(f"imports (torch {torch.__version__})")
     bench_args = compare.parse_args(["--steps", str(args.steps), "--work", args.work])
     fixture = compare.fixture_of(bench_args)
     wrap(job, "prepare_data", sampler, "data read + tokenized")

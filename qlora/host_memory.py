@@ -73,10 +73,11 @@ def keep_large_blocks_out_of_the_heap(threshold: int = LARGE_BLOCK_BYTES) -> boo
     Why: glibc raises its mmap threshold to the size of each mmapped block freed (up to 32 MiB),
     so after the first few steps every activation lands in the heap, and a heap cannot shrink
     around the blocks still in use: a step whose rows are longer than any before (padding-free
-    batches change length every step) grows it again. CPU training on bench/compare.py's fixture,
-    1 thread, RSS peak over 30 steps: measured in BENCHMARKS.md. Below 4 MiB (the dequantized
+    batches change length every step) grows it again. bench/compare.py's `ours` on a CPU, with
+    the checkpoint mapping released too: peak RSS 1,163 to 1,392 MiB -> 970 to 1,029 MiB over 4
+    runs each, same losses, ~1% more CPU time (BENCHMARKS.md). Below 4 MiB (the dequantized
     weights, most activations) the heap stays: every mmapped block is page-faulted in fresh, and
-    a 1 MiB threshold cost 35% more CPU time per step, 128 KiB 80%.
+    a 1 MiB threshold cost 35% more CPU time per step, 128 KiB 79%.
     """
     import platform
 

@@ -40,11 +40,13 @@ def keep_frozen_4bit_matmuls():
     """SAC policy: save what the 4-bit matmuls return, recompute everything else.
 
     It runs for every op of the forward and the recompute, so it compares one object and
-    returns; bitsandbytes must be imported (it registers the op), as it is once a 4-bit base is built."""
-    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+    returns. On a base without 4-bit layers it keeps nothing: full checkpointing."""
+    import importlib
+
     import torch
     from torch.utils.checkpoint import CheckpointPolicy
 
+    importlib.import_module("bitsandbytes")  # registers torch.ops.bitsandbytes
     matmul_4bit = torch.ops.bitsandbytes.gemm_4bit.default
     keep, recompute = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
 

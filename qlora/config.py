@@ -195,6 +195,8 @@ class TrainSection(_Strict):
     @field_validator("loss_chunk_tokens", mode="before")
     @classmethod
     def _chunk(cls, value):
+        if value is False:  # YAML reads a bare `off` as false
+            return "off"
         if value in ("auto", "off") or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             return value
         raise ValueError(f"train.loss_chunk_tokens: a positive number of supervised positions, auto or off (got {value!r})")

@@ -187,6 +187,8 @@ def test_a_bad_chunk_size_is_a_one_line_error_naming_the_key(tiny_model_dir, tmp
         load_config(job)
     assert "\n" not in str(error.value)
     assert load_config(write_job(tmp_path, tiny_model_dir, train={"loss_chunk_tokens": 512})).train.loss_chunk_tokens == 512
+    # A bare `off` in YAML is the boolean false: it means off, not a bad value.
+    assert load_config(write_job(tmp_path, tiny_model_dir, train={"loss_chunk_tokens": False})).train.loss_chunk_tokens == "off"
 
 
 def test_plan_counts_one_chunk_of_logits_by_the_loops_rule():

@@ -5,6 +5,8 @@ bitsandbytes), for tests that must kill or signal a real process at a known mome
     QLORA_TEST_HANG_IN_SAVE=4        at the step-4 checkpoint, write the state, touch
                                      $QLORA_TEST_READY, then hang (so the test can kill -9 mid-save)
     QLORA_TEST_NAN_AT_STEP=3         the loss of step 3 is NaN
+    QLORA_TEST_FORWARD_MARK=PATH     write the count of training forwards begun to PATH as each begins
+                                     (before its delay: a test knows a forward is under way)
 """
 
 import os
@@ -20,6 +22,7 @@ from qlora.cli import main
 delay = float(os.environ.get("QLORA_TEST_STEP_DELAY", "0"))
 hang_at = int(os.environ.get("QLORA_TEST_HANG_IN_SAVE", "0"))
 nan_at = int(os.environ.get("QLORA_TEST_NAN_AT_STEP", "0"))
+forward_mark = os.environ.get("QLORA_TEST_FORWARD_MARK")
 real_summed_loss = qlora.train.summed_loss
 real_save_state = qlora.checkpoint.save_training_state
 forward_calls = 0
@@ -28,6 +31,8 @@ forward_calls = 0
 def summed_loss(model, batch, device, *chunking):
     global forward_calls
     forward_calls += 1 if model.training else 0
+    if forward_mark and model.training:
+        Path(forward_mark).write_text(str(forward_calls))
     time.sleep(delay)
     loss = real_summed_loss(model, batch, device, *chunking)
     # Micro-batches of step s are forward calls (s-1)*accum+1 .. s*accum; accum is 1 in these tests.

@@ -238,8 +238,11 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_finishes_the_same_run(tiny_m
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny_model_dir, tmp_path):
     job = write_job(tmp_path, tiny_model_dir, train={"max_steps": 10})
     output = tmp_path / "out"
-    process = cli_process(job, tmp_path, QLORA_TEST_STEP_DELAY=2.0)
-    wait_for(lambda: len(metrics_steps(output)) >= 2, process)  # the eval row and step 1: step 2 has begun
+    mark = tmp_path / "forwards"
+    process = cli_process(job, tmp_path, QLORA_TEST_STEP_DELAY=2.0, QLORA_TEST_FORWARD_MARK=mark)
+    # Step 2's forward has begun (a metrics row of step 1 alone does not say so: a signal landing
+    # between that row and step 2's stop check is acted on at once, before any forward).
+    wait_for(lambda: mark.is_file() and mark.read_text() == "2", process)
     process.send_signal(signal.SIGINT)
     time.sleep(0.3)  # well inside step 2's 2 s forward: the first signal is not acted on before it ends
     process.send_signal(signal.SIGINT)

@@ -11,7 +11,6 @@ data can move together.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import shlex
@@ -21,6 +20,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qlora.config_errors import first_problem
 from qlora.errors import ConfigError
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -297,58 +297,13 @@ def apply_override(raw: dict, override: str, origin: str = "--set") -> str:
 
 
 def validate(raw: dict, source: str = "config", origins: Optional[dict[str, str]] = None) -> JobConfig:
-    """Validate a raw mapping into a JobConfig; the first problem becomes a one-line ConfigError.
-    `origins` maps a dotted key to where its value came from, when not from `source`."""
+    """Validate a raw mapping into a JobConfig; the first problem becomes a one-line ConfigError
+    (qlora.config_errors). `origins` maps a dotted key to where its value came from, when not from `source`."""
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as error:
-        # A union (e.g. data.train: path or list) reports one error per member; the deepest
-        # one is the member the user was writing.
-        problems = sorted(error.errors(), key=lambda problem: -len(problem["loc"]))
-        message = describe_problem(problems[0])
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        source = (origins or {}).get(problem_key(problems[0]), source)
-        raise ConfigError(f"{source}: {message}{more}") from None
-
-
-def problem_key(problem: dict) -> str:
-    return ".".join(problem_location(problem)) or "config"
-
-
-def problem_location(problem: dict) -> list[str]:
-    return [str(part) for part in problem["loc"] if isinstance(part, str) and part.isidentifier()]
-
-
-def describe_problem(problem: dict) -> str:
-    """One pydantic error as `key: what is wrong`, suggesting the closest valid key for typos."""
-    location = problem_location(problem)
-    key = problem_key(problem)
-    kind = problem["type"]
-    if kind == "extra_forbidden":
-        hint = closest_key(location)
-        return f"{key}: unknown key" + (f" (did you mean '{hint}'?)" if hint else "")
-    if kind == "missing":
-        return f"{key}: required key is missing"
-    message = problem["msg"].removeprefix("Value error, ")
-    if kind == "value_error":
-        return message
-    return f"{key}: {message} (got {problem.get('input')!r})"
-
-
-def closest_key(location: list[str]) -> Optional[str]:
-    """The valid key nearest to a misspelt one at the same place in the schema."""
-    model: type[BaseModel] = JobConfig
-    for part in location[:-1]:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if field is None or not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            if part == "train" and model is DataSection:
-                model = DataSource
-                continue
-            return None
-        model = annotation
-    matches = difflib.get_close_matches(location[-1], list(model.model_fields), n=1, cutoff=0.5)
-    return ".".join(location[:-1] + matches[:1]) if matches else None
+        key, message = first_problem(error, JobConfig)
+        raise ConfigError(f"{(origins or {}).get(key, source)}: {message}") from None
 
 
 def resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:

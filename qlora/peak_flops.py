@@ -45,18 +45,20 @@ def peak_matmul_flops(device, dtype: str) -> dict:
     `dtype` on `device`, from the cache when this device and torch version were measured."""
     import torch
 
-    key = f"{device_name(device)} | torch {torch.__version__} | {dtype}"
+    name = device_name(device)
+    key = f"{name} | torch {torch.__version__} | {dtype}"
     path = cache_dir() / CACHE_FILE
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
     entry = cached.get(key)
-    if entry is None or (taken_busy(entry) and not machine_busy(device)):
-        fresh = {**measure(device, getattr(torch, dtype)), **({"load_per_cpu": cpu_load()} if device.type == "cpu" else {})}
-        cached[key] = fresh if entry is None or fresh["flops_per_s"] >= entry["flops_per_s"] else {**entry, "load_per_cpu": fresh["load_per_cpu"]}
+    now = cpu_load() if device.type == "cpu" else None
+    if entry is None or (oversubscribed(entry.get("load_per_cpu")) and not oversubscribed(now)):
+        fresh = {**measure(device, getattr(torch, dtype)), **({"load_per_cpu": now} if device.type == "cpu" else {})}
+        cached[key] = fresh if entry is None or fresh["flops_per_s"] >= entry["flops_per_s"] else {**entry, "load_per_cpu": now}
         write_json_atomically(path, cached)
-    return {"device": device_name(device), "torch": torch.__version__, "dtype": dtype, **cached[key]}
+    return {"device": name, "torch": torch.__version__, "dtype": dtype, **cached[key]}
 
 
 def cpu_load() -> Optional[float]:
@@ -67,14 +69,9 @@ def cpu_load() -> Optional[float]:
         return None
 
 
-def machine_busy(device) -> bool:
-    load = cpu_load() if device.type == "cpu" else None
-    return load is not None and load > 1.0
-
-
-def taken_busy(entry: dict) -> bool:
-    load = entry.get("load_per_cpu")
-    return load is not None and load > 1.0
+def oversubscribed(load_per_cpu: Optional[float]) -> bool:
+    """More runnable tasks than cores: a matmul measured now comes out low."""
+    return load_per_cpu is not None and load_per_cpu > 1.0
 
 
 def measure(device, dtype, seconds: float = 0.5) -> dict:

@@ -5,8 +5,9 @@ The model's own forward runs once, with `logits_to_keep` at the columns holding 
 target (so its wrappers all apply: peft, gradient checkpointing, accelerate's autocast); a
 pre-hook on its output head takes the head's input (the final hidden states at those columns)
 and hands the head an empty tensor instead. The loss then projects the supervised hidden states
-chunk by chunk: head -> float32 -> cross-entropy (sum), each chunk inside a non-reentrant
-checkpoint, so its logits are freed after its forward and recomputed in backward. Under no_grad
+chunk by chunk: head -> float32 -> cross-entropy (sum), each chunk but the last inside a
+non-reentrant checkpoint, so its logits are freed after its forward and recomputed in backward
+(the last one's backward comes first, so keeping its logits costs no more). Under no_grad
 (eval) the chunks run without checkpointing.
 
 Some models post-process logits inside their forward (Gemma 2's softcap, Cohere's logit scale):
@@ -71,7 +72,9 @@ def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Un
     total = hidden[:0].float().sum()  # zero, attached to the graph even without supervised tokens
     for start in range(0, len(supervised), size):
         part = (head, hidden[start : start + size], targets[start : start + size], autocast)
-        if torch.is_grad_enabled():
+        # The last chunk's backward runs first, right after this forward: its logits would be
+        # recomputed at once, so only the chunks before it are checkpointed (one chunk: none).
+        if torch.is_grad_enabled() and start + size < len(supervised):
             total = total + checkpoint(chunk_loss, *part, use_reentrant=False)
         else:
             total = total + chunk_loss(*part)

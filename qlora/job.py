@@ -23,7 +23,7 @@ from qlora.checkpoint import TrainingState, load_training_state, remove_partial_
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
 from qlora.evaluate import ExactMatch, exact_match
-from qlora.host_memory import keep_large_blocks_out_of_the_heap, release_checkpoint_file
+from qlora.host_memory import keep_large_blocks_out_of_the_heap
 from qlora.metrics import MetricsLog, file_size, format_bytes
 from qlora.mfu import job_flop_meter
 from qlora.model import load_base, load_tokenizer, parameter_counts, weight_bytes
@@ -199,8 +199,6 @@ def train_and_publish(
         init=config.model.init,
         seed=config.train.seed,
     )
-    if quant.bits in (4, 8):
-        release_checkpoint_file(base)  # the unquantized rest pins the whole file's pages: qlora/host_memory.py
     echo(f"base: {config.model.name_or_path} ({describe_quantization(config)}), {format_bytes(weight_bytes(base))} in memory")
     lora = config.lora
     model = attach_lora(

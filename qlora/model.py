@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 from qlora.activation_checkpointing import checkpoint_kwargs
 from qlora.errors import ModelError
+from qlora.host_memory import release_checkpoint_file
 from qlora.row_attention import use_row_attention
 
 
@@ -91,6 +92,8 @@ def load_base(
         )
     except (OSError, ValueError) as error:
         raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {first_line(error)}") from None
+    if bits in (4, 8):
+        release_checkpoint_file(model)  # the unquantized rest pins the whole file's pages: qlora/host_memory.py
     return freeze_for_training(model, gradient_checkpointing)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qlora.host_memory import release_checkpoint_file
-from qlora.model import load_base
+from qlora.model import disable_cpu_weight_repacking, load_base
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
 
@@ -20,7 +20,7 @@ def mapped(path: Path) -> bool:
 def test_release_checkpoint_file_unmaps_the_file_and_keeps_the_numbers(tiny_model_dir, tmp_path):
     folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "base"))  # a path no other test's model maps
     checkpoint = folder / "model.safetensors"
-    base = load_base(str(folder), bits=4, compute_dtype="float32", gradient_checkpointing=False)
+    base = transformers_4bit_load(folder)  # what load_base gets from transformers, before it lets go of the file
     gc.collect()
     assert mapped(checkpoint), "transformers no longer keeps the file mapped: host_memory.py may be obsolete"
     inputs = torch.arange(1, 41).reshape(2, 20)
@@ -38,6 +38,22 @@ def test_release_checkpoint_file_unmaps_the_file_and_keeps_the_numbers(tiny_mode
     with torch.no_grad():
         assert torch.equal(base(input_ids=inputs).logits, before)
     assert release_checkpoint_file(base) == 0  # nothing left in the file
+
+    del base
+    gc.collect()
+    trained_on = load_base(str(folder), bits=4, compute_dtype="float32", gradient_checkpointing=False)
+    gc.collect()
+    assert not mapped(checkpoint)  # load_base lets go of the file itself, for every caller (train, eval, merge, bench)
+    assert release_checkpoint_file(trained_on) == 0
+
+
+def transformers_4bit_load(folder: Path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quantization, dtype=torch.float32, use_safetensors=True)
+    disable_cpu_weight_repacking(model)  # the eval forwards below must not repack the 4-bit weights in place
+    return model
 
 
 HEAP_PROBE = """

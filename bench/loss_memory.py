@@ -21,29 +21,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from qlora.adapters import attach_lora  # noqa: E402
 from qlora.data import Batch  # noqa: E402
 from qlora.loss import summed_cross_entropy  # noqa: E402
 from qlora.model import load_base  # noqa: E402
 from tests.tiny import build_tiny_model  # noqa: E402
+from tests.vocab_tensors import VocabSizedTensors  # noqa: E402
 
 VOCAB, ROWS, ROW_TOKENS = 32000, 4, 2048
-
-
-class LargestVocabTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if all(result.alias_info is None for result in func._schema.returns):
-            for tensor in torch.utils._pytree.tree_leaves(out):
-                if torch.is_tensor(tensor) and tensor.dim() and tensor.shape[-1] == VOCAB:
-                    self.largest = max(self.largest, tensor.numel() * tensor.element_size())
-        return out
 
 
 def resident_bytes() -> int:
@@ -69,7 +55,7 @@ def main(setting: str) -> None:
     model.zero_grad(set_to_none=True)
     before = resident_bytes()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with LargestVocabTensor() as recorder:
+    with VocabSizedTensors(VOCAB) as recorder:
         loss = summed_cross_entropy(model, batch, torch.device("cpu"), chunk_tokens)
         loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -78,7 +64,7 @@ def main(setting: str) -> None:
         "loss": round(loss.item() / batch.supervised_tokens, 6),
         "rss_before_mb": round(before / 1e6), "peak_rss_mb": round(peak / 1e6),
         "loss_peak_over_before_mb": round((peak - before) / 1e6) if peak > peak_before else None,  # None: no new peak
-        "largest_vocab_tensor_mb": round(recorder.largest / 1e6, 1),
+        "largest_vocab_tensor_mb": round(recorder.largest_bytes / 1e6, 1),
     }))
 
 

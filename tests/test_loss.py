@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora import data
 from qlora.adapters import attach_lora
 from qlora.loss import summed_cross_entropy
 from qlora.model import load_base, load_tokenizer
 from tests.tiny import build_tiny_model, write_chat_data, write_job
+from tests.vocab_tensors import VocabSizedTensors
 
 VOCAB = 2048
 CPU = torch.device("cpu")
@@ -60,25 +60,6 @@ def loss_and_grads(model, batch, chunk_tokens):
     loss = summed_cross_entropy(model, batch, CPU, chunk_tokens)
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-class VocabSizedTensors(TorchDispatchMode):
-    """The largest logits-shaped tensor ([..., vocab]) any op allocates, forward and backward
-    (views and in-place results share an earlier allocation: not counted; the head's [vocab,
-    hidden] weight and its autocast copies are not logits)."""
-
-    def __init__(self, vocab):
-        super().__init__()
-        self.vocab, self.largest, self.ops = vocab, 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if all(result.alias_info is None for result in func._schema.returns):
-            for tensor in torch.utils._pytree.tree_leaves(out):
-                if torch.is_tensor(tensor) and tensor.dim() and tensor.shape[-1] == self.vocab:
-                    self.largest = max(self.largest, tensor.numel())
-                    self.ops.add(func.overloadpacket.__name__)
-        return out
 
 
 @pytest.mark.parametrize("train_on", ["completions", "all"])

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     from bench.fixture import build_model
     from qlora.adapters import attach_lora
-    from qlora.model import load_base
+    from qlora.model.base import load_base
 
     folder = Path(args.work)
     if not (folder / "config.json").is_file():

@@ -131,7 +131,7 @@ def ratios(records: dict) -> dict:
 
 
 def add_peer_mfu(records: dict) -> None:
-    """MFU of a run that is not ours: our run's useful FLOPs per supervised token (qlora/flops.py,
+    """MFU of a run that is not ours: our run's useful FLOPs per supervised token (qlora/plan/flops.py,
     same rows' length mix) x its supervised tokens/s, over the same measured peak."""
     ours = records.get("ours") or records.get("ours-padded") or {}
     if not ours.get("useful_flops"):
@@ -156,7 +156,7 @@ def run_one(run: str, settings: dict, fixture: dict) -> dict:
         model, tokenizer = result.pop("model"), result.pop("tokenizer")
         record = {**result, "eval_loss": held_out_loss(model, tokenizer, settings, fixture)}
     on_cuda = torch.cuda.is_available()
-    from qlora.peak_flops import peak_matmul_flops
+    from qlora.plan.peak_flops import peak_matmul_flops
 
     device = torch.device("cuda" if on_cuda else "cpu")
     record["peak_matmul_flops_per_s"] = {dtype: peak_matmul_flops(device, dtype)["flops_per_s"] for dtype in ("float32", "bfloat16")}
@@ -173,12 +173,12 @@ def run_one(run: str, settings: dict, fixture: dict) -> dict:
 
 def run_ours(settings: dict, fixture: dict, padding_free: bool, checkpointing) -> dict:
     """The qlora job runner (the CLI's code path) on a job file with the shared settings.
-    `checkpointing`: True (full, as TRL) or "selective" (qlora.activation_checkpointing)."""
+    `checkpointing`: True (full, as TRL) or "selective" (qlora.model.checkpointing)."""
     import yaml
 
     from qlora.config import load_config
-    from qlora.job import run_job
-    from qlora.metrics import peak_memory
+    from qlora.job.run import run_job
+    from qlora.training.metrics import peak_memory
 
     folder = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     job = {
@@ -200,7 +200,7 @@ def run_ours(settings: dict, fixture: dict, padding_free: bool, checkpointing) -
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from qlora.model import load_base
+    from qlora.model.base import load_base
 
     # The trained adapter as written, on a freshly loaded base: the artifact users get is what is evaluated.
     tokenizer = AutoTokenizer.from_pretrained(fixture["model"])
@@ -219,7 +219,7 @@ def held_out_loss(model, tokenizer, settings: dict, fixture: dict) -> float:
     import torch
 
     from qlora import data
-    from qlora.train import evaluate
+    from qlora.training.loop import evaluate
 
     rows = data.read_rows([(fixture["eval"], "chat")], key="data.eval")
     examples = data.tokenize_rows(rows, tokenizer, settings["max_seq_len"], "completions", "drop").examples

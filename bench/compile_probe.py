@@ -19,13 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import bench.compare as compare  # noqa: E402
-import qlora.job as job  # noqa: E402
+import qlora.job.run as job  # noqa: E402
 
 
 def compile_below_checkpoint() -> None:
     from transformers import AttentionInterface
 
-    from qlora.row_attention import ROW_ATTENTION, row_attention_forward
+    from qlora.model.row_attention import ROW_ATTENTION, row_attention_forward
 
     # row_bounds' nonzero().tolist() is a graph break; keep the attention call out of the graphs.
     AttentionInterface.register(ROW_ATTENTION, torch.compiler.disable(row_attention_forward))

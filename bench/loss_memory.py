@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from qlora.adapters import attach_lora  # noqa: E402
 from qlora.data import Batch  # noqa: E402
-from qlora.loss import summed_cross_entropy  # noqa: E402
-from qlora.model import load_base  # noqa: E402
+from qlora.training.loss import summed_cross_entropy  # noqa: E402
+from qlora.model.base import load_base  # noqa: E402
 from tests.tiny import build_tiny_model  # noqa: E402
 from tests.vocab_tensors import VocabSizedTensors  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Imported only by bench/compare.py inside the subprocess of one TRL run (`pip install .[bench]`).
 The eval loss is NOT TRL's own eval: after training, the trained model goes through the same
-function as our run (qlora.train.evaluate on qlora's tokenization of the held-out rows), so the
+function as our run (qlora.training.loop.evaluate on qlora's tokenization of the held-out rows), so the
 three eval losses are one measurement of three models.
 """
 
@@ -45,8 +45,8 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from qlora.metrics import peak_memory
-    from qlora.model import disable_cpu_weight_repacking
+    from qlora.training.metrics import peak_memory
+    from qlora.model.base import disable_cpu_weight_repacking
 
     torch.manual_seed(settings["seed"])
     tokenizer = AutoTokenizer.from_pretrained(fixture["model"])
@@ -54,7 +54,7 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
     model = AutoModelForCausalLM.from_pretrained(fixture["model"], quantization_config=quantization, dtype=dtype, device_map=device_map)
-    disable_cpu_weight_repacking(model)  # the AVX512-BF16 trap (see qlora.model)
+    disable_cpu_weight_repacking(model)  # the AVX512-BF16 trap (see qlora.model.base)
     lora = LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM")
     padding_free = mode == "best"

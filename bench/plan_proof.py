@@ -75,11 +75,11 @@ def write_job(folder: Path, model: str, args) -> Path:
 def prove(model: str, args) -> dict:
     import torch
 
-    from qlora.arch import load_architecture
+    from qlora.plan.architecture import load_architecture
     from qlora.config import load_config
     from qlora.errors import QloraError
-    from qlora.job import run_job
-    from qlora.plan import make_plan, settings_from_job
+    from qlora.job.run import run_job
+    from qlora.plan.memory import make_plan, settings_from_job
 
     with tempfile.TemporaryDirectory(prefix="plan-proof-") as folder:
         config = load_config(write_job(Path(folder), model, args), args.overrides)
@@ -112,7 +112,7 @@ def prove(model: str, args) -> dict:
 
 def gpu_from_device_name(device: str):
     """The configs/hardware/gpus.yaml entry whose name appears in the CUDA device name (longest match wins)."""
-    from qlora.arch import load_gpus
+    from qlora.plan.hardware import load_gpus
 
     name = device.upper().replace(" ", "-")
     matches = [gpu for key, gpu in load_gpus().items() if key.upper().removeprefix("RTX-") in name]

@@ -14,17 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-import qlora.checkpoint
-import qlora.job
-import qlora.train
-from qlora.cli import main
+import qlora.training.checkpoint
+import qlora.job.run
+import qlora.training.loop
+from qlora.cli.main import main
 
 delay = float(os.environ.get("QLORA_TEST_STEP_DELAY", "0"))
 hang_at = int(os.environ.get("QLORA_TEST_HANG_IN_SAVE", "0"))
 nan_at = int(os.environ.get("QLORA_TEST_NAN_AT_STEP", "0"))
 forward_mark = os.environ.get("QLORA_TEST_FORWARD_MARK")
-real_summed_loss = qlora.train.summed_loss
-real_save_state = qlora.checkpoint.save_training_state
+real_summed_loss = qlora.training.loop.summed_loss
+real_save_state = qlora.training.checkpoint.save_training_state
 forward_calls = 0
 
 
@@ -46,8 +46,8 @@ def save_training_state(folder, state, run):
         time.sleep(600)
 
 
-qlora.train.summed_loss = summed_loss
-qlora.job.save_training_state = save_training_state
+qlora.training.loop.summed_loss = summed_loss
+qlora.job.run.save_training_state = save_training_state
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

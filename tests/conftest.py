@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory):
 def trained_adapter(tiny_model_dir, tmp_path_factory):
     """The output folder of a real training job (NF4 base, float32 compute, 6 steps) on the tiny model."""
     from qlora.config import load_config
-    from qlora.job import run_job
+    from qlora.job.run import run_job
     from tests.tiny import write_job
 
     directory = tmp_path_factory.mktemp("trained")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qlora.adapters.lora import attach_lora
-from qlora.model import load_base
-from qlora.train import summed_loss
+from qlora.model.base import load_base
+from qlora.training.loop import summed_loss
 from tests.test_training import batches_fn, run_logged, settings, tokenized
 
 MODES = (True, "selective", False)
@@ -84,8 +84,8 @@ def test_selective_needs_a_4bit_base(tmp_path):
 def test_plan_puts_selective_between_full_checkpointing_and_none():
     from dataclasses import replace
 
-    from qlora.arch import load_architecture
-    from qlora.plan import PlanSettings, activation_lines, flops_per_token, layer_linears
+    from qlora.plan.architecture import load_architecture
+    from qlora.plan.memory import PlanSettings, activation_lines, flops_per_token, layer_linears
 
     arch = load_architecture("llama-3.1-8b")
     full = PlanSettings(seq_len=2048)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlora.adapters.spectra import inspect_adapter
-from qlora.cli import main
+from qlora.cli.main import main
 from qlora.errors import EXIT_CONFIG, EXIT_DATA
 from tests.tiny import chat_row
 from tests.tiny_adapters import plain_peft_adapter

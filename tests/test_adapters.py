@@ -9,7 +9,7 @@ import torch
 
 import qlora
 from qlora.adapters import MANIFEST_NAME, load_with_adapters, select_adapter
-from qlora.cli import main
+from qlora.cli.main import main
 from qlora.errors import EXIT_MODEL, ModelError
 from tests.tiny import build_tiny_model
 from tests.tiny_adapters import plain_peft_adapter

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from qlora.checkpoint import COMPLETE_MARKER, complete_checkpoints, save_checkpoint
-from qlora.cli import main
+from qlora.training.checkpoint import COMPLETE_MARKER, complete_checkpoints, save_checkpoint
+from qlora.cli.main import main
 from tests.tiny import write_job
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from qlora.cli import main
+from qlora.cli.main import main
 from qlora.errors import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT
 from tests.tiny import write_job
 

@@ -145,7 +145,7 @@ def test_every_shipped_config_parses(path):
 
 
 def test_readme_config_reference_is_up_to_date():
-    from qlora.config import reference_markdown
+    from qlora.config.reference import reference_markdown
 
     readme = (REPO / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate the README table with `python -m qlora.config`"

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora.checkpoint import complete_checkpoints
-from qlora.cli import main
+from qlora.training.checkpoint import complete_checkpoints
+from qlora.cli.main import main
 from qlora.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OUTPUT
 
 ROOT = Path(__file__).resolve().parents[1]

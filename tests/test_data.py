@@ -484,7 +484,7 @@ def test_template_that_is_not_prefix_stable_is_rejected(tmp_path, tokenizer):
 
 def test_tokenized_sets_are_cached_across_runs_and_a_changed_row_misses(tiny_model_dir, tmp_path):
     from qlora.data import read_rows, tokenize_rows_cached
-    from qlora.model import load_tokenizer
+    from qlora.model.base import load_tokenizer
     from tests.tiny import write_chat_data
 
     tokenizer = load_tokenizer(str(tiny_model_dir))

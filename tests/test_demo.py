@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig, AutoTokenizer
 
-from qlora.cli import main
+from qlora.cli.main import main
 from qlora.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

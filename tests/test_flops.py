@@ -1,4 +1,4 @@
-"""MFU: the useful-FLOPs formula (qlora/flops.py) against torch's own FLOP counter, the measured
+"""MFU: the useful-FLOPs formula (qlora/plan/flops.py) against torch's own FLOP counter, the measured
 peak cached per device, and `mfu` reported by a real run."""
 
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from qlora.arch import describe_skeleton
-from qlora.flops import FlopModel
-from qlora.peak_flops import CACHE_FILE, peak_matmul_flops
+from qlora.plan.architecture import describe_skeleton
+from qlora.plan.flops import FlopModel
+from qlora.plan.peak_flops import CACHE_FILE, peak_matmul_flops
 from qlora.user_cache import cache_dir
 
 
@@ -60,10 +60,10 @@ def test_useful_flops_add_up_over_rows_and_checkpointing_only_adds_hardware_flop
 
 
 def test_peak_matmul_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
-    import qlora.peak_flops
+    import qlora.plan.peak_flops
 
     monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(qlora.peak_flops, "cpu_load", lambda: 0.3)  # the load this machine reports is not the test's to choose
+    monkeypatch.setattr(qlora.plan.peak_flops, "cpu_load", lambda: 0.3)  # the load this machine reports is not the test's to choose
     first = peak_matmul_flops(torch.device("cpu"), "float32")
     assert first["flops_per_s"] > 1e8 and first["torch"] == torch.__version__ and first["load_per_cpu"] == 0.3
     saved = json.loads((cache_dir() / CACHE_FILE).read_text())
@@ -77,10 +77,10 @@ def test_peak_matmul_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
 def test_a_peak_measured_on_a_busy_cpu_is_measured_again_when_quiet(tmp_path, monkeypatch):
     """Other work can only make the peak low (and MFU high): a busy measurement is redone when
     the machine is quiet, and the higher rate is kept."""
-    import qlora.peak_flops
+    import qlora.plan.peak_flops
 
     monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(qlora.peak_flops, "cpu_load", lambda: 3.5)  # oversubscribed: 3.5 runnable tasks per core
+    monkeypatch.setattr(qlora.plan.peak_flops, "cpu_load", lambda: 3.5)  # oversubscribed: 3.5 runnable tasks per core
     real = peak_matmul_flops(torch.device("cpu"), "float32")["flops_per_s"]
     path = cache_dir() / CACHE_FILE
     saved = json.loads(path.read_text())
@@ -88,7 +88,7 @@ def test_a_peak_measured_on_a_busy_cpu_is_measured_again_when_quiet(tmp_path, mo
     saved[key]["flops_per_s"] = 123.0  # as if the busy measurement had come out low
     path.write_text(json.dumps(saved))
     assert peak_matmul_flops(torch.device("cpu"), "float32")["flops_per_s"] == 123.0  # still busy: kept
-    monkeypatch.setattr(qlora.peak_flops, "cpu_load", lambda: 0.2)
+    monkeypatch.setattr(qlora.plan.peak_flops, "cpu_load", lambda: 0.2)
     again = peak_matmul_flops(torch.device("cpu"), "float32")
     assert again["flops_per_s"] > 1e8 and again["flops_per_s"] > 0.2 * real and again["load_per_cpu"] == 0.2
     assert json.loads(path.read_text())[key]["flops_per_s"] == again["flops_per_s"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qlora.adapters import save_adapter
-from qlora.cli import main
-from qlora.train import train
+from qlora.cli.main import main
+from qlora.training.loop import train
 from tests.test_training import batches_fn, build_model, settings, tokenized
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

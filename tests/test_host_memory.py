@@ -1,4 +1,4 @@
-"""A loaded 4-bit base lets go of its checkpoint file's mapping (qlora/host_memory.py)."""
+"""A loaded 4-bit base lets go of its checkpoint file's mapping (qlora/model/host_memory.py)."""
 
 import gc
 import shutil
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.host_memory import release_checkpoint_file
-from qlora.model import disable_cpu_weight_repacking, load_base
+from qlora.model.host_memory import release_checkpoint_file
+from qlora.model.base import disable_cpu_weight_repacking, load_base
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
 
@@ -59,7 +59,7 @@ def transformers_4bit_load(folder: Path):
 HEAP_PROBE = """
 import ctypes, sys
 import torch
-from qlora.host_memory import keep_large_blocks_out_of_the_heap
+from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 
 
 class Mallinfo2(ctypes.Structure):

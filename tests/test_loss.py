@@ -1,4 +1,4 @@
-"""The chunked loss (qlora.loss): the whole path's loss and LoRA gradients, vocabulary-sized
+"""The chunked loss (qlora.training.loss): the whole path's loss and LoRA gradients, vocabulary-sized
 tensors of one chunk at most, the same training run, and the whole path for heads whose logits
 the model post-processes (a softcap).
 
@@ -13,8 +13,8 @@ import torch
 
 from qlora import data
 from qlora.adapters import attach_lora
-from qlora.loss import summed_cross_entropy
-from qlora.model import load_base, load_tokenizer
+from qlora.training.loss import summed_cross_entropy
+from qlora.model.base import load_base, load_tokenizer
 from tests.tiny import build_tiny_model, write_chat_data, write_job
 from tests.vocab_tensors import VocabSizedTensors
 
@@ -105,7 +105,7 @@ def test_eval_takes_the_chunked_path_without_checkpointing_and_gives_the_whole_l
 
 def test_training_with_small_chunks_gives_the_same_losses(wide_vocab_dir, tmp_path):
     from qlora.config import load_config
-    from qlora.job import run_job
+    from qlora.job.run import run_job
 
     losses = {}
     for setting in (3, "off"):
@@ -174,8 +174,8 @@ def test_a_bad_chunk_size_is_a_one_line_error_naming_the_key(tiny_model_dir, tmp
 
 
 def test_plan_counts_one_chunk_of_logits_by_the_loops_rule():
-    from qlora.arch import load_architecture
-    from qlora.plan import PlanSettings, loss_chunk_tokens, make_plan
+    from qlora.plan.architecture import load_architecture
+    from qlora.plan.memory import PlanSettings, loss_chunk_tokens, make_plan
 
     llama3 = load_architecture("llama-3.1-8b")
     assert loss_chunk_tokens(llama3.vocab) == 523 == 256 * 2**20 // (4 * 128256)

@@ -7,7 +7,7 @@ import torch
 
 from qlora.adapters import load_with_adapters
 from qlora.adapters.merge import MERGE_RECORD, merge_adapter
-from qlora.cli import main
+from qlora.cli.main import main
 from qlora.errors import EXIT_CONFIG, EXIT_OUTPUT, OutputError
 from tests.tiny_adapters import plain_peft_adapter
 

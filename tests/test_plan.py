@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.arch import load_architecture, shipped_architectures
-from qlora.plan import PlanSettings, largest_micro_batch, make_plan
+from qlora.plan.architecture import load_architecture, shipped_architectures
+from qlora.plan.memory import PlanSettings, largest_micro_batch, make_plan
 from tests.tiny import build_tiny_model, write_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def tiny256(tmp_path_factory):
 
 @pytest.mark.parametrize("compute_dtype,double_quant", [("float32", True), ("bfloat16", True), ("float32", False)])
 def test_planned_weight_bytes_equal_the_loaded_4bit_model(tiny256, compute_dtype, double_quant):
-    from qlora.model import load_base, weight_bytes
+    from qlora.model.base import load_base, weight_bytes
 
     model = load_base(str(tiny256), bits=4, compute_dtype=compute_dtype, double_quant=double_quant)
     plan = make_plan(load_architecture(str(tiny256)), PlanSettings(compute_dtype=compute_dtype, double_quant=double_quant))
@@ -92,8 +92,8 @@ def test_planned_weight_bytes_equal_the_loaded_4bit_model(tiny256, compute_dtype
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_lora_and_optimizer_bytes_equal_the_real_tensors(tiny256, optimizer):
     from qlora.adapters import attach_lora
-    from qlora.model import load_base
-    from qlora.train import LoopSettings, build_optimizer
+    from qlora.model.base import load_base
+    from qlora.training.loop import LoopSettings, build_optimizer
 
     model = attach_lora(load_base(str(tiny256), bits=4, compute_dtype="float32"), r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -128,10 +128,10 @@ def saved_activation_bytes(model, input_ids) -> int:
 
 @pytest.mark.parametrize("checkpointing,dropout", [(False, 0.0), (False, 0.1), (True, 0.0)])
 def test_activation_formula_matches_the_tensors_autograd_saves(tiny256, checkpointing, dropout):
-    """The per-layer formula in qlora/plan.py against a real forward (float32 on CPU, where a
+    """The per-layer formula in qlora/plan/memory.py against a real forward (float32 on CPU, where a
     dropout mask has the activation's dtype), within 2%."""
     from qlora.adapters import attach_lora
-    from qlora.model import load_base
+    from qlora.model.base import load_base
 
     base = load_base(str(tiny256), bits=4, compute_dtype="float32", gradient_checkpointing=True)
     if not checkpointing:
@@ -183,8 +183,8 @@ def test_cli_plan_errors_are_one_line_with_exit_codes():
 def test_auto_micro_batch_takes_the_largest_that_fits_and_keeps_the_effective_batch(tmp_path, tiny_model_dir):
     from qlora.config import load_config
     from qlora.errors import ConfigError
-    from qlora.job import validate_job
-    from qlora.plan import settings_from_job
+    from qlora.job.run import validate_job
+    from qlora.plan.memory import settings_from_job
 
     job = write_job(tmp_path, tiny_model_dir, train={"micro_batch_size": "auto", "grad_accum_steps": 1, "effective_batch_size": 12})
     with pytest.raises(ConfigError, match="train.memory_budget"):

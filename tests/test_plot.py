@@ -2,7 +2,7 @@
 
 import re
 
-from qlora.plot import write_loss_plot
+from qlora.training.plot import write_loss_plot
 
 
 def labels(svg: str) -> list[str]:

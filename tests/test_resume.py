@@ -21,13 +21,13 @@ from safetensors.torch import load_file
 
 from qlora import data
 from qlora.adapters import attach_lora, load_adapter_weights, save_adapter
-from qlora.checkpoint import COMPLETE_MARKER, complete_checkpoints, load_training_state, save_checkpoint, save_training_state
-from qlora.cli import main
+from qlora.training.checkpoint import COMPLETE_MARKER, complete_checkpoints, load_training_state, save_checkpoint, save_training_state
+from qlora.cli.main import main
 from qlora.config import load_config
 from qlora.errors import EXIT_ABORTED, EXIT_CHECKPOINT, EXIT_INTERRUPTED, EXIT_TRAINING, CheckpointError
-from qlora.job import run_job
-from qlora.model import load_base, load_tokenizer
-from qlora.train import LoopSettings, train
+from qlora.job.run import run_job
+from qlora.model.base import load_base, load_tokenizer
+from qlora.training.loop import LoopSettings, train
 from tests.tiny import write_chat_data, write_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import yaml
 
 from qlora.config import load_config
 from qlora.errors import EXIT_INTERRUPTED, ConfigError
-from qlora.job import run_job
+from qlora.job.run import run_job
 from qlora.output_dir import in_use
 from tests.service_server import ROOT, TOKEN, Server, browse, populate_root, sha256, tiny_job, wait_for_state, wait_until
 

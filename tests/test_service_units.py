@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from qlora.errors import ConfigError, OutputError
-from qlora.service.command import claim_root, gpu_slots
+from qlora.cli.serve import claim_root, gpu_slots
 from qlora.service.security import PathRejected, inside_root, load_or_create_token, token_matches
 from qlora.service.store import Store
 
@@ -77,7 +77,7 @@ def test_the_queue_runs_higher_priority_first_then_oldest_first(tmp_path):
 
 
 def test_qlora_train_imports_neither_fastapi_nor_torch_for_the_cli():
-    probe = "import sys, qlora.cli; print(sorted({'fastapi', 'uvicorn', 'torch'} & set(sys.modules)))"
+    probe = "import sys, qlora.cli.main; print(sorted({'fastapi', 'uvicorn', 'torch'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -15,8 +15,8 @@ import torch
 from qlora import data
 from qlora.adapters.dropout import CheapMaskDropout
 from qlora.data import IGNORE_INDEX
-from qlora.row_attention import ROW_ATTENTION, row_bounds
-from qlora.train import summed_loss
+from qlora.model.row_attention import ROW_ATTENTION, row_bounds
+from qlora.training.loop import summed_loss
 from tests.test_training import build_model, tokenized
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_cheap_mask_dropout_drops_at_rate_p_and_keeps_the_expectation():
 
 def test_lora_dropout_is_cheap_mask_and_replayed_under_gradient_checkpointing(tiny_model_dir, tmp_path):
     from qlora.adapters import attach_lora
-    from qlora.model import load_base
+    from qlora.model.base import load_base
 
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=4)
     batch = data.epoch_batches(examples, 4, False, 64, tokenizer.pad_token_id, seed=0, epoch=0)[0]
@@ -162,7 +162,7 @@ def test_loss_computes_logits_only_at_supervised_positions_and_equals_the_full_l
 def test_activation_offload_gives_the_same_losses_and_adapter(tiny_model_dir, tmp_path):
     """train.offload_activations under gradient checkpointing: on a CPU the saved tensors go to
     host memory either way, so the numbers must not move at all (on CUDA they would be copies)."""
-    from qlora.train import saved_for_backward_on_host
+    from qlora.training.loop import saved_for_backward_on_host
     from tests.test_training import batches_fn, run_logged, settings
 
     assert isinstance(saved_for_backward_on_host(True), torch.autograd.graph.save_on_cpu)

@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from qlora.arch import load_architecture
-from qlora.plan import PlanSettings, make_plan
+from qlora.plan.architecture import load_architecture
+from qlora.plan.memory import PlanSettings, make_plan
 from tests.tiny import write_job
 
 
@@ -42,8 +42,8 @@ def write_config_only(directory, hidden=256, layers=8):
 
 
 def test_random_base_is_built_one_linear_at_a_time_into_nf4(tmp_path):
-    from qlora.model import weight_bytes
-    from qlora.synthetic import build_random_base
+    from qlora.model.base import weight_bytes
+    from qlora.model.random_init import build_random_base
 
     config_dir = write_config_only(tmp_path / "arch")
     arch = load_architecture(str(config_dir))
@@ -68,7 +68,7 @@ def test_random_base_is_built_one_linear_at_a_time_into_nf4(tmp_path):
 
 
 def test_random_base_trains_through_the_job_path(tmp_path, tiny_model_dir):
-    from qlora.cli import main
+    from qlora.cli.main import main
 
     config_dir = write_config_only(tmp_path / "arch", hidden=64, layers=2)
     job = write_job(tmp_path, config_dir, model={"name_or_path": str(config_dir), "init": "random", "tokenizer": str(tiny_model_dir)},

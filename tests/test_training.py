@@ -9,9 +9,9 @@ import torch
 from qlora import data
 from qlora.adapters import attach_lora, save_adapter
 from qlora.errors import TrainingError
-from qlora.metrics import MetricsLog
-from qlora.model import load_base, load_tokenizer, parameter_counts
-from qlora.train import LoopSettings, train
+from qlora.training.metrics import MetricsLog
+from qlora.model.base import load_base, load_tokenizer, parameter_counts
+from qlora.training.loop import LoopSettings, train
 from tests.tiny import write_chat_data
 
 

@@ -28,7 +28,7 @@ from qlora.adapters.manifest import (
     stderr_warning,
 )
 from qlora.errors import ConfigError, ModelError
-from qlora.model import first_line, load_base, load_tokenizer
+from qlora.model.base import first_line, load_base, load_tokenizer
 
 BITS_CHOICES = (4, 8, 16)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 from qlora.adapters.loading import load_with_adapters, select_adapter, trained_quantization
 from qlora.adapters.manifest import read_adapter_config, recorded_base
 from qlora.errors import ConfigError, ModelError, OutputError
-from qlora.metrics import format_bytes
+from qlora.sizes import format_bytes
 from qlora.output_dir import apply_umask
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")

@@ -19,7 +19,7 @@ from typing import Optional
 from qlora.adapters.loading import LORA_KEY
 from qlora.adapters.manifest import ADAPTER_WEIGHTS, read_adapter_config, read_manifest
 from qlora.errors import ConfigError
-from qlora.metrics import format_bytes
+from qlora.sizes import format_bytes
 
 ENERGY_LEVELS = (0.90, 0.99)
 

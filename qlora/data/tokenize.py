@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from qlora.data.formats import Rendering, Span, render_prompt, render_row
 from qlora.data.sources import Row
 from qlora.errors import DataError
+from qlora.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -5,6 +5,6 @@ submission (a posted config -> a job folder, validated like the CLI), process (h
 subprocesses are started), runner (the scheduler: one `qlora train` per GPU slot), shepherd (the
 single-threaded process between the service and a job), events (job views and server-sent
 events from a job's files), artifacts (adapter archives), files (uploads), app (the HTTP
-routes), command (the `serve` sub-parser). Nothing here imports torch: the training and the
+routes; its sub-command is qlora.cli.serve). Nothing here imports torch: the training and the
 data checks run in subprocesses.
 """

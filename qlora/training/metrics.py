@@ -1,14 +1,12 @@
-"""Where numbers go: metrics.jsonl, the progress bar, memory and byte formatting."""
+"""Where numbers go: metrics.jsonl, the progress bar, peak memory."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 from pathlib import Path
-from typing import Optional
 
 
 class MetricsLog:
@@ -53,17 +51,3 @@ def peak_memory() -> tuple[str, int]:
     if torch.cuda.is_available():
         return "gpu_allocated", torch.cuda.max_memory_allocated()
     return "process_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def format_bytes(count: Optional[float]) -> str:
-    if count is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
-
-
-def file_size(path: os.PathLike) -> int:
-    return os.stat(path).st_size

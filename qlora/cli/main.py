@@ -9,10 +9,10 @@ import signal
 import sys
 import traceback
 
-from qlora.adapter_cli import ADAPTER_COMMANDS, add_adapter_commands, run_adapter_command
+from qlora.cli.adapter import ADAPTER_COMMANDS, add_adapter_commands, run_adapter_command
 from qlora.errors import EXIT_ABORTED, EXIT_INTERNAL, Interrupted, QloraError
-from qlora.plan_cli import add_plan_command, run_plan
-from qlora.service.command import add_serve_command, run_serve
+from qlora.cli.plan import add_plan_command, run_plan
+from qlora.cli.serve import add_serve_command, run_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{OVERRIDES_ENV}: {' '.join(env_overrides)}", file=sys.stderr)
     config = load_config(args.config, args.overrides, env_overrides=env_overrides)
     if args.command == "validate":
-        from qlora.job import validate_job
+        from qlora.job.run import validate_job
 
         report = validate_job(config, echo=(lambda line: None) if args.json else print)
         if args.json:
             print(json.dumps(report))
         return 0
-    from qlora.job import run_job
+    from qlora.job.run import run_job
 
     with GracefulStop() as stop:
         run_job(config, overwrite=args.overwrite, resume_from=args.resume_from, resume_anyway=args.resume_anyway, stop_requested=stop.requested)

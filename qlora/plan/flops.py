@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from qlora.arch import Architecture
+from qlora.plan.architecture import Architecture
 
 
 @dataclass(frozen=True)

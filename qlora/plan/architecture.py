@@ -2,8 +2,7 @@
 
 `qlora plan` and the random-weight base (`model.init: random`) both start here. A model source
 is a local model folder, a name in configs/arch/ (`llama-3.1-8b`), or a hub id whose config is
-shipped there (configs/arch/hub_ids.yaml), so planning works offline. GPU specs are data too
-(configs/hardware/gpus.yaml). transformers is imported inside the functions.
+shipped there (configs/arch/hub_ids.yaml), so planning works offline. transformers is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ import yaml
 
 from qlora.errors import ConfigError, ModelError
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 ARCH_DIR = CONFIGS_DIR / "arch"
-GPUS_FILE = CONFIGS_DIR / "hardware" / "gpus.yaml"
 
 
 @dataclass(frozen=True)
@@ -205,29 +203,3 @@ def find_decoder_layers(model):
     if not lists:
         raise ModelError(f"{model.__class__.__name__}: no decoder layers found")
     return max(lists, key=len)
-
-
-# --------------------------------------------------------------------------- GPUs
-
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    memory_bytes: int
-    bf16_tflops: float
-
-
-def load_gpus() -> dict[str, Gpu]:
-    raw = yaml.safe_load(GPUS_FILE.read_text()) if GPUS_FILE.is_file() else {}
-    return {name: Gpu(name, int(spec["memory_mib"]) * 2**20, float(spec["bf16_tflops"])) for name, spec in raw.items()}
-
-
-def find_gpu(name: str) -> Gpu:
-    raw = yaml.safe_load(GPUS_FILE.read_text()) if GPUS_FILE.is_file() else {}
-    gpus = load_gpus()
-    wanted = name.lower().removeprefix("nvidia-").removeprefix("rtx-")
-    for gpu_name, spec in raw.items():
-        names = [gpu_name.lower(), gpu_name.lower().removeprefix("rtx-")] + [str(alias).lower() for alias in spec.get("aliases") or []]
-        if wanted in names or name.lower() in names:
-            return gpus[gpu_name]
-    raise ConfigError(f"--gpu {name}: unknown GPU (known: {', '.join(raw)}; or give --gpu-memory, e.g. 24GiB)")

@@ -1,6 +1,6 @@
 """Peak GPU memory and compute of a QLoRA job, from the model's shape alone: no weights, no GPU.
 
-Every line of the breakdown is a formula over the architecture (qlora.arch) and plain settings;
+Every line of the breakdown is a formula over the architecture (qlora.plan.architecture) and plain settings;
 each formula says why it has that form. The per-layer activation count was checked against the
 tensors autograd really saves on a tiny Llama (tests/test_plan.py, exact in float32); the rest
 (logits, backward temporaries, allocator slack, CUDA context) is calibrated by bench/plan_proof.py
@@ -20,8 +20,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Union
 
-from qlora.arch import Architecture, Linear
-from qlora.flops import FlopModel
+from qlora.plan.architecture import Architecture, Linear
+from qlora.plan.flops import FlopModel
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
@@ -45,7 +45,7 @@ class PlanSettings:
 
     micro_batch: int = 1
     seq_len: int = 2048
-    gradient_checkpointing: Union[bool, str] = True  # True, False or "selective" (qlora.activation_checkpointing)
+    gradient_checkpointing: Union[bool, str] = True  # True, False or "selective" (qlora.model.checkpointing)
     grad_accum_steps: int = 1
     bits: Optional[int] = 4
     double_quant: bool = True
@@ -248,7 +248,7 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
                     f"no checkpointing: {arch.layers} layers x {per_layer / 1024:.0f} KiB/token saved for backward ({shape})")
     # Loss: bf16 logits -> float32 copy -> log-softmax (saved) -> in backward its gradient and the
     # NLL gradient: three float32 vocab-sized tensors at once, for one chunk of supervised
-    # positions (qlora.loss); a softcapped head's logits are the model's own, all at once.
+    # positions (qlora.training.loss); a softcapped head's logits are the model's own, all at once.
     logits_per_token = 12 * arch.vocab + (2 * e * arch.vocab if arch.logit_softcap else 0)
     chunk = None if arch.logit_softcap else loss_chunk_tokens(arch.vocab, settings.loss_chunk_tokens)
     logit_tokens = tokens if chunk is None else min(tokens, chunk)
@@ -285,7 +285,7 @@ def loss_chunk_tokens(vocab: int, setting: Union[int, str] = "auto") -> Optional
 
 
 def flops_per_token(arch: Architecture, settings: PlanSettings) -> float:
-    """Training FLOPs per token of full seq_len rows (qlora.flops: useful FLOPs + the forward
+    """Training FLOPs per token of full seq_len rows (qlora.plan.flops: useful FLOPs + the forward
     that checkpointing recomputes); the loop's MFU counts the useful part by the same model."""
     return FlopModel.of(arch, sum(lora_tensor_sizes(arch, settings))).per_token(settings.seq_len, settings.gradient_checkpointing)
 

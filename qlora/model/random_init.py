@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from qlora.arch import load_hf_config, resolve_config_dir
+from qlora.plan.architecture import load_hf_config, resolve_config_dir
 from qlora.errors import ModelError
 
 

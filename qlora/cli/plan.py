@@ -1,4 +1,4 @@
-"""`qlora plan`: parse, plan (qlora.plan does the arithmetic), print the breakdown or JSON."""
+"""`qlora plan`: parse, plan (qlora.plan.memory does the arithmetic), print the breakdown or JSON."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Optional
 
-from qlora.metrics import format_bytes
-from qlora.plan import Plan, seconds_per_token
+from qlora.sizes import format_bytes
+from qlora.plan.memory import Plan, seconds_per_token
 
 
 def add_plan_command(commands) -> None:
@@ -26,10 +26,12 @@ def add_plan_command(commands) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     """`qlora plan`: a job file, or a bare model with the job defaults (and --set overrides)."""
-    from qlora.arch import find_gpu, load_architecture
-    from qlora.config import apply_override, load_config, parse_bytes, validate
+    from qlora.plan.architecture import load_architecture
+    from qlora.plan.hardware import find_gpu
+    from qlora.config import apply_override, load_config, validate
+    from qlora.sizes import parse_bytes
     from qlora.errors import ConfigError
-    from qlora.plan import make_plan, seconds_per_token, settings_from_job
+    from qlora.plan.memory import make_plan, seconds_per_token, settings_from_job
 
     if args.config.endswith((".yaml", ".yml")):
         config = load_config(args.config, args.overrides)

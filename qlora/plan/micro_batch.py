@@ -1,6 +1,6 @@
 """`train.micro_batch_size: auto`: the largest micro-batch the plan fits, confirmed on the GPU.
 
-The plan (qlora.plan) picks it from config.json before anything loads; grad_accum_steps then
+The plan (qlora.plan.memory) picks it from config.json before anything loads; grad_accum_steps then
 keeps the effective batch (sequences per optimizer step) exact, so `auto` changes speed and
 memory, never the optimization. On CUDA one dry-run forward+backward at that size measures the
 real peak and steps down if the plan was optimistic. On CPU there is no device total to plan
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from qlora.arch import load_architecture
-from qlora.config import JobConfig, parse_bytes
+from qlora.plan.architecture import load_architecture
+from qlora.config import JobConfig
+from qlora.sizes import parse_bytes
 from qlora.errors import ConfigError
-from qlora.metrics import format_bytes
-from qlora.plan import CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan, settings_from_job
+from qlora.sizes import format_bytes
+from qlora.plan.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan, settings_from_job
 
 
 def resolve_micro_batch(config: JobConfig, echo: Callable[[str], None] = print) -> Optional[int]:

@@ -13,7 +13,7 @@ from array import array
 from pathlib import Path
 from typing import Callable, Optional
 
-from qlora.checkpoint import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
+from qlora.training.checkpoint import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 from qlora.config import JobConfig
 from qlora.errors import CheckpointError
 from qlora.output_dir import write_atomically

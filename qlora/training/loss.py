@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qlora.plan import loss_chunk_tokens
+from qlora.labels import IGNORE_INDEX
+from qlora.plan.memory import loss_chunk_tokens
 
-IGNORE_INDEX = -100
 PROBE_TOKENS = 16  # positions the probe compares: enough to see a softcap, cheap next to a step
 
 # model -> whether its head alone reproduces its logits; decided once per model object
@@ -54,7 +54,7 @@ class Autocast:
 def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the batch's supervised targets.
 
-    chunk_tokens: supervised positions per chunk, "auto" (qlora.plan.loss_chunk_tokens: one
+    chunk_tokens: supervised positions per chunk, "auto" (qlora.plan.memory.loss_chunk_tokens: one
     chunk's float32 logits within a fixed budget) or "off" (the whole path).
     """
     inputs = model_inputs(batch, device)

@@ -92,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
         select_adapter(model, None if default == "base" else default)
         generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, args.chat), sampling, streamer=text_streamer(tokenizer))
         return 0
-    from qlora.metrics import progress_bar
+    from qlora.training.metrics import progress_bar
 
     output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     bar = progress_bar(len(prompts), "generating")
@@ -115,7 +115,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from qlora.adapter_eval import describe_eval, evaluate_adapters
+    from qlora.adapters.evaluation import describe_eval, evaluate_adapters
     from qlora.adapters.loading import parse_adapter_arguments
     from qlora.errors import ConfigError
 

@@ -3,9 +3,9 @@ plan` reads them) and the measured peak of the device in the compute dtype."""
 
 from __future__ import annotations
 
-from qlora.arch import load_architecture
-from qlora.flops import FlopMeter, FlopModel
-from qlora.peak_flops import peak_matmul_flops
+from qlora.plan.architecture import load_architecture
+from qlora.plan.flops import FlopMeter, FlopModel
+from qlora.plan.peak_flops import peak_matmul_flops
 
 
 def job_flop_meter(name_or_path: str, lora_params: int, compute_dtype: str, trust_remote_code: bool = False) -> FlopMeter:

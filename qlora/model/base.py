@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from qlora.activation_checkpointing import checkpoint_kwargs
+from qlora.model.checkpointing import checkpoint_kwargs
 from qlora.errors import ModelError
-from qlora.host_memory import release_checkpoint_file
-from qlora.row_attention import use_row_attention
+from qlora.model.host_memory import release_checkpoint_file
+from qlora.model.row_attention import use_row_attention
 
 
 def check_source(name_or_path: str) -> None:
@@ -54,7 +54,7 @@ def load_base(
     """Load the base quantized as asked, frozen, ready for adapters.
 
     Every weight is frozen; non-quantized layers (embeddings, norms, head) stay in the compute
-    dtype. With gradient checkpointing (True, or "selective": qlora.activation_checkpointing), the
+    dtype. With gradient checkpointing (True, or "selective": qlora.model.checkpointing), the
     non-reentrant variant is used and input embeddings require grad, so the checkpointed blocks
     see a graph even though the base is frozen.
     """
@@ -63,7 +63,7 @@ def load_base(
 
     check_source(name_or_path)
     if init == "random":
-        from qlora.synthetic import build_random_base
+        from qlora.model.random_init import build_random_base
 
         model = build_random_base(name_or_path, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
                                   bits=bits, seed=seed, trust_remote_code=trust_remote_code)
@@ -93,7 +93,7 @@ def load_base(
     except (OSError, ValueError) as error:
         raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {first_line(error)}") from None
     if bits in (4, 8):
-        release_checkpoint_file(model)  # the unquantized rest pins the whole file's pages: qlora/host_memory.py
+        release_checkpoint_file(model)  # the unquantized rest pins the whole file's pages: qlora/model/host_memory.py
     return freeze_for_training(model, gradient_checkpointing)
 
 

@@ -17,9 +17,9 @@ from qlora import data
 from qlora.adapters.generation import prompt_ids, read_prompts
 from qlora.adapters.loading import inference_tokenizer, load_with_adapters, resolve_base, select_adapter, tokenizer_source
 from qlora.data.sources import read_records
-from qlora.evaluate import exact_match_pairs
+from qlora.adapters.exact_match import exact_match_pairs
 from qlora.errors import DataError
-from qlora.train import evaluate, safe_exp
+from qlora.training.loop import evaluate, safe_exp
 
 
 def evaluate_adapters(

@@ -5,27 +5,18 @@ line of help, repeated as comments in configs/*.yaml). Validation is strict: unk
 wrong types and bad enum values are errors that name the key. No torch imports here, so the
 CLI can validate a job on any machine.
 
-Relative paths in a job file are resolved against the folder of that file, so a job and its
-data can move together.
+Reading a YAML file into these models (overrides, relative paths) is qlora.config.loading.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shlex
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from qlora.config_errors import first_problem
-from qlora.errors import ConfigError
+from qlora.sizes import parse_bytes
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-# The environment variable holding --set overrides, for schedulers that cannot pass arguments.
-OVERRIDES_ENV = "QLORA_SET"
 
 DataFormat = Literal["auto", "alpaca", "chat", "text"]
 
@@ -227,137 +218,3 @@ class JobConfig(_Strict):
         if self.train.gradient_checkpointing == "selective" and self.quantization.bits != 4:
             raise ValueError(f"train.gradient_checkpointing: selective keeps the 4-bit matmuls' outputs; it needs quantization.bits: 4 (got {self.quantization.bits})")
         return self
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def parse_bytes(text: str) -> int:
-    """'24GiB', '80GB', '40 G', '1.5TiB' or a plain byte count -> bytes (GB = 1e9, GiB = 2**30)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
-    if not match:
-        raise ValueError(f"{text!r} is not a size like 24GiB or 80GB")
-    number, prefix, binary = match.groups()
-    return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(prefix or " "))
-
-
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), env_overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a job YAML, apply `key=value` overrides, validate, and resolve relative paths.
-
-    `env_overrides` (from QLORA_SET, see overrides_from_env) are applied first, so a --set of
-    the same key wins; a problem with a key that only QLORA_SET set is reported as QLORA_SET's."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a job config must be a mapping of sections (model, data, ...)")
-    origins = {}
-    for override in env_overrides:
-        origins[apply_override(raw, override, origin=OVERRIDES_ENV)] = OVERRIDES_ENV
-    for override in overrides:
-        origins.pop(apply_override(raw, override), None)
-    return resolve_paths(validate(raw, source=str(path), origins=origins), base_dir=path.resolve().parent)
-
-
-def overrides_from_env(environ: dict[str, str] = os.environ) -> list[str]:
-    """QLORA_SET="train.max_steps=100 output.dir='/out/run 2'" -> ["train.max_steps=100", ...]:
-    --set for schedulers that can set a container's environment but not its arguments. Split
-    like a shell command line, so a value with spaces can be quoted."""
-    text = environ.get(OVERRIDES_ENV, "")
-    try:
-        return shlex.split(text)
-    except ValueError as error:
-        raise ConfigError(f"{OVERRIDES_ENV}={text!r}: {error}") from None
-
-
-def apply_override(raw: dict, override: str, origin: str = "--set") -> str:
-    """Set `section.key=value` in the raw mapping; the value is parsed as YAML (20, true, [a, b]).
-    Returns the dotted key; `origin` names where the override came from in errors."""
-    key, sep, value = override.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"{origin} {override!r}: expected section.key=value")
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{origin} {override!r}: {part} is not a section")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        node[parts[-1]] = value
-    return ".".join(parts)
-
-
-def validate(raw: dict, source: str = "config", origins: Optional[dict[str, str]] = None) -> JobConfig:
-    """Validate a raw mapping into a JobConfig; the first problem becomes a one-line ConfigError
-    (qlora.config_errors). `origins` maps a dotted key to where its value came from, when not from `source`."""
-    try:
-        return JobConfig.model_validate(raw)
-    except ValidationError as error:
-        key, message = first_problem(error, JobConfig)
-        raise ConfigError(f"{(origins or {}).get(key, source)}: {message}") from None
-
-
-def resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
-    """Make local paths absolute relative to the job file's folder; hub ids stay as they are."""
-
-    def local(value: str) -> str:
-        expanded = Path(value).expanduser()
-        return str(expanded if expanded.is_absolute() else (base_dir / expanded).resolve())
-
-    def local_if_exists(value: str) -> str:
-        # A hub id ("org/name") and a relative folder look alike: a folder that exists wins.
-        candidate = Path(local(value))
-        explicit = value.startswith((".", "/", "~"))
-        return str(candidate) if explicit or candidate.exists() else value
-
-    def data_path(value: str) -> str:
-        # A data file is named by its extension; anything else may be a cached dataset name.
-        return local(value) if value.lower().endswith(DATA_FILE_SUFFIXES) else local_if_exists(value)
-
-    config.model.name_or_path = local_if_exists(config.model.name_or_path)
-    if config.model.tokenizer is not None:
-        config.model.tokenizer = local_if_exists(config.model.tokenizer)
-    if isinstance(config.data.train, str):
-        config.data.train = data_path(config.data.train)
-    else:
-        for source in config.data.train:
-            source.path = data_path(source.path)
-    if config.data.eval is not None:
-        config.data.eval = data_path(config.data.eval)
-    config.output.dir = local(config.output.dir)
-    return config
-
-
-def dump_config(config: JobConfig) -> str:
-    """The resolved config as YAML, written next to the adapter."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-def reference_markdown() -> str:
-    """Every key with its default and docstring, as the README's table (`python -m qlora.config`)."""
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                walk(annotation, f"{prefix}{name}.")
-                continue
-            default = "required" if field.is_required() else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
-            lines.append(f"| `{prefix}{name}` | {default} | {field.description} |")
-
-    walk(JobConfig, "")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(reference_markdown())

@@ -18,19 +18,20 @@ from typing import Callable, Optional
 
 from qlora import data
 from qlora.adapters import attach_lora, load_adapter_weights, save_adapter, write_manifest
-from qlora.autobatch import confirm_micro_batch, resolve_micro_batch
-from qlora.checkpoint import TrainingState, load_training_state, remove_partial_checkpoints, save_checkpoint, save_training_state, verify_checkpoint
+from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch
+from qlora.training.checkpoint import TrainingState, load_training_state, remove_partial_checkpoints, save_checkpoint, save_training_state, verify_checkpoint
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
-from qlora.evaluate import ExactMatch, exact_match
-from qlora.host_memory import keep_large_blocks_out_of_the_heap
-from qlora.metrics import MetricsLog, file_size, format_bytes
-from qlora.mfu import job_flop_meter
-from qlora.model import load_base, load_tokenizer, parameter_counts, weight_bytes
+from qlora.adapters.exact_match import ExactMatch, exact_match
+from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
+from qlora.sizes import file_size, format_bytes
+from qlora.training.metrics import MetricsLog
+from qlora.plan.mfu import job_flop_meter
+from qlora.model.base import load_base, load_tokenizer, parameter_counts, weight_bytes
 from qlora.output_dir import FINISHED_MARKER, apply_umask, check_output_dir, claim_output_dir, unfinished, write_atomically
-from qlora.plot import write_loss_plot
-from qlora.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
-from qlora.train import LoopResult, LoopSettings, train
+from qlora.training.plot import write_loss_plot
+from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
+from qlora.training.loop import LoopResult, LoopSettings, train
 
 
 @dataclass
@@ -185,7 +186,7 @@ def train_and_publish(
 
     set_seed(config.train.seed)
     if not torch.cuda.is_available():
-        keep_large_blocks_out_of_the_heap()  # the step's host memory, given back: qlora/host_memory.py
+        keep_large_blocks_out_of_the_heap()  # the step's host memory, given back: qlora/model/host_memory.py
     quant = config.quantization
     base = load_base(
         config.model.name_or_path,
@@ -381,7 +382,7 @@ def describe_result(result: JobResult) -> str:
         f"  tokens           {loop.supervised_tokens:,} supervised of {loop.tokens:,} ({loop.tokens_per_s:,.0f} supervised tokens/s)",
         f"  peak memory      {format_bytes(loop.peak_memory_bytes)} ({loop.peak_memory_kind.replace('_', ' ')})",
         f"  final train loss {loop.final_loss:.4f}",
-        f"  MFU              {loop.mfu:.1%} of a measured peak of {loop.peak_flops_per_s / 1e9:,.0f} GFLOP/s (useful FLOPs: qlora/flops.py)",
+        f"  MFU              {loop.mfu:.1%} of a measured peak of {loop.peak_flops_per_s / 1e9:,.0f} GFLOP/s (useful FLOPs: qlora/plan/flops.py)",
     ]
     if loop.eval_loss is not None:
         before = f" (before training {loop.eval_loss_before:.4f})" if loop.eval_loss_before is not None else ""

@@ -18,11 +18,11 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from qlora.checkpoint import TrainingState, capture_rng, restore_rng
+from qlora.training.checkpoint import TrainingState, capture_rng, restore_rng
 from qlora.errors import Interrupted, TrainingError
-from qlora.flops import FlopMeter, mfu
-from qlora.loss import summed_cross_entropy
-from qlora.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
+from qlora.plan.flops import FlopMeter, mfu
+from qlora.training.loss import summed_cross_entropy
+from qlora.training.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class LoopSettings:
     log_every: int = 1
     mixed_precision: str = "no"  # "bf16" | "fp16" | "no", as accelerate names them
     offload_activations: bool = False  # tensors saved for backward wait in host memory
-    loss_chunk_tokens: Union[int, str] = "auto"  # supervised positions per loss chunk (qlora.loss)
+    loss_chunk_tokens: Union[int, str] = "auto"  # supervised positions per loss chunk (qlora.training.loss)
 
 
 @dataclass
@@ -55,7 +55,7 @@ class LoopResult:
     peak_memory_kind: str
     peak_memory_bytes: int
     useful_flops: float = 0.0  # of this process's steps (a resumed run counts from its resume)
-    mfu: Optional[float] = None  # useful FLOPs / s over peak_flops_per_s (qlora.flops)
+    mfu: Optional[float] = None  # useful FLOPs / s over peak_flops_per_s (qlora.plan.flops)
     peak_flops_per_s: Optional[float] = None
 
     @property
@@ -229,7 +229,7 @@ def stop_message(done: int, max_steps: int, saved_step: int, saved_path: Optiona
 def summed_loss(model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the batch's supervised targets.
 
-    Logits exist only for supervised positions, and (qlora.loss) for `chunk_tokens` of them at
+    Logits exist only for supervised positions, and (qlora.training.loss) for `chunk_tokens` of them at
     a time, recomputed in backward: the vocabulary-sized tensors stay one chunk's size however
     long the completions. Models whose forward post-processes the head's logits (a softcap)
     get their own logits at every supervised position at once.

@@ -1,0 +1,7 @@
+"""What a job costs, from a model's config.json alone: no weights loaded, answered in a second.
+
+Modules, one job each: architecture (a model's shape from its config.json, on the meta device),
+hardware (GPU specs as data), memory (the memory plan, line by line), flops (the useful-FLOP
+model), peak_flops (the device's measured matmul rate), mfu (the loop's FLOP meter for a job),
+micro_batch (`train.micro_batch_size: auto`).
+"""

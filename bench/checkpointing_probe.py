@@ -31,7 +31,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["true", "selective", "false"], help="train.gradient_checkpointing")
     parser.add_argument("--steps", type=int, default=6, help="timed steps, after one warm-up step")
-    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "qlora-bench-checkpointing"), help="fixture model folder")
+    parser.add_argument(
+        "--work", default=os.path.join(tempfile.gettempdir(), "qlora-bench-checkpointing"), help="fixture model folder"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,15 +64,28 @@ def main(argv=None) -> int:
         return loss.item()
 
     loss = step()
-    digest = hashlib.sha256(torch.cat([parameter.grad.flatten() for parameter in lora]).numpy().tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(torch.cat([parameter.grad.flatten() for parameter in lora]).numpy().tobytes()).hexdigest()[
+        :16
+    ]
     seconds = []
     for _ in range(args.steps):
         model.zero_grad(set_to_none=True)
         started = time.process_time()
         step()
         seconds.append(round(time.process_time() - started, 3))
-    print(json.dumps({"gradient_checkpointing": args.mode, "tokens": sum(ROWS), "threads": torch.get_num_threads(), "loss": loss,
-                      "lora_grad_sha256": digest, "cpu_s_per_step": seconds, "mean_cpu_s": round(sum(seconds) / len(seconds), 3)}))
+    print(
+        json.dumps(
+            {
+                "gradient_checkpointing": args.mode,
+                "tokens": sum(ROWS),
+                "threads": torch.get_num_threads(),
+                "loss": loss,
+                "lora_grad_sha256": digest,
+                "cpu_s_per_step": seconds,
+                "mean_cpu_s": round(sum(seconds) / len(seconds), 3),
+            }
+        )
+    )
     return 0
 
 

@@ -42,7 +42,11 @@ RUNS = ("ours", "ours-full-checkpointing", "ours-padded", "trl-default", "trl-be
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
-    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "qlora-bench-compare"), help="fixture folder (reused when its settings match)")
+    parser.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "qlora-bench-compare"),
+        help="fixture folder (reused when its settings match)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=8, help="effective batch in rows")
     parser.add_argument("--micro-batch", type=int, default=4, help="rows per forward pass")
@@ -54,7 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=float, default=32)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--compute-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)  # internal: one run in this process
     args = parser.parse_args(argv)
@@ -67,9 +76,19 @@ def settings_of(args: argparse.Namespace) -> dict:
     import torch
 
     dtype = args.compute_dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    return {"steps": args.steps, "batch": args.batch, "micro_batch": args.micro_batch, "max_seq_len": args.max_seq_len,
-            "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-            "lora_dropout": args.lora_dropout, "compute_dtype": dtype, "seed": args.seed}
+    return {
+        "steps": args.steps,
+        "batch": args.batch,
+        "micro_batch": args.micro_batch,
+        "max_seq_len": args.max_seq_len,
+        "learning_rate": args.learning_rate,
+        "warmup_steps": args.warmup_steps,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "compute_dtype": dtype,
+        "seed": args.seed,
+    }
 
 
 def fixture_of(args: argparse.Namespace) -> dict:
@@ -77,7 +96,14 @@ def fixture_of(args: argparse.Namespace) -> dict:
     from bench.fixture import MODEL_SHAPE, build_fixture
 
     work = Path(args.work)
-    recipe = {"shape": MODEL_SHAPE, "train_rows": args.train_rows, "eval_rows": args.eval_rows, "seed": args.seed, "max_seq_len": args.max_seq_len, "version": 1}
+    recipe = {
+        "shape": MODEL_SHAPE,
+        "train_rows": args.train_rows,
+        "eval_rows": args.eval_rows,
+        "seed": args.seed,
+        "max_seq_len": args.max_seq_len,
+        "version": 1,
+    }
     stamp = work / "fixture.json"
     if stamp.is_file():
         saved = json.loads(stamp.read_text())
@@ -148,7 +174,9 @@ def run_one(run: str, settings: dict, fixture: dict) -> dict:
 
     started = time.perf_counter()
     if run.startswith("ours"):
-        record = run_ours(settings, fixture, padding_free=run != "ours-padded", checkpointing="selective" if run == "ours" else True)
+        record = run_ours(
+            settings, fixture, padding_free=run != "ours-padded", checkpointing="selective" if run == "ours" else True
+        )
     else:
         from bench.peer_trl import run_trl
 
@@ -159,10 +187,14 @@ def run_one(run: str, settings: dict, fixture: dict) -> dict:
     from qlora.plan.peak_flops import peak_matmul_flops
 
     device = torch.device("cuda" if on_cuda else "cpu")
-    record["peak_matmul_flops_per_s"] = {dtype: peak_matmul_flops(device, dtype)["flops_per_s"] for dtype in ("float32", "bfloat16")}
+    record["peak_matmul_flops_per_s"] = {
+        dtype: peak_matmul_flops(device, dtype)["flops_per_s"] for dtype in ("float32", "bfloat16")
+    }
     record.update(
         run=run,
-        device=torch.cuda.get_device_name() if on_cuda else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        device=torch.cuda.get_device_name()
+        if on_cuda
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         supervised_tokens_per_s=round(record["supervised_tokens"] / record["train_s"], 1),
         peak_memory_kind="gpu_allocated" if on_cuda else "process_rss",
         process_s=round(time.perf_counter() - started, 2),
@@ -183,15 +215,42 @@ def run_ours(settings: dict, fixture: dict, padding_free: bool, checkpointing) -
     folder = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     job = {
         "model": {"name_or_path": fixture["model"]},
-        "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": settings["compute_dtype"]},
-        "lora": {"r": settings["lora_r"], "alpha": settings["lora_alpha"], "dropout": settings["lora_dropout"], "target_modules": "all-linear"},
+        "quantization": {
+            "bits": 4,
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": settings["compute_dtype"],
+        },
+        "lora": {
+            "r": settings["lora_r"],
+            "alpha": settings["lora_alpha"],
+            "dropout": settings["lora_dropout"],
+            "target_modules": "all-linear",
+        },
         # No eval data in the job: the loop would time its final eval; the eval loss is measured
         # after training, by held_out_loss, as for the TRL runs.
-        "data": {"train": fixture["train"], "format": "chat", "max_seq_len": settings["max_seq_len"],
-                 "train_on": "completions", "too_long": "drop", "padding_free": padding_free},
-        "train": {"max_steps": settings["steps"], "micro_batch_size": settings["micro_batch"], "grad_accum_steps": settings["batch"] // settings["micro_batch"],
-                  "learning_rate": settings["learning_rate"], "lr_schedule": "cosine", "warmup_steps": settings["warmup_steps"], "optimizer": "adamw",
-                  "weight_decay": 0.0, "max_grad_norm": 1.0, "gradient_checkpointing": checkpointing, "seed": settings["seed"], "log_every": 1},
+        "data": {
+            "train": fixture["train"],
+            "format": "chat",
+            "max_seq_len": settings["max_seq_len"],
+            "train_on": "completions",
+            "too_long": "drop",
+            "padding_free": padding_free,
+        },
+        "train": {
+            "max_steps": settings["steps"],
+            "micro_batch_size": settings["micro_batch"],
+            "grad_accum_steps": settings["batch"] // settings["micro_batch"],
+            "learning_rate": settings["learning_rate"],
+            "lr_schedule": "cosine",
+            "warmup_steps": settings["warmup_steps"],
+            "optimizer": "adamw",
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "gradient_checkpointing": checkpointing,
+            "seed": settings["seed"],
+            "log_every": 1,
+        },
         "output": {"dir": str(folder / "out")},
     }
     (folder / "job.yaml").write_text(yaml.safe_dump(job))
@@ -209,9 +268,19 @@ def run_ours(settings: dict, fixture: dict, padding_free: bool, checkpointing) -
     loop = result.loop
     steps = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in steps if "loss" in row]
-    return {"train_s": loop.seconds, "supervised_tokens": loop.supervised_tokens, "tokens": loop.tokens, "final_train_loss": loop.final_loss,
-            "train_loss_last5": sum(losses[-5:]) / len(losses[-5:]), "eval_loss": held_out_loss(model, tokenizer, settings, fixture), "adapter_dtype": "float32",
-            "peak_memory_bytes": peak, "useful_flops": loop.useful_flops, "mfu": round(loop.mfu, 5), "peak_flops_per_s": loop.peak_flops_per_s}
+    return {
+        "train_s": loop.seconds,
+        "supervised_tokens": loop.supervised_tokens,
+        "tokens": loop.tokens,
+        "final_train_loss": loop.final_loss,
+        "train_loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+        "eval_loss": held_out_loss(model, tokenizer, settings, fixture),
+        "adapter_dtype": "float32",
+        "peak_memory_bytes": peak,
+        "useful_flops": loop.useful_flops,
+        "mfu": round(loop.mfu, 5),
+        "peak_flops_per_s": loop.peak_flops_per_s,
+    }
 
 
 def held_out_loss(model, tokenizer, settings: dict, fixture: dict) -> float:
@@ -223,8 +292,16 @@ def held_out_loss(model, tokenizer, settings: dict, fixture: dict) -> float:
 
     rows = data.read_rows([(fixture["eval"], "chat")], key="data.eval")
     examples = data.tokenize_rows(rows, tokenizer, settings["max_seq_len"], "completions", "drop").examples
-    batches = data.epoch_batches(examples, settings["micro_batch"], packing=False, max_seq_len=settings["max_seq_len"],
-                                 pad_id=tokenizer.pad_token_id, seed=settings["seed"], epoch=0, shuffle=False)
+    batches = data.epoch_batches(
+        examples,
+        settings["micro_batch"],
+        packing=False,
+        max_seq_len=settings["max_seq_len"],
+        pad_id=tokenizer.pad_token_id,
+        seed=settings["seed"],
+        epoch=0,
+        shuffle=False,
+    )
     return evaluate(model, batches, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 

@@ -50,8 +50,17 @@ def main() -> None:
     record = compare.run_one("ours", compare.settings_of(args), compare.fixture_of(args))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     keep = ("supervised_tokens_per_s", "train_s", "final_train_loss", "eval_loss", "peak_memory_bytes", "mfu", "device")
-    print(json.dumps({"mode": mode, "steps": steps, **{key: record[key] for key in keep},
-                      "process_cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "process_wall_s": round(time.perf_counter() - started, 1)}))
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "steps": steps,
+                **{key: record[key] for key in keep},
+                "process_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+                "process_wall_s": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

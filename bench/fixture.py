@@ -15,9 +15,35 @@ import random
 from pathlib import Path
 
 # hidden 512, 8 layers, MLP 1536, 8 heads of 64 with 4 KV heads: 25.4M parameters.
-MODEL_SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
-WORDS = ["alpha", "river", "stone", "cloud", "maple", "tiger", "ocean", "pixel", "amber", "delta", "lemon", "north",
-         "quartz", "violet", "ember", "falcon", "harbor", "island", "jungle", "kettle", "lantern", "meadow", "nickel", "orbit"]
+MODEL_SHAPE = dict(
+    hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4
+)
+WORDS = [
+    "alpha",
+    "river",
+    "stone",
+    "cloud",
+    "maple",
+    "tiger",
+    "ocean",
+    "pixel",
+    "amber",
+    "delta",
+    "lemon",
+    "north",
+    "quartz",
+    "violet",
+    "ember",
+    "falcon",
+    "harbor",
+    "island",
+    "jungle",
+    "kettle",
+    "lantern",
+    "meadow",
+    "nickel",
+    "orbit",
+]
 
 
 def build_model(directory: Path, seed: int = 0, max_seq_len: int = 512, **shape) -> Path:
@@ -39,7 +65,9 @@ def build_model(directory: Path, seed: int = 0, max_seq_len: int = 512, **shape)
     )
     for size in (config.hidden_size, config.intermediate_size):  # inputs of q/k/v/o/gate/up and of down
         if size % 64:
-            raise ValueError(f"linear input size {size} is not a multiple of 64 (bitsandbytes CPU 4-bit kernels need it)")
+            raise ValueError(
+                f"linear input size {size} is not a multiple of 64 (bitsandbytes CPU 4-bit kernels need it)"
+            )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     directory.mkdir(parents=True, exist_ok=True)
@@ -62,8 +90,14 @@ def chat_rows(count: int, seed: int, max_words: int = 32) -> list[dict]:
     for _ in range(count):
         words = [rng.choice(WORDS) for _ in range(int(math.exp(rng.uniform(0, math.log(max_words + 1)))))]
         text = " ".join(words)
-        rows.append({"messages": [{"role": "user", "content": f"Repeat in capitals: {text}"},
-                                  {"role": "assistant", "content": text.upper()}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Repeat in capitals: {text}"},
+                    {"role": "assistant", "content": text.upper()},
+                ]
+            }
+        )
     return rows
 
 
@@ -74,10 +108,17 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_fixture(folder: Path, train_rows: int, eval_rows: int, seed: int = 0, max_seq_len: int = 512, **shape) -> dict:
+def build_fixture(
+    folder: Path, train_rows: int, eval_rows: int, seed: int = 0, max_seq_len: int = 512, **shape
+) -> dict:
     """Model folder + train.jsonl + eval.jsonl (disjoint seeds) in `folder`; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(folder / "model", seed=seed, max_seq_len=max_seq_len, **shape)
     train = write_rows(folder / "train.jsonl", chat_rows(train_rows, seed=seed + 1))
     held_out = write_rows(folder / "eval.jsonl", chat_rows(eval_rows, seed=seed + 2))
-    return {"model": str(model_dir), "train": str(train), "eval": str(held_out), "parameters": parameter_count(model_dir)}
+    return {
+        "model": str(model_dir),
+        "train": str(train),
+        "eval": str(held_out),
+        "parameters": parameter_count(model_dir),
+    }

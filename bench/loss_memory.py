@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from qlora.adapters import attach_lora  # noqa: E402
 from qlora.data import Batch  # noqa: E402
-from qlora.training.loss import summed_cross_entropy  # noqa: E402
 from qlora.model.base import load_base  # noqa: E402
+from qlora.training.loss import summed_cross_entropy  # noqa: E402
 from tests.tiny import build_tiny_model  # noqa: E402
 from tests.vocab_tensors import VocabSizedTensors  # noqa: E402
 
@@ -47,10 +47,24 @@ def main(setting: str) -> None:
     ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(0))
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
     targets[:, ROW_TOKENS - 1 :: ROW_TOKENS] = -100  # each row's last token predicts nothing
-    batch = Batch(input_ids=ids, position_ids=torch.arange(ROW_TOKENS).repeat(ROWS)[None], targets=targets, attention_mask=None,
-                  row_ids=list(range(ROWS)), supervised_tokens=int((targets != -100).sum()), row_lengths=[ROW_TOKENS] * ROWS)
-    warm_up = Batch(input_ids=ids[:, :64], position_ids=batch.position_ids[:, :64], targets=targets[:, :64], attention_mask=None,
-                    row_ids=[0], supervised_tokens=64, row_lengths=[64])
+    batch = Batch(
+        input_ids=ids,
+        position_ids=torch.arange(ROW_TOKENS).repeat(ROWS)[None],
+        targets=targets,
+        attention_mask=None,
+        row_ids=list(range(ROWS)),
+        supervised_tokens=int((targets != -100).sum()),
+        row_lengths=[ROW_TOKENS] * ROWS,
+    )
+    warm_up = Batch(
+        input_ids=ids[:, :64],
+        position_ids=batch.position_ids[:, :64],
+        targets=targets[:, :64],
+        attention_mask=None,
+        row_ids=[0],
+        supervised_tokens=64,
+        row_lengths=[64],
+    )
     summed_cross_entropy(model, warm_up, torch.device("cpu"), chunk_tokens).backward()  # the one-time probe, small
     model.zero_grad(set_to_none=True)
     before = resident_bytes()
@@ -59,13 +73,22 @@ def main(setting: str) -> None:
         loss = summed_cross_entropy(model, batch, torch.device("cpu"), chunk_tokens)
         loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({
-        "loss_chunk_tokens": setting, "vocab": VOCAB, "supervised_tokens": batch.supervised_tokens,
-        "loss": round(loss.item() / batch.supervised_tokens, 6),
-        "rss_before_mb": round(before / 1e6), "peak_rss_mb": round(peak / 1e6),
-        "loss_peak_over_before_mb": round((peak - before) / 1e6) if peak > peak_before else None,  # None: no new peak
-        "largest_vocab_tensor_mb": round(recorder.largest_bytes / 1e6, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "loss_chunk_tokens": setting,
+                "vocab": VOCAB,
+                "supervised_tokens": batch.supervised_tokens,
+                "loss": round(loss.item() / batch.supervised_tokens, 6),
+                "rss_before_mb": round(before / 1e6),
+                "peak_rss_mb": round(peak / 1e6),
+                "loss_peak_over_before_mb": round((peak - before) / 1e6)
+                if peak > peak_before
+                else None,  # None: no new peak
+                "largest_vocab_tensor_mb": round(recorder.largest_bytes / 1e6, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,18 +45,27 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from qlora.training.metrics import peak_memory
     from qlora.model.base import disable_cpu_weight_repacking
+    from qlora.training.metrics import peak_memory
 
     torch.manual_seed(settings["seed"])
     tokenizer = AutoTokenizer.from_pretrained(fixture["model"])
     dtype = getattr(torch, settings["compute_dtype"])
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-    model = AutoModelForCausalLM.from_pretrained(fixture["model"], quantization_config=quantization, dtype=dtype, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(
+        fixture["model"], quantization_config=quantization, dtype=dtype, device_map=device_map
+    )
     disable_cpu_weight_repacking(model)  # the AVX512-BF16 trap (see qlora.model.base)
-    lora = LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=settings["lora_r"],
+        lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
     padding_free = mode == "best"
     output_dir = tempfile.mkdtemp(prefix="bench-trl-")
     config = SFTConfig(
@@ -86,8 +95,13 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(prompt_completion_rows(fixture["train"])),
-                         processing_class=tokenizer, peft_config=lora)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(prompt_completion_rows(fixture["train"])),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     if padding_free:
         # TRL casts QLoRA adapters to bfloat16 (its QLoRA-paper default); on a CPU bf16 matmuls
         # are emulated and slow, and ours are float32: give TRL's best run float32 adapters too.
@@ -110,5 +124,7 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
         "peak_memory_bytes": peak,
         "model": trainer.model,
         "tokenizer": tokenizer,
-        "adapter_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)).removeprefix("torch."),
+        "adapter_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)).removeprefix(
+            "torch."
+        ),
     }

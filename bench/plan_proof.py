@@ -34,7 +34,9 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--mfu", type=float, default=0.4, help="utilization the plan's tokens/s assumes")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="extra job overrides")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="extra job overrides"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model in this process
     args = parser.parse_args()
     if args.one:
@@ -43,11 +45,25 @@ def main() -> int:
     status = 0
     for model in args.models:
         # A fresh process per model: peak-memory counters and the CUDA context start clean.
-        command = [sys.executable, __file__, "--one", model, "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-                   "--steps", str(args.steps), "--mfu", str(args.mfu)] + [f"--set={item}" for item in args.overrides]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            model,
+            "--seq-len",
+            str(args.seq_len),
+            "--micro-batch",
+            str(args.micro_batch),
+            "--steps",
+            str(args.steps),
+            "--mfu",
+            str(args.mfu),
+        ] + [f"--set={item}" for item in args.overrides]
         result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        print(lines[-1] if lines else json.dumps({"model": model, "error": f"exit code {result.returncode}"}), flush=True)
+        print(
+            lines[-1] if lines else json.dumps({"model": model, "error": f"exit code {result.returncode}"}), flush=True
+        )
         status = status or result.returncode
     return status
 
@@ -60,11 +76,19 @@ def write_job(folder: Path, model: str, args) -> Path:
     rows = args.steps * args.micro_batch + 8
     with open(folder / "train.jsonl", "w") as handle:
         for _ in range(rows):
-            text = " ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 9))) for _ in range(args.seq_len))
+            text = " ".join(
+                "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 9))) for _ in range(args.seq_len)
+            )
             handle.write(json.dumps({"text": text[: args.seq_len * 2]}) + "\n")
     job = {
         "model": {"name_or_path": model, "init": "random", "tokenizer": str(ROOT / "qlora" / "demo" / "model")},
-        "data": {"train": "train.jsonl", "format": "text", "train_on": "all", "max_seq_len": args.seq_len, "too_long": "truncate"},
+        "data": {
+            "train": "train.jsonl",
+            "format": "text",
+            "train_on": "all",
+            "max_seq_len": args.seq_len,
+            "too_long": "truncate",
+        },
         "train": {"max_steps": args.steps, "micro_batch_size": args.micro_batch, "grad_accum_steps": 1, "log_every": 1},
         "output": {"dir": "out"},
     }
@@ -75,10 +99,10 @@ def write_job(folder: Path, model: str, args) -> Path:
 def prove(model: str, args) -> dict:
     import torch
 
-    from qlora.plan.architecture import load_architecture
     from qlora.config import load_config
     from qlora.errors import QloraError
     from qlora.job.run import run_job
+    from qlora.plan.architecture import load_architecture
     from qlora.plan.memory import make_plan, settings_from_job
 
     with tempfile.TemporaryDirectory(prefix="plan-proof-") as folder:
@@ -86,9 +110,17 @@ def prove(model: str, args) -> dict:
         plan = make_plan(load_architecture(config.model.name_or_path), settings_from_job(config))
         on_cuda = torch.cuda.is_available()
         device = torch.cuda.get_device_name() if on_cuda else "cpu"
-        record = {"model": model, "device": device, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "steps": args.steps,
-                  "planned_allocated_bytes": plan.allocated_bytes, "planned_reserved_bytes": plan.reserved_bytes,
-                  "planned_total_bytes": plan.total_bytes, "planned_paged_bytes": plan.paged_bytes}
+        record = {
+            "model": model,
+            "device": device,
+            "seq_len": args.seq_len,
+            "micro_batch": args.micro_batch,
+            "steps": args.steps,
+            "planned_allocated_bytes": plan.allocated_bytes,
+            "planned_reserved_bytes": plan.reserved_bytes,
+            "planned_total_bytes": plan.total_bytes,
+            "planned_paged_bytes": plan.paged_bytes,
+        }
         try:
             result = run_job(config, echo=lambda line: print(line, file=sys.stderr))
         except (QloraError, torch.OutOfMemoryError) as error:
@@ -99,8 +131,12 @@ def prove(model: str, args) -> dict:
         record["final_loss"] = loop.final_loss
         if on_cuda:
             allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-            record.update(measured_allocated_bytes=allocated, measured_reserved_bytes=reserved,
-                          allocated_plan_over_measured=plan.allocated_bytes / allocated, reserved_plan_over_measured=plan.reserved_bytes / reserved)
+            record.update(
+                measured_allocated_bytes=allocated,
+                measured_reserved_bytes=reserved,
+                allocated_plan_over_measured=plan.allocated_bytes / allocated,
+                reserved_plan_over_measured=plan.reserved_bytes / reserved,
+            )
             gpu = gpu_from_device_name(device)
             if gpu is not None:
                 record["planned_tokens_per_s"] = gpu.bf16_tflops * 1e12 * args.mfu / plan.flops_per_token

@@ -23,7 +23,15 @@ COMPARED = ("step", "loss", "lr", "grad_norm", "supervised_tokens", "eval_loss")
 
 
 def train(output: Path, **popen):
-    command = [sys.executable, "-m", "qlora.cli", "train", str(ROOT / "configs" / "demo.yaml"), "--set", f"output.dir={output}"]
+    command = [
+        sys.executable,
+        "-m",
+        "qlora.cli",
+        "train",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--set",
+        f"output.dir={output}",
+    ]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -31,7 +39,10 @@ def logged_steps(output: Path) -> list[dict]:
     path = output / "metrics.jsonl"
     if not path.exists():
         return []
-    return [{key: row.get(key) for key in COMPARED} for row in map(json.loads, (line for line in path.read_text().splitlines() if line.endswith("}")))]
+    return [
+        {key: row.get(key) for key in COMPARED}
+        for row in map(json.loads, (line for line in path.read_text().splitlines() if line.endswith("}")))
+    ]
 
 
 def sha256(path: Path) -> str:
@@ -62,16 +73,21 @@ def main() -> None:
     rerun = train(interrupted)
     stdout, _ = rerun.communicate()
     resumed = [line for line in stdout.splitlines() if line.startswith("resuming from")]
-    print(json.dumps({
-        "bench": "resume_demo",
-        "sigterm_exit_code": process.returncode,
-        "seconds_from_sigterm_to_exit": round(seconds_to_exit, 2),
-        "stop_message": stderr.strip().splitlines()[-1],
-        "rerun_exit_code": rerun.returncode,
-        "resumed": resumed[0] if resumed else None,
-        "metrics_identical": logged_steps(interrupted) == logged_steps(reference),
-        "adapter_identical": sha256(interrupted / "adapter_model.safetensors") == sha256(reference / "adapter_model.safetensors"),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "resume_demo",
+                "sigterm_exit_code": process.returncode,
+                "seconds_from_sigterm_to_exit": round(seconds_to_exit, 2),
+                "stop_message": stderr.strip().splitlines()[-1],
+                "rerun_exit_code": rerun.returncode,
+                "resumed": resumed[0] if resumed else None,
+                "metrics_identical": logged_steps(interrupted) == logged_steps(reference),
+                "adapter_identical": sha256(interrupted / "adapter_model.safetensors")
+                == sha256(reference / "adapter_model.safetensors"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,21 @@ def status_kib(field: str) -> int:
 
 
 class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def heap() -> dict:
@@ -67,9 +81,18 @@ class Sampler(threading.Thread):
 
     def phase(self, name: str) -> None:
         rss = status_kib("VmRSS")
-        row = {"phase": name, "t_s": round(time.perf_counter() - self.started, 2), "rss_mib": round(rss / 1024), "high_in_phase_mib": round(max(self.high, rss) / 1024),
-               "hwm_mib": round(status_kib("VmHWM") / 1024), "anon_mib": round(status_kib("RssAnon") / 1024), "file_mib": round(status_kib("RssFile") / 1024),
-               "user_s": round(resource.getrusage(resource.RUSAGE_SELF).ru_utime, 1), "sys_s": round(resource.getrusage(resource.RUSAGE_SELF).ru_stime, 1), **{key + "_mib": round(value / MIB) for key, value in heap().items()}}
+        row = {
+            "phase": name,
+            "t_s": round(time.perf_counter() - self.started, 2),
+            "rss_mib": round(rss / 1024),
+            "high_in_phase_mib": round(max(self.high, rss) / 1024),
+            "hwm_mib": round(status_kib("VmHWM") / 1024),
+            "anon_mib": round(status_kib("RssAnon") / 1024),
+            "file_mib": round(status_kib("RssFile") / 1024),
+            "user_s": round(resource.getrusage(resource.RUSAGE_SELF).ru_utime, 1),
+            "sys_s": round(resource.getrusage(resource.RUSAGE_SELF).ru_stime, 1),
+            **{key + "_mib": round(value / MIB) for key, value in heap().items()},
+        }
         self.rows.append(row)
         self.high = 0
         print("  ".join(f"{key}={value}" for key, value in row.items()), file=sys.stderr, flush=True)
@@ -89,7 +112,11 @@ def wrap(module, name: str, sampler: Sampler, label: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--fresh-cache", action="store_true", help="an empty QLORA_CACHE_DIR: tokenizer-cache miss and a peak-FLOPs measurement")
+    parser.add_argument(
+        "--fresh-cache",
+        action="store_true",
+        help="an empty QLORA_CACHE_DIR: tokenizer-cache miss and a peak-FLOPs measurement",
+    )
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "qlora-bench-compare"))
     args = parser.parse_args(argv)
     if args.fresh_cache:
@@ -121,8 +148,17 @@ def main(argv=None) -> int:
     record = compare.run_ours(compare.settings_of(bench_args), fixture, padding_free=True)
     sampler.phase("eval (second base + adapter)")
     sampler.running = False
-    print(json.dumps({"peak_rss_mib": round(record["peak_memory_bytes"] / MIB), "final_train_loss": record["final_train_loss"], "eval_loss": record["eval_loss"],
-                      "cache": os.environ.get("QLORA_CACHE_DIR", "default"), "phases": sampler.rows}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mib": round(record["peak_memory_bytes"] / MIB),
+                "final_train_loss": record["final_train_loss"],
+                "eval_loss": record["eval_loss"],
+                "cache": os.environ.get("QLORA_CACHE_DIR", "default"),
+                "phases": sampler.rows,
+            }
+        )
+    )
     return 0
 
 

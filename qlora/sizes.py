@@ -15,6 +15,7 @@ def parse_bytes(text: str) -> int:
     number, prefix, binary = match.groups()
     return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(prefix or " "))
 
+
 def format_bytes(count: Optional[float]) -> str:
     if count is None:
         return "-"

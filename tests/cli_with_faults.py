@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import qlora.training.checkpoint
 import qlora.job.run
+import qlora.training.checkpoint
 import qlora.training.loop
 from qlora.cli.main import main
 

@@ -38,14 +38,32 @@ class Server:
         self.log = root.parent / f"{root.name}-service.log"
 
     def start(self) -> "Server":
-        environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "QLORA_TEST_STEP_DELAY": str(self.step_delay)}
+        environment = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "QLORA_TEST_STEP_DELAY": str(self.step_delay),
+        }
         environment.pop("QLORA_SERVICE_TOKEN", None)
         if self.token is not None:
             environment["QLORA_SERVICE_TOKEN"] = self.token
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.serve_with_faults", "serve", "--root", str(self.root), "--port", str(self.port), *self.args],
-                cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.serve_with_faults",
+                    "serve",
+                    "--root",
+                    str(self.root),
+                    "--port",
+                    str(self.port),
+                    *self.args,
+                ],
+                cwd=ROOT,
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         if self.token is None:
             wait_until(lambda: (self.root / "service_token").exists(), "the token file", self.process)
@@ -91,7 +109,9 @@ def wait_until(condition, what: str, process=None, seconds: float = 300):
         time.sleep(0.2)
 
 
-def wait_for_state(client: httpx.Client, job_id: str, states: tuple[str, ...], server: Server | None = None, seconds: float = 300) -> dict:
+def wait_for_state(
+    client: httpx.Client, job_id: str, states: tuple[str, ...], server: Server | None = None, seconds: float = 300
+) -> dict:
     def reached():
         job = client.get(f"/v1/jobs/{job_id}").json()
         return job if job["state"] in states else None
@@ -114,7 +134,14 @@ def tiny_job(max_steps: int, **train) -> dict:
         "quantization": {"bits": 4, "compute_dtype": "float32"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
         "data": {"train": "files/tiny/train.jsonl", "eval": "files/tiny/eval.jsonl", "max_seq_len": 64},
-        "train": {"max_steps": max_steps, "micro_batch_size": 4, "learning_rate": 1e-3, "optimizer": "adamw", "seed": 0, **train},
+        "train": {
+            "max_steps": max_steps,
+            "micro_batch_size": 4,
+            "learning_rate": 1e-3,
+            "optimizer": "adamw",
+            "seed": 0,
+            **train,
+        },
         "output": {"dir": "ignored: the service sets it"},
     }
 
@@ -123,8 +150,17 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--hide-scrollbars", "--virtual-time-budget=6000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--virtual-time-budget=6000",
+]
 
 
 @dataclass

@@ -35,7 +35,9 @@ def matmuls_4bit_per_step(model, batch) -> int:
             Count.runs += func is torch.ops.bitsandbytes.gemm_4bit.default
             return func(*args, **(kwargs or {}))
 
-    summed_loss(model, batch, torch.device("cpu")).backward()  # the loss's once-per-model head probe runs here, uncounted
+    summed_loss(
+        model, batch, torch.device("cpu")
+    ).backward()  # the loss's once-per-model head probe runs here, uncounted
     with Count():
         summed_loss(model, batch, torch.device("cpu")).backward()
     model.zero_grad(set_to_none=True)
@@ -53,20 +55,35 @@ def test_selective_checkpointing_skips_the_4bit_recompute_and_keeps_every_number
         model.train()
         calls[mode] = matmuls_4bit_per_step(model, batches_fn(examples, tokenizer.pad_token_id, 4)(0)[0]) / linears
         torch.manual_seed(0)  # the same dropout masks in every run (job.py seeds the same way)
-        rows = run_logged(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(max_steps=3, grad_accum_steps=2),
-                          tmp_path / f"metrics-{mode}.jsonl")
-        adapter = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+        rows = run_logged(
+            model,
+            batches_fn(examples, tokenizer.pad_token_id, 4),
+            (),
+            settings(max_steps=3, grad_accum_steps=2),
+            tmp_path / f"metrics-{mode}.jsonl",
+        )
+        adapter = {
+            name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad
+        }
         runs[mode] = ([row["loss"] for row in rows], adapter)
     # Full checkpointing runs each 4-bit matmul twice (forward, recompute); selective and none once.
     # (The input gradient is a third matmul, a dequantize + mm in MatMul4Bit's backward, in every mode.)
     assert calls == {True: 2, "selective": 1, False: 1}
-    (full_losses, full_adapter), (kept_losses, kept_adapter), (none_losses, none_adapter) = runs[True], runs["selective"], runs[False]
-    assert len(kept_losses) == 3 and kept_losses == full_losses  # bit-identical: the kept outputs are what the recompute would give
+    (full_losses, full_adapter), (kept_losses, kept_adapter), (none_losses, none_adapter) = (
+        runs[True],
+        runs["selective"],
+        runs[False],
+    )
+    assert (
+        len(kept_losses) == 3 and kept_losses == full_losses
+    )  # bit-identical: the kept outputs are what the recompute would give
     for name, tensor in full_adapter.items():
         assert torch.equal(kept_adapter[name], tensor), name
         torch.testing.assert_close(none_adapter[name], tensor, rtol=0, atol=1e-6, msg=name)
     assert none_losses == pytest.approx(full_losses, abs=1e-6)
-    assert any(not torch.equal(tensor, 0 * tensor) for name, tensor in kept_adapter.items() if "lora_B" in name), "training moved the adapter"
+    assert any(not torch.equal(tensor, 0 * tensor) for name, tensor in kept_adapter.items() if "lora_B" in name), (
+        "training moved the adapter"
+    )
 
 
 def test_selective_needs_a_4bit_base(tmp_path):
@@ -74,10 +91,16 @@ def test_selective_needs_a_4bit_base(tmp_path):
     from qlora.errors import ConfigError
 
     job = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "output": {"dir": "o"}}
-    assert validate({**job, "train": {"gradient_checkpointing": "selective"}}).train.gradient_checkpointing == "selective"
-    with pytest.raises(ConfigError, match=r"train.gradient_checkpointing: selective .* needs quantization.bits: 4 \(got 8\)"):
+    assert (
+        validate({**job, "train": {"gradient_checkpointing": "selective"}}).train.gradient_checkpointing == "selective"
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.gradient_checkpointing: selective .* needs quantization.bits: 4 \(got 8\)"
+    ):
         validate({**job, "train": {"gradient_checkpointing": "selective"}, "quantization": {"bits": 8}})
-    with pytest.raises(ConfigError, match=r"train.gradient_checkpointing: expected true, false or selective \(got 'partial'\)$"):
+    with pytest.raises(
+        ConfigError, match=r"train.gradient_checkpointing: expected true, false or selective \(got 'partial'\)$"
+    ):
         validate({**job, "train": {"gradient_checkpointing": "partial"}})
 
 
@@ -94,7 +117,9 @@ def test_plan_puts_selective_between_full_checkpointing_and_none():
         settings_ = replace(full, gradient_checkpointing=mode)
         held[mode] = activation_lines(arch, settings_)[0][0].bytes
         flops[mode] = flops_per_token(arch, settings_)
-    kept_per_token = 2 * arch.layers * sum(linear.out_features for linear in layer_linears(arch))  # bf16 outputs of q,k,v,o,gate,up,down
+    kept_per_token = (
+        2 * arch.layers * sum(linear.out_features for linear in layer_linears(arch))
+    )  # bf16 outputs of q,k,v,o,gate,up,down
     assert held["selective"] - held[True] == kept_per_token * 2048
     assert held[True] < held["selective"] < held[False]
     assert flops[True] > flops["selective"] > flops[False]

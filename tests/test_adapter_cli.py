@@ -41,7 +41,11 @@ def test_generate_is_deterministic_greedy_and_with_a_seed(trained_adapter, capsy
 
 def test_generate_file_switches_adapters_per_row(trained_adapter, second_adapter, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
-    rows = [{"prompt": "reverse abc", "id": 1}, {"prompt": "reverse abc", "adapter": "b"}, {"prompt": "reverse abc", "adapter": "base", "expected": "cba"}]
+    rows = [
+        {"prompt": "reverse abc", "id": 1},
+        {"prompt": "reverse abc", "adapter": "b"},
+        {"prompt": "reverse abc", "adapter": "base", "expected": "cba"},
+    ]
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     adapters = ["--adapter", f"ours={trained_adapter}", "--adapter", f"b={second_adapter}", "--max-new-tokens", 8]
     code, out, _ = run(capsys, "generate", *adapters, "--file", prompts)
@@ -108,7 +112,19 @@ def test_generate_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
 def test_eval_reproduces_trainings_eval_loss(trained_adapter, capsys):
     summary = json.loads((trained_adapter / "summary.json").read_text())
     eval_file = trained_adapter.parent / "eval.jsonl"
-    code, out, _ = run(capsys, "eval", "--adapter", trained_adapter, "--data", eval_file, "--max-new-tokens", 8, "--max-seq-len", 64, "--json")
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--adapter",
+        trained_adapter,
+        "--data",
+        eval_file,
+        "--max-new-tokens",
+        8,
+        "--max-seq-len",
+        64,
+        "--json",
+    )
     assert code == 0
     report = json.loads(out)
     base, adapted = report["results"]
@@ -122,8 +138,25 @@ def test_eval_reproduces_trainings_eval_loss(trained_adapter, capsys):
 
 def test_eval_on_prompt_rows_compares_base_and_adapters(trained_adapter, second_adapter, tmp_path, capsys):
     rows = tmp_path / "expected.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": f"reverse {word}", "expected": word[::-1]}) + "\n" for word in ("abc", "hello", "qlora")))
-    code, out, _ = run(capsys, "eval", "--adapter", trained_adapter, "--adapter", f"b={second_adapter}", "--data", rows, "--chat", "--max-new-tokens", 8)
+    rows.write_text(
+        "".join(
+            json.dumps({"prompt": f"reverse {word}", "expected": word[::-1]}) + "\n"
+            for word in ("abc", "hello", "qlora")
+        )
+    )
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--adapter",
+        trained_adapter,
+        "--adapter",
+        f"b={second_adapter}",
+        "--data",
+        rows,
+        "--chat",
+        "--max-new-tokens",
+        8,
+    )
     assert code == 0
     table = out.splitlines()
     assert "3 rows" in table[0] and "exact match on 3 rows" in table[0]
@@ -147,7 +180,10 @@ def rank_two_adapter(model_dir, directory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(model_dir)),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"]),
+    )
     scale = 16 / 8
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -175,7 +211,12 @@ def test_inspect_finds_the_rank_of_a_known_product(tiny_model_dir, tmp_path, cap
         assert layer.norm == pytest.approx(math.sqrt(13), rel=1e-5)
     kinds = {kind.kind: kind for kind in report.kinds}
     # q_proj 64 -> 64: 64*64 / (8*128) = 4x fewer parameters than full; down_proj 128 -> 64: 8192 / 1536.
-    assert (kinds["q_proj"].d, kinds["q_proj"].k, kinds["q_proj"].parameters, kinds["q_proj"].reduction) == (64, 64, 2 * 8 * 128, 4.0)
+    assert (kinds["q_proj"].d, kinds["q_proj"].k, kinds["q_proj"].parameters, kinds["q_proj"].reduction) == (
+        64,
+        64,
+        2 * 8 * 128,
+        4.0,
+    )
     assert kinds["down_proj"].reduction == pytest.approx(64 * 128 / (8 * 192))
 
     plot = tmp_path / "spectra.png"
@@ -192,10 +233,14 @@ def test_inspect_a_trained_adapter_and_an_untrained_one(tiny_model_dir, trained_
     report = inspect_adapter(trained_adapter)
     assert len(report.layers) == 14 and all(0 < layer.effective_rank_99 <= 8 for layer in report.layers)
     base_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).parameters())
-    assert report.base_parameters == base_parameters and report.parameters == sum(kind.parameters for kind in report.kinds)
+    assert report.base_parameters == base_parameters and report.parameters == sum(
+        kind.parameters for kind in report.kinds
+    )
     # peft starts B at zero: nothing learned, effective rank 0, norm 0.
     from peft import LoraConfig, get_peft_model
 
-    untrained = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), LoraConfig(r=4, target_modules=["q_proj"]))
+    untrained = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), LoraConfig(r=4, target_modules=["q_proj"])
+    )
     untrained.save_pretrained(str(tmp_path / "zero"))
     assert all((layer.effective_rank_90, layer.norm) == (0, 0.0) for layer in inspect_adapter(tmp_path / "zero").layers)

@@ -29,7 +29,9 @@ def sha256(path):
 @pytest.fixture(scope="module")
 def two_adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return plain_peft_adapter(tiny_model_dir, root / "a", seed=1), plain_peft_adapter(tiny_model_dir, root / "b", seed=2)
+    return plain_peft_adapter(tiny_model_dir, root / "a", seed=1), plain_peft_adapter(
+        tiny_model_dir, root / "b", seed=2
+    )
 
 
 def test_switching_adapters_on_one_base_equals_fresh_single_loads(tiny_model_dir, two_adapters):
@@ -58,7 +60,9 @@ def test_adapter_from_plain_peft_loads_with_the_base_it_names(tiny_model_dir, tw
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32), str(first))
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32), str(first)
+    )
     torch.testing.assert_close(logits(model), logits(plain), rtol=1e-5, atol=1e-5)
 
 
@@ -67,8 +71,15 @@ def test_our_adapter_loads_in_plain_peft_without_key_warnings(tiny_model_dir, tr
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=quantization, dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), quantization_config=quantization, dtype=torch.float32
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plain = PeftModel.from_pretrained(base, str(trained_adapter))
@@ -89,8 +100,15 @@ def test_training_writes_the_compatibility_record(tiny_model_dir, trained_adapte
     assert manifest["base"]["name_or_path"] == str(tiny_model_dir)
     assert manifest["base"]["shape"]["hidden_size"] == 64 and manifest["base"]["shape"]["model_type"] == "llama"
     assert manifest["base"]["fingerprint"].startswith("sha256:")
-    assert manifest["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
-    assert manifest["files"]["adapter_model.safetensors"]["sha256"] == sha256(trained_adapter / "adapter_model.safetensors")
+    assert manifest["quantization"] == {
+        "bits": 4,
+        "quant_type": "nf4",
+        "double_quant": True,
+        "compute_dtype": "float32",
+    }
+    assert manifest["files"]["adapter_model.safetensors"]["sha256"] == sha256(
+        trained_adapter / "adapter_model.safetensors"
+    )
     job_dir = trained_adapter.parent
     assert {(record["path"], record["sha256"]) for record in manifest["data"]} == {
         (str(job_dir / name), sha256(job_dir / name)) for name in ("train.jsonl", "eval.jsonl")
@@ -98,17 +116,24 @@ def test_training_writes_the_compatibility_record(tiny_model_dir, trained_adapte
     import peft
     import transformers
 
-    assert manifest["versions"]["peft"] == peft.__version__ and manifest["versions"]["transformers"] == transformers.__version__
+    assert (
+        manifest["versions"]["peft"] == peft.__version__
+        and manifest["versions"]["transformers"] == transformers.__version__
+    )
 
 
-@pytest.mark.parametrize(("change", "named"), [(dict(hidden=128), "hidden_size=64"), (dict(layers=3), "num_hidden_layers=2")])
+@pytest.mark.parametrize(
+    ("change", "named"), [(dict(hidden=128), "hidden_size=64"), (dict(layers=3), "num_hidden_layers=2")]
+)
 def test_a_different_base_is_refused_naming_what_differs(trained_adapter, two_adapters, tmp_path, change, named):
     other = build_tiny_model(tmp_path / "other", **change)
     model, _ = qlora.load(str(other), bits=4, compute_dtype="float32")
     with pytest.raises(ModelError, match=named):
         qlora.with_adapter(model, trained_adapter)
     if "hidden" in change:  # no manifest: the adapter's own weight shapes catch it
-        with pytest.raises(ModelError, match=r"expects model\.layers\.0\.\S+ with (input|output) size \d+, but this base.s has \d+"):
+        with pytest.raises(
+            ModelError, match=r"expects model\.layers\.0\.\S+ with (input|output) size \d+, but this base.s has \d+"
+        ):
             qlora.with_adapter(model, two_adapters[0])
 
 
@@ -116,11 +141,16 @@ def test_cli_refuses_a_mismatched_base_with_exit_code_5(trained_adapter, tmp_pat
     other = build_tiny_model(tmp_path / "other", hidden=128)
     assert main(["generate", "--adapter", str(trained_adapter), "--base", str(other), "hello"]) == EXIT_MODEL
     err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if line.startswith("error:")] == [next(line for line in err.splitlines() if "hidden_size=64" in line)]
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        next(line for line in err.splitlines() if "hidden_size=64" in line)
+    ]
 
 
 def test_another_quantization_is_one_warning_line(trained_adapter, capsys):
-    assert main(["generate", "--adapter", str(trained_adapter), "--bits", "16", "--max-new-tokens", "2", "reverse abc"]) == 0
+    assert (
+        main(["generate", "--adapter", str(trained_adapter), "--bits", "16", "--max-new-tokens", "2", "reverse abc"])
+        == 0
+    )
     warnings_printed = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
     assert len(warnings_printed) == 1
     assert "trained on a 4-bit nf4 base, now loaded as 16-bit" in warnings_printed[0]

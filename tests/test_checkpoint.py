@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from qlora.training.checkpoint import COMPLETE_MARKER, complete_checkpoints, save_checkpoint
 from qlora.cli.main import main
+from qlora.training.checkpoint import COMPLETE_MARKER, complete_checkpoints, save_checkpoint
 from tests.tiny import write_job
 
 
@@ -44,5 +44,11 @@ def test_training_writes_checkpoints_every_save_every_steps(tiny_model_dir, tmp_
     checkpoints = complete_checkpoints(tmp_path / "out" / "checkpoints")
     assert [path.name for path in checkpoints] == ["step-00000003", "step-00000004"]
     for path in checkpoints:
-        assert {"adapter_model.safetensors", "adapter_config.json", "training_state.json", "training_state.safetensors", COMPLETE_MARKER} <= {p.name for p in path.iterdir()}
+        assert {
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "training_state.json",
+            "training_state.safetensors",
+            COMPLETE_MARKER,
+        } <= {p.name for p in path.iterdir()}
         assert json.loads((path / COMPLETE_MARKER).read_text())["step"] == int(path.name[5:])

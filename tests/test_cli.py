@@ -46,11 +46,20 @@ def digest(directory):
 def test_train_writes_exactly_the_artifacts_and_a_summary(tiny_model_dir, tmp_path):
     job = write_job(tmp_path, tiny_model_dir, train={"eval_every": 2, "eval_exact_match": 4, "eval_max_new_tokens": 8})
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    completed = subprocess.run([sys.executable, "-m", "qlora.cli", "train", str(job)], capture_output=True, text=True, env=env, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-m", "qlora.cli", "train", str(job)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr
     output = tmp_path / "out"
     assert {path.name for path in output.iterdir()} == EXPECTED_FILES
-    for expected in ("trainable parameters:", "supervised tokens/s", "peak memory", "final eval loss", "exact match", str(output / "adapter_model.safetensors")):
+    for expected in (
+        "trainable parameters:",
+        "supervised tokens/s",
+        "peak memory",
+        "final eval loss",
+        "exact match",
+        str(output / "adapter_model.safetensors"),
+    ):
         assert expected in completed.stdout
     assert "⟦" in completed.stdout  # the rendered example with supervised spans
 
@@ -70,7 +79,9 @@ def test_train_writes_exactly_the_artifacts_and_a_summary(tiny_model_dir, tmp_pa
     # Published files follow the umask (0644 here), not the 0600/0700 of temp files.
     umask = os.umask(0)
     os.umask(umask)
-    assert {path.name: path.stat().st_mode & 0o777 for path in output.iterdir()} == {name: 0o666 & ~umask for name in EXPECTED_FILES}
+    assert {path.name: path.stat().st_mode & 0o777 for path in output.iterdir()} == {
+        name: 0o666 & ~umask for name in EXPECTED_FILES
+    }
 
 
 def test_a_finished_output_dir_is_never_overwritten_silently(tiny_model_dir, tmp_path, capsys):
@@ -136,7 +147,12 @@ def test_validate_reports_rows_and_lengths_without_writing(tiny_model_dir, tmp_p
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_epochs_and_packing_set_the_number_of_steps(tiny_model_dir, tmp_path, capsys, packing):
-    job = write_job(tmp_path, tiny_model_dir, train={"max_steps": None, "epochs": 1, "micro_batch_size": 4, "grad_accum_steps": 2}, data={"packing": packing, "max_seq_len": 128})
+    job = write_job(
+        tmp_path,
+        tiny_model_dir,
+        train={"max_steps": None, "epochs": 1, "micro_batch_size": 4, "grad_accum_steps": 2},
+        data={"packing": packing, "max_seq_len": 128},
+    )
     assert run_cli("validate", job, "--json") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["optimizer_steps"] == -(-report["micro_batches_per_epoch"] // 2)

@@ -34,7 +34,11 @@ def error_for(tmp_path: Path, job: dict, overrides=()) -> str:
 
 def test_defaults_are_qlora(tmp_path):
     config = load_config(write(tmp_path, minimal()))
-    assert (config.quantization.bits, config.quantization.quant_type, config.quantization.double_quant) == (4, "nf4", True)
+    assert (config.quantization.bits, config.quantization.quant_type, config.quantization.double_quant) == (
+        4,
+        "nf4",
+        True,
+    )
     assert config.lora.target_modules == "all-linear"
     assert config.train.gradient_checkpointing and config.train.optimizer == "paged_adamw_8bit"
     assert config.model.trust_remote_code is False
@@ -64,7 +68,9 @@ def test_bad_enum_lists_the_allowed_values(tmp_path):
 def test_out_of_range_and_conflicting_keys(tmp_path):
     assert "lora.r" in error_for(tmp_path, minimal(lora={"r": 0}))
     assert "train.max_steps and train.epochs" in error_for(tmp_path, minimal(train={"max_steps": 3, "epochs": 1}))
-    assert "data.eval and data.eval_fraction" in error_for(tmp_path, minimal(data={"eval": "e.jsonl", "eval_fraction": 0.1}))
+    assert "data.eval and data.eval_fraction" in error_for(
+        tmp_path, minimal(data={"eval": "e.jsonl", "eval_fraction": 0.1})
+    )
 
 
 def test_missing_section_is_named(tmp_path):
@@ -87,7 +93,11 @@ def test_qlora_set_applies_before_set_and_splits_like_a_shell(tmp_path):
     env = overrides_from_env({"QLORA_SET": "train.max_steps=100  'output.dir=/out/run 2' train.seed=7"})
     assert env == ["train.max_steps=100", "output.dir=/out/run 2", "train.seed=7"]
     config = load_config(path, ["train.seed=9"], env_overrides=env)
-    assert (config.train.max_steps, config.output.dir, config.train.seed) == (100, "/out/run 2", 9)  # the command line wins
+    assert (config.train.max_steps, config.output.dir, config.train.seed) == (
+        100,
+        "/out/run 2",
+        9,
+    )  # the command line wins
     assert overrides_from_env({}) == [] and overrides_from_env({"QLORA_SET": " "}) == []
 
 
@@ -99,10 +109,12 @@ def test_a_bad_qlora_set_names_qlora_set_and_the_key(tmp_path):
             load_config(path, overrides, env_overrides=overrides_from_env({"QLORA_SET": env}))
         return str(caught.value)
 
-    assert error("train.max_stepz=3").endswith("QLORA_SET: train.max_stepz: unknown key (did you mean 'train.max_steps'?)")
+    assert error("train.max_stepz=3").endswith(
+        "QLORA_SET: train.max_stepz: unknown key (did you mean 'train.max_steps'?)"
+    )
     assert error("train.max_steps=lots").startswith("QLORA_SET: train.max_steps: ")
     assert error("train.max_steps") == "QLORA_SET 'train.max_steps': expected section.key=value"
-    assert error("output.dir='/out") == "QLORA_SET=\"output.dir='/out\": No closing quotation"
+    assert error("output.dir='/out") == 'QLORA_SET="output.dir=\'/out": No closing quotation'
     # The same bad value given again on the command line is the command line's problem.
     assert error("train.max_steps=lots", ["train.max_steps=many"]).startswith(f"{path}: train.max_steps: ")
     # And a good --set repairs a bad QLORA_SET value.

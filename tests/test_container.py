@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora.training.checkpoint import complete_checkpoints
 from qlora.cli.main import main
 from qlora.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OUTPUT
+from qlora.training.checkpoint import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -115,8 +115,15 @@ class Container:
         return self.prefix + argv + list(args)
 
     def start(self, *args: str, **env) -> subprocess.Popen:
-        return subprocess.Popen(self.argv(*args), cwd=self.path(last("WORKDIR")), env=self.env(**env),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **self.user)
+        return subprocess.Popen(
+            self.argv(*args),
+            cwd=self.path(last("WORKDIR")),
+            env=self.env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **self.user,
+        )
 
     def run(self, *args: str, **env) -> subprocess.CompletedProcess:
         process = self.start(*args, **env)
@@ -131,7 +138,13 @@ def unprivileged(root: Path) -> tuple[list[str], dict]:
         return [], {}
     user = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
     try:
-        probe = subprocess.run([sys.executable, "-c", "import qlora.cli"], cwd="/", env={"PYTHONPATH": PYTHONPATH}, capture_output=True, **user)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import qlora.cli"],
+            cwd="/",
+            env={"PYTHONPATH": PYTHONPATH},
+            capture_output=True,
+            **user,
+        )
         if probe.returncode == 0:
             return [], user
     except OSError:
@@ -195,7 +208,7 @@ def test_hadolint_finds_nothing_in_the_dockerfile():
     for number, line in enumerate(lines):
         if line.startswith("# hadolint ignore="):
             rules = line.split("=", 1)[1].split(",")
-            assert all(any(rule in above for above in lines[max(0, number - 5):number]) for rule in rules), line
+            assert all(any(rule in above for above in lines[max(0, number - 5) : number]) for rule in rules), line
 
 
 def test_the_image_command_line_runs_the_demo_job_from_mounted_folders(container):
@@ -207,7 +220,9 @@ def test_the_image_command_line_runs_the_demo_job_from_mounted_folders(container
     assert f"QLORA_SET: train.max_steps=2 {QUICK}" in result.stderr
     output = container.output / "demo"
     assert json.loads((output / "summary.json").read_text())["steps"] == 2
-    assert {"adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.jsonl"} <= set(os.listdir(output))
+    assert {"adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.jsonl"} <= set(
+        os.listdir(output)
+    )
     # Everything the job writes is under the output mount: config and data are as they were.
     assert listing(container.config) == config_before and listing(container.data) == data_before
 
@@ -219,7 +234,9 @@ def test_an_output_mount_the_user_cannot_write_fails_before_the_model_loads(cont
     result = container.run("train", str(job), QLORA_SET=QUICK)
     assert result.returncode == EXIT_OUTPUT, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: output.dir: cannot write to {container.output} as uid {container.user.get('user', os.getuid())}"]
+    assert errors == [
+        f"error: output.dir: cannot write to {container.output} as uid {container.user.get('user', os.getuid())}"
+    ]
     assert "Traceback" not in result.stderr and "base:" not in result.stdout
     assert os.listdir(container.output) == []
     print(f"unwritable output refused in {time.monotonic() - started:.1f} s")
@@ -236,7 +253,7 @@ def test_a_bad_key_in_qlora_set_is_named_and_exits_2(tmp_path, monkeypatch, caps
     assert errors == ["error: QLORA_SET: train.max_stepz: unknown key (did you mean 'train.max_steps'?)"]
     monkeypatch.setenv("QLORA_SET", "train.max_steps='5")
     assert main(["train", str(path)]) == EXIT_CONFIG
-    assert "error: QLORA_SET=\"train.max_steps='5\": No closing quotation" in capsys.readouterr().err
+    assert 'error: QLORA_SET="train.max_steps=\'5": No closing quotation' in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -138,7 +138,9 @@ def test_answer_without_a_terminator_is_an_error(tmp_path, tokenizer):
     no_terminator = copy.deepcopy(tokenizer)
     no_terminator.chat_template = tokenizer.chat_template.replace("<|im_end|>", "")
     rows = read_rows([(write_jsonl(tmp_path, [CHAT]), "chat")])
-    with pytest.raises(DataError, match=r"data\.jsonl:1: assistant answer 1 is not followed by the EOS token '<\|im_end\|>'"):
+    with pytest.raises(
+        DataError, match=r"data\.jsonl:1: assistant answer 1 is not followed by the EOS token '<\|im_end\|>'"
+    ):
         tokenize_rows(rows, no_terminator, 512, "completions", "truncate")
 
 
@@ -361,7 +363,15 @@ def test_every_file_format_reads_and_detects(tmp_path):
     text_parquet = tmp_path / "text.parquet"
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist([TEXT]), text_parquet)
 
-    rows = read_rows([(jsonl, "auto"), (str(json_path), "auto"), (str(csv_path), "auto"), (str(parquet_path), "auto"), (str(text_parquet), "auto")])
+    rows = read_rows(
+        [
+            (jsonl, "auto"),
+            (str(json_path), "auto"),
+            (str(csv_path), "auto"),
+            (str(parquet_path), "auto"),
+            (str(text_parquet), "auto"),
+        ]
+    )
     by_source = {}
     for row in rows:
         by_source.setdefault(row.source.rsplit("/", 1)[-1], []).append((row.format, row.line))
@@ -407,7 +417,10 @@ def test_mixed_sources_with_explicit_formats(tmp_path):
             r"data\.jsonl:2: messages\[0\]\.content must be a string, got list",
         ),
         ([CHAT, ["not", "an", "object"]], r"data\.jsonl:2: a row must be an object"),
-        ([{"prompt": "x", "completion": "y"}], r"data\.jsonl:1: cannot detect the data format from the keys \(completion, prompt\)"),
+        (
+            [{"prompt": "x", "completion": "y"}],
+            r"data\.jsonl:1: cannot detect the data format from the keys \(completion, prompt\)",
+        ),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, rows, message):
@@ -417,7 +430,7 @@ def test_bad_rows_name_file_and_line(tmp_path, rows, message):
 
 def test_malformed_json_line(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text(json.dumps(TEXT) + "\n\n{\"text\": oops}\n")
+    path.write_text(json.dumps(TEXT) + '\n\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"data\.jsonl:3: not valid JSON \(Expecting value at column 10\)"):
         read_rows([(str(path), "auto")])
 
@@ -437,7 +450,9 @@ def test_unreadable_sources(tmp_path):
 
 def test_unknown_dataset_name(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"^data\.train: 'no-such/dataset-xyz' is neither a file nor a dataset in the local cache"):
+    with pytest.raises(
+        DataError, match=r"^data\.train: 'no-such/dataset-xyz' is neither a file nor a dataset in the local cache"
+    ):
         read_rows([("no-such/dataset-xyz", "auto")])
 
 
@@ -455,7 +470,12 @@ def cache_dataset(cache_dir, name, rows):
             writer.write(row)
         count, _ = writer.finalize()
     split = datasets.SplitInfo(name="train", num_examples=count, num_bytes=0, dataset_name=short)
-    info = datasets.DatasetInfo(dataset_name=short, config_name="default", features=writer._features, splits=datasets.SplitDict({"train": split}))
+    info = datasets.DatasetInfo(
+        dataset_name=short,
+        config_name="default",
+        features=writer._features,
+        splits=datasets.SplitDict({"train": split}),
+    )
     info.write_to_directory(str(folder))
 
 
@@ -466,7 +486,10 @@ def test_a_dataset_name_in_the_offline_cache_reads_like_a_file(tmp_path, monkeyp
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
     cache_dataset(tmp_path, "acme/tiny-alpaca", [ALPACA, {**ALPACA, "output": "b"}])
     rows = read_rows([("acme/tiny-alpaca", "auto")])
-    assert [(row.where, row.format, row.fields["output"]) for row in rows] == [("acme/tiny-alpaca:1", "alpaca", ALPACA["output"]), ("acme/tiny-alpaca:2", "alpaca", "b")]
+    assert [(row.where, row.format, row.fields["output"]) for row in rows] == [
+        ("acme/tiny-alpaca:1", "alpaca", ALPACA["output"]),
+        ("acme/tiny-alpaca:2", "alpaca", "b"),
+    ]
 
     cache_dataset(tmp_path, "acme/broken", [ALPACA, {**ALPACA, "output": None}])
     with pytest.raises(DataError, match=r"^acme/broken:2: "):
@@ -478,7 +501,9 @@ def test_template_that_is_not_prefix_stable_is_rejected(tmp_path, tokenizer):
     # Announcing the number of messages up front changes the start of every prefix rendering.
     counting.chat_template = "{{ messages | length }} messages\n" + tokenizer.chat_template
     rows = read_rows([(write_jsonl(tmp_path, [CHAT]), "auto")])
-    with pytest.raises(DataError, match=r"data\.jsonl:1: the chat template does not render this conversation prefix by prefix"):
+    with pytest.raises(
+        DataError, match=r"data\.jsonl:1: the chat template does not render this conversation prefix by prefix"
+    ):
         tokenize_rows(rows, counting, 512, "completions", "truncate")
 
 
@@ -495,10 +520,14 @@ def test_tokenized_sets_are_cached_across_runs_and_a_changed_row_misses(tiny_mod
     assert not hit and len(list((tmp_path / "cache").iterdir())) == 1
     again, hit = tokenize_rows_cached(read_rows([(str(path), "auto")]), tokenizer, **shape)
     assert hit and again.stats == first.stats
-    assert [(e.input_ids, e.labels, e.row.line, e.truncated) for e in again.examples] == [(e.input_ids, e.labels, e.row.line, e.truncated) for e in first.examples]
+    assert [(e.input_ids, e.labels, e.row.line, e.truncated) for e in again.examples] == [
+        (e.input_ids, e.labels, e.row.line, e.truncated) for e in first.examples
+    ]
     lines = path.read_text().splitlines()
     lines[3] = lines[3].replace('"content": "', '"content": "changed ', 1)
     path.write_text("\n".join(lines) + "\n")
     changed, hit = tokenize_rows_cached(read_rows([(str(path), "auto")]), tokenizer, **shape)
     assert not hit and changed.examples[3].input_ids != first.examples[3].input_ids
-    assert tokenize_rows_cached(rows, tokenizer, **{**shape, "max_seq_len": 32})[1] is False  # shape keys are in the key
+    assert (
+        tokenize_rows_cached(rows, tokenizer, **{**shape, "max_seq_len": 32})[1] is False
+    )  # shape keys are in the key

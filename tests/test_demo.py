@@ -15,13 +15,17 @@ DEMO_MODEL = ROOT / "qlora" / "demo" / "model"
 
 
 def test_demo_model_is_a_small_real_hf_folder_with_a_chat_template():
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {path.name for path in DEMO_MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        path.name for path in DEMO_MODEL.iterdir()
+    }
     assert sum(path.stat().st_size for path in DEMO_MODEL.iterdir()) <= 10 * 1024 * 1024
     config = AutoConfig.from_pretrained(DEMO_MODEL)
     # bitsandbytes' CPU 4-bit path needs every linear input size to be a multiple of 64.
     assert config.hidden_size % 64 == 0 and config.intermediate_size % 64 == 0
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert "hi" in rendered and tokenizer.eos_token_id != tokenizer.pad_token_id
 
 

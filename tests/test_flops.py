@@ -20,8 +20,16 @@ def counted_flops(length: int):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=False, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     arch = describe_skeleton(base, "tiny")
@@ -56,14 +64,20 @@ def test_useful_flops_add_up_over_rows_and_checkpointing_only_adds_hardware_flop
     model = FlopModel(base_linear_weights=1000, lora_params=10, head_weights=500, attention_width=8)
     assert model.useful([3, 5], 8) == pytest.approx(model.useful([3], 3) + model.useful([5], 5))
     assert model.useful([3, 5], 2) < model.useful([3, 5], 8)  # the head only where logits are read
-    assert model.per_token(64, gradient_checkpointing=True) > model.per_token(64, gradient_checkpointing=False) == pytest.approx(model.useful([64], 64) / 64)
+    assert (
+        model.per_token(64, gradient_checkpointing=True)
+        > model.per_token(64, gradient_checkpointing=False)
+        == pytest.approx(model.useful([64], 64) / 64)
+    )
 
 
 def test_peak_matmul_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
     import qlora.plan.peak_flops
 
     monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(qlora.plan.peak_flops, "cpu_load", lambda: 0.3)  # the load this machine reports is not the test's to choose
+    monkeypatch.setattr(
+        qlora.plan.peak_flops, "cpu_load", lambda: 0.3
+    )  # the load this machine reports is not the test's to choose
     first = peak_matmul_flops(torch.device("cpu"), "float32")
     assert first["flops_per_s"] > 1e8 and first["torch"] == torch.__version__ and first["load_per_cpu"] == 0.3
     saved = json.loads((cache_dir() / CACHE_FILE).read_text())

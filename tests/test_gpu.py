@@ -21,7 +21,9 @@ DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 def test_demo_job_learns_on_the_gpu_in_bf16(tmp_path):
     output = tmp_path / "out"
-    assert main(["train", str(DEMO), "--set", f"output.dir={output}", "--set", "quantization.compute_dtype=bfloat16"]) == 0
+    assert (
+        main(["train", str(DEMO), "--set", f"output.dir={output}", "--set", "quantization.compute_dtype=bfloat16"]) == 0
+    )
     summary = json.loads((output / "summary.json").read_text())
     assert summary["peak_memory_kind"] == "gpu_allocated" and summary["peak_memory_bytes"] > 0
     assert summary["eval_loss"] <= 0.7 * summary["eval_loss_before"]
@@ -35,11 +37,20 @@ def test_gpu_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model_dir, tm
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
     model = build_model(tiny_model_dir, compute_dtype="bfloat16")
     assert next(p for p in model.parameters() if p.requires_grad).device.type == "cuda"
-    train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(learning_rate=1e-2, mixed_precision="bf16"))
+    train(
+        model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(learning_rate=1e-2, mixed_precision="bf16")
+    )
     save_adapter(model, tmp_path / "adapter")
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0})
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    plain = AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0}
+    )
     plain = PeftModel.from_pretrained(plain, str(tmp_path / "adapter"))
     input_ids = torch.tensor([examples[0].input_ids], device="cuda")
     model.eval()

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.model.host_memory import release_checkpoint_file
 from qlora.model.base import disable_cpu_weight_repacking, load_base
+from qlora.model.host_memory import release_checkpoint_file
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
 
@@ -50,8 +50,15 @@ def test_release_checkpoint_file_unmaps_the_file_and_keeps_the_numbers(tiny_mode
 def transformers_4bit_load(folder: Path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quantization, dtype=torch.float32, use_safetensors=True)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), quantization_config=quantization, dtype=torch.float32, use_safetensors=True
+    )
     disable_cpu_weight_repacking(model)  # the eval forwards below must not repack the 4-bit weights in place
     return model
 
@@ -89,8 +96,14 @@ def test_large_blocks_get_their_own_mapping_only_when_tamed(tmp_path):
     root = Path(__file__).resolve().parent.parent
 
     def mmapped_growth(mode: str) -> int:
-        result = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, timeout=300,
-                                cwd=root, env=dict(os.environ, PYTHONPATH=str(root), GLIBC_TUNABLES=""))
+        result = subprocess.run(
+            [sys.executable, "-c", HEAP_PROBE, mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=root,
+            env=dict(os.environ, PYTHONPATH=str(root), GLIBC_TUNABLES=""),
+        )
         assert result.returncode == 0, result.stderr
         return int(result.stdout.split()[-1])
 

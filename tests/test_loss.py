@@ -13,8 +13,8 @@ import torch
 
 from qlora import data
 from qlora.adapters import attach_lora
-from qlora.training.loss import summed_cross_entropy
 from qlora.model.base import load_base, load_tokenizer
+from qlora.training.loss import summed_cross_entropy
 from tests.tiny import build_tiny_model, write_chat_data, write_job
 from tests.vocab_tensors import VocabSizedTensors
 
@@ -44,15 +44,24 @@ def first_batch(model_dir, tmp_path, train_on, padding_free, rows=6):
     tokenizer = load_tokenizer(str(model_dir))
     path = write_chat_data(tmp_path / "rows.jsonl", rows, seed=4)
     examples = data.tokenize_rows(data.read_rows([(str(path), "auto")]), tokenizer, 64, train_on, "truncate").examples
-    return data.epoch_batches(examples, rows, False, 64, tokenizer.pad_token_id, seed=0, epoch=0, padding_free=padding_free)[0]
+    return data.epoch_batches(
+        examples, rows, False, 64, tokenizer.pad_token_id, seed=0, epoch=0, padding_free=padding_free
+    )[0]
 
 
 def random_batch(rows, length, vocab):
     """Unpadded rows of random ids, every next token supervised."""
     ids = torch.randint(3, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
     targets = torch.cat([ids[:, 1:], torch.full((rows, 1), -100)], dim=1)
-    return data.Batch(input_ids=ids, position_ids=torch.arange(length).expand(rows, length), targets=targets, attention_mask=None,
-                      row_ids=list(range(rows)), supervised_tokens=rows * (length - 1), row_lengths=[length] * rows)
+    return data.Batch(
+        input_ids=ids,
+        position_ids=torch.arange(length).expand(rows, length),
+        targets=targets,
+        attention_mask=None,
+        row_ids=list(range(rows)),
+        supervised_tokens=rows * (length - 1),
+        row_lengths=[length] * rows,
+    )
 
 
 def loss_and_grads(model, batch, chunk_tokens):
@@ -64,7 +73,9 @@ def loss_and_grads(model, batch, chunk_tokens):
 
 @pytest.mark.parametrize("train_on", ["completions", "all"])
 @pytest.mark.parametrize("padding_free", [True, False])
-def test_chunked_loss_and_every_lora_gradient_equal_the_whole_path(model, wide_vocab_dir, tmp_path, train_on, padding_free):
+def test_chunked_loss_and_every_lora_gradient_equal_the_whole_path(
+    model, wide_vocab_dir, tmp_path, train_on, padding_free
+):
     batch = first_batch(wide_vocab_dir, tmp_path, train_on, padding_free)
     supervised = batch.supervised_tokens
     dividing = next(size for size in range(5, supervised + 1) if supervised % size == 0)
@@ -75,11 +86,15 @@ def test_chunked_loss_and_every_lora_gradient_equal_the_whole_path(model, wide_v
         loss, grads = loss_and_grads(model, batch, size)
         torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=0, msg=f"chunk {size}")
         for name, grad in whole_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(), msg=f"chunk {size}: {name}")
+            torch.testing.assert_close(
+                grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(), msg=f"chunk {size}: {name}"
+            )
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
-def test_no_tensor_beyond_one_chunk_of_logits_while_the_whole_path_holds_them_all(model, wide_vocab_dir, tmp_path, padding_free):
+def test_no_tensor_beyond_one_chunk_of_logits_while_the_whole_path_holds_them_all(
+    model, wide_vocab_dir, tmp_path, padding_free
+):
     batch = first_batch(wide_vocab_dir, tmp_path, "all", padding_free)
     chunk = 6
     summed_cross_entropy(model, batch, CPU, chunk)  # the one-time probe, outside the count
@@ -111,8 +126,12 @@ def test_training_with_small_chunks_gives_the_same_losses(wide_vocab_dir, tmp_pa
     for setting in (3, "off"):
         directory = tmp_path / str(setting)
         directory.mkdir()
-        job = write_job(directory, wide_vocab_dir, data={"train_on": "all", "max_seq_len": 64},
-                        train={"max_steps": 3, "loss_chunk_tokens": setting, "learning_rate": 1e-2})
+        job = write_job(
+            directory,
+            wide_vocab_dir,
+            data={"train_on": "all", "max_seq_len": 64},
+            train={"max_steps": 3, "loss_chunk_tokens": setting, "learning_rate": 1e-2},
+        )
         run_job(load_config(job), echo=lambda line: None)
         rows = [json.loads(line) for line in (directory / "out" / "metrics.jsonl").read_text().splitlines()]
         losses[setting] = [(row.get("loss"), row.get("eval_loss")) for row in rows]
@@ -125,9 +144,22 @@ def test_training_with_small_chunks_gives_the_same_losses(wide_vocab_dir, tmp_pa
 def build_tiny_gemma2(directory, softcap):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, max_position_embeddings=128, final_logit_softcapping=softcap,
-                          attn_logit_softcapping=None, sliding_window=32, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config = Gemma2Config(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        final_logit_softcapping=softcap,
+        attn_logit_softcapping=None,
+        sliding_window=32,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     torch.manual_seed(0)
     Gemma2ForCausalLM(config).save_pretrained(str(directory), safe_serialization=True)
     return directory
@@ -165,12 +197,21 @@ def test_a_bad_chunk_size_is_a_one_line_error_naming_the_key(tiny_model_dir, tmp
     from qlora.errors import ConfigError
 
     job = write_job(tmp_path, tiny_model_dir, train={"loss_chunk_tokens": value})
-    with pytest.raises(ConfigError, match=r"^[^\n]*train\.loss_chunk_tokens: a positive number of supervised positions, auto or off \(got") as error:
+    with pytest.raises(
+        ConfigError,
+        match=r"^[^\n]*train\.loss_chunk_tokens: a positive number of supervised positions, auto or off \(got",
+    ) as error:
         load_config(job)
     assert "\n" not in str(error.value)
-    assert load_config(write_job(tmp_path, tiny_model_dir, train={"loss_chunk_tokens": 512})).train.loss_chunk_tokens == 512
+    assert (
+        load_config(write_job(tmp_path, tiny_model_dir, train={"loss_chunk_tokens": 512})).train.loss_chunk_tokens
+        == 512
+    )
     # A bare `off` in YAML is the boolean false: it means off, not a bad value.
-    assert load_config(write_job(tmp_path, tiny_model_dir, train={"loss_chunk_tokens": False})).train.loss_chunk_tokens == "off"
+    assert (
+        load_config(write_job(tmp_path, tiny_model_dir, train={"loss_chunk_tokens": False})).train.loss_chunk_tokens
+        == "off"
+    )
 
 
 def test_plan_counts_one_chunk_of_logits_by_the_loops_rule():
@@ -179,14 +220,26 @@ def test_plan_counts_one_chunk_of_logits_by_the_loops_rule():
 
     llama3 = load_architecture("llama-3.1-8b")
     assert loss_chunk_tokens(llama3.vocab) == 523 == 256 * 2**20 // (4 * 128256)
-    logits = {setting: next(line for line in make_plan(llama3, PlanSettings(seq_len=2048, loss_chunk_tokens=setting)).lines
-                            if line.name == "logits_and_loss").bytes for setting in ("auto", "off", 100)}
+    logits = {
+        setting: next(
+            line
+            for line in make_plan(llama3, PlanSettings(seq_len=2048, loss_chunk_tokens=setting)).lines
+            if line.name == "logits_and_loss"
+        ).bytes
+        for setting in ("auto", "off", 100)
+    }
     assert logits["off"] == 12 * llama3.vocab * 2048  # 3 float32 copies of every position's logits
     assert logits["auto"] == 12 * llama3.vocab * 523 and logits[100] == 12 * llama3.vocab * 100
     gemma2 = load_architecture("gemma-2-9b")  # softcapped: the loop takes the all-at-once path
     auto = next(line for line in make_plan(gemma2, PlanSettings(seq_len=2048)).lines if line.name == "logits_and_loss")
-    assert auto.bytes == next(line for line in make_plan(gemma2, PlanSettings(seq_len=2048, loss_chunk_tokens="off")).lines
-                              if line.name == "logits_and_loss").bytes
+    assert (
+        auto.bytes
+        == next(
+            line
+            for line in make_plan(gemma2, PlanSettings(seq_len=2048, loss_chunk_tokens="off")).lines
+            if line.name == "logits_and_loss"
+        ).bytes
+    )
 
 
 def test_under_accelerates_bf16_autocast_the_head_is_chunked_in_bf16_with_the_same_loss(wide_vocab_dir, capfd):
@@ -217,7 +270,9 @@ def bf16_losses(model, accelerator, capfd):
     with torch.no_grad():
         summed_cross_entropy(model, batch, CPU, 5)  # the one-time probe, outside the count
     losses, head_dtypes = {}, []
-    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_dtypes.append(out.dtype))
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_dtypes.append(out.dtype)
+    )
     for setting in (5, "off"):
         with VocabSizedTensors(VOCAB) as recorder:
             loss = summed_cross_entropy(model, batch, CPU, setting)

@@ -27,7 +27,9 @@ def test_merged_folder_loads_in_plain_transformers_with_the_adapters_logits(tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = plain_peft_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
-    report = merge_adapter(adapter, tmp_path / "merged", dtype=dtype, max_shard_size="100KB", prompts=PROMPTS, echo=lambda line: None)
+    report = merge_adapter(
+        adapter, tmp_path / "merged", dtype=dtype, max_shard_size="100KB", prompts=PROMPTS, echo=lambda line: None
+    )
 
     merged_dir = tmp_path / "merged"
     assert report.shards > 1 and (merged_dir / "model.safetensors.index.json").is_file()
@@ -41,16 +43,27 @@ def test_merged_folder_loads_in_plain_transformers_with_the_adapters_logits(tiny
     assert merged.dtype == dtype_
     assert not any("lora" in name for name, _ in merged.named_parameters())
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype_), str(adapter))
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype_), str(adapter)
+    )
     base_only = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype_)
-    for ours, theirs, bare in zip(prompt_logits(merged, tokenizer), prompt_logits(reference, tokenizer), prompt_logits(base_only, tokenizer)):
+    for ours, theirs, bare in zip(
+        prompt_logits(merged, tokenizer), prompt_logits(reference, tokenizer), prompt_logits(base_only, tokenizer)
+    ):
         torch.testing.assert_close(ours, theirs, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
         assert (ours - bare).abs().max() > 10 * TOLERANCE[dtype]  # the adapter is really in there
 
 
 def test_through_nf4_matches_what_training_saw(trained_adapter, tmp_path):
     plain = merge_adapter(trained_adapter, tmp_path / "plain", dtype="float32", prompts=PROMPTS, echo=lambda line: None)
-    through = merge_adapter(trained_adapter, tmp_path / "through", dtype="float32", through_nf4=True, prompts=PROMPTS, echo=lambda line: None)
+    through = merge_adapter(
+        trained_adapter,
+        tmp_path / "through",
+        dtype="float32",
+        through_nf4=True,
+        prompts=PROMPTS,
+        echo=lambda line: None,
+    )
     # Trained on NF4 with float32 compute: the round-tripped merge reproduces training's model.
     assert through.max_diff_vs_nf4_adapter < 1e-4
     assert plain.max_diff_vs_16bit_adapter < 1e-4
@@ -65,7 +78,11 @@ def test_unmerge_restores_the_base_weights(trained_adapter):
     model, _ = load_with_adapters([("trained", trained_adapter)], bits=16, compute_dtype="float32")
     weights = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if "base_layer" in name}
     model.merge_adapter()
-    moved = max((parameter - weights[name]).abs().max().item() for name, parameter in model.named_parameters() if name in weights)
+    moved = max(
+        (parameter - weights[name]).abs().max().item()
+        for name, parameter in model.named_parameters()
+        if name in weights
+    )
     assert moved > 1e-3
     model.unmerge_adapter()
     for name, parameter in model.named_parameters():
@@ -83,14 +100,32 @@ def test_merge_never_overwrites(trained_adapter, tmp_path, capsys):
     assert (taken / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize(("flags", "message"), [(["--dtype", "int8"], "--dtype: 'int8' is not one of"), (["--max-shard-size", "big"], "--max-shard-size: 'big'")])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--dtype", "int8"], "--dtype: 'int8' is not one of"), (["--max-shard-size", "big"], "--max-shard-size: 'big'")],
+)
 def test_merge_bad_flags_exit_2(trained_adapter, tmp_path, capsys, flags, message):
     assert main(["merge", "--adapter", str(trained_adapter), "--out", str(tmp_path / "m"), *flags]) == EXIT_CONFIG
     assert message in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
 def test_merge_command_reports_both_divergences(trained_adapter, tmp_path, capsys):
-    assert main(["merge", "--adapter", str(trained_adapter), "--out", str(tmp_path / "m"), "--through-nf4", "--dtype", "float32", "--json"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(trained_adapter),
+                "--out",
+                str(tmp_path / "m"),
+                "--through-nf4",
+                "--dtype",
+                "float32",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["through_nf4"] and report["shards"] == 1
     assert report["max_diff_vs_nf4_adapter"] < 1e-4 < report["max_diff_vs_16bit_adapter"] < report["max_abs_logit"]

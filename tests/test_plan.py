@@ -50,7 +50,9 @@ def test_llama2_7b_nf4_weights_match_the_qlora_paper_and_70b_fits_48gb():
     bits = 8 * line(llama7, "base_linear_weights").bytes / load_architecture("llama-2-7b").quantized_params
     assert 4.12 < bits < 4.135  # 4 + 8/64 + 32/(64*256) with double quant
     single = make_plan(load_architecture("llama-2-7b"), PlanSettings(double_quant=False))
-    assert 4.49 < 8 * line(single, "base_linear_weights").bytes / load_architecture("llama-2-7b").quantized_params < 4.51
+    assert (
+        4.49 < 8 * line(single, "base_linear_weights").bytes / load_architecture("llama-2-7b").quantized_params < 4.51
+    )
 
     settings = PlanSettings(micro_batch=1, seq_len=2048, gradient_checkpointing=True)
     assert make_plan(load_architecture("llama-2-70b"), settings).total_bytes < 48e9
@@ -83,7 +85,9 @@ def test_planned_weight_bytes_equal_the_loaded_4bit_model(tiny256, compute_dtype
     from qlora.model.base import load_base, weight_bytes
 
     model = load_base(str(tiny256), bits=4, compute_dtype=compute_dtype, double_quant=double_quant)
-    plan = make_plan(load_architecture(str(tiny256)), PlanSettings(compute_dtype=compute_dtype, double_quant=double_quant))
+    plan = make_plan(
+        load_architecture(str(tiny256)), PlanSettings(compute_dtype=compute_dtype, double_quant=double_quant)
+    )
     planned = line(plan, "base_linear_weights").bytes + line(plan, "base_dense_weights").bytes
     measured = weight_bytes(model)
     assert abs(planned - measured) / measured < 0.02, (planned, measured)
@@ -95,18 +99,32 @@ def test_lora_and_optimizer_bytes_equal_the_real_tensors(tiny256, optimizer):
     from qlora.model.base import load_base
     from qlora.training.loop import LoopSettings, build_optimizer
 
-    model = attach_lora(load_base(str(tiny256), bits=4, compute_dtype="float32"), r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+    model = attach_lora(
+        load_base(str(tiny256), bits=4, compute_dtype="float32"),
+        r=16,
+        alpha=32,
+        dropout=0.0,
+        target_modules="all-linear",
+    )
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer_object = build_optimizer(trainable, LoopSettings(max_steps=1, grad_accum_steps=1, learning_rate=1e-3, optimizer=optimizer))
+    optimizer_object = build_optimizer(
+        trainable, LoopSettings(max_steps=1, grad_accum_steps=1, learning_rate=1e-3, optimizer=optimizer)
+    )
     input_ids = torch.randint(0, 320, (2, 32))
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer_object.step()
 
-    plan = make_plan(load_architecture(str(tiny256)), PlanSettings(compute_dtype="float32", lora_r=16, optimizer=optimizer))
+    plan = make_plan(
+        load_architecture(str(tiny256)), PlanSettings(compute_dtype="float32", lora_r=16, optimizer=optimizer)
+    )
     assert line(plan, "lora_weights").bytes == sum(p.numel() * p.element_size() for p in trainable)
     assert line(plan, "lora_grads").bytes == sum(p.grad.numel() * p.grad.element_size() for p in trainable)
-    state = sum(value.numel() * value.element_size() for per_param in optimizer_object.state.values()
-                for value in per_param.values() if torch.is_tensor(value) and value.dim() > 0)
+    state = sum(
+        value.numel() * value.element_size()
+        for per_param in optimizer_object.state.values()
+        for value in per_param.values()
+        if torch.is_tensor(value) and value.dim() > 0
+    )
     assert abs(line(plan, "optimizer_state").bytes - state) / state < 0.02, (line(plan, "optimizer_state").bytes, state)
 
 
@@ -140,19 +158,30 @@ def test_activation_formula_matches_the_tensors_autograd_saves(tiny256, checkpoi
     model.train()
     batch, seq_len = 2, 96
     measured = saved_activation_bytes(model, torch.randint(0, 320, (batch, seq_len)))
-    settings = PlanSettings(micro_batch=batch, seq_len=seq_len, gradient_checkpointing=checkpointing, compute_dtype="float32",
-                            lora_r=8, lora_dropout=dropout, dropout_mask_bytes=4)
+    settings = PlanSettings(
+        micro_batch=batch,
+        seq_len=seq_len,
+        gradient_checkpointing=checkpointing,
+        compute_dtype="float32",
+        lora_r=8,
+        lora_dropout=dropout,
+        dropout_mask_bytes=4,
+    )
     planned = line(make_plan(load_architecture(str(tiny256)), settings), "activations").bytes
     assert abs(planned - measured) / measured < 0.02, (planned, measured)
 
 
 def run_cli(*args, cwd=ROOT):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "qlora.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "qlora.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_cli_plan_json_for_a_named_gpu_and_text_for_a_job(tmp_path, tiny_model_dir):
-    result = run_cli("plan", "meta-llama/Llama-3.1-8B-Instruct", "--gpu", "4090", "--json", "--set", "data.max_seq_len=4096")
+    result = run_cli(
+        "plan", "meta-llama/Llama-3.1-8B-Instruct", "--gpu", "4090", "--json", "--set", "data.max_seq_len=4096"
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["fits"] is True and record["gpu"] == "RTX-4090" and record["settings"]["seq_len"] == 4096
@@ -162,7 +191,9 @@ def test_cli_plan_json_for_a_named_gpu_and_text_for_a_job(tmp_path, tiny_model_d
     job = write_job(tmp_path, tiny_model_dir)
     text = run_cli("plan", str(job), "--gpu-memory", "1GiB")
     assert text.returncode == 0, text.stderr
-    assert "FITS in 1.0 GiB" in text.stdout and "base_linear_weights" in text.stdout and "logits_and_loss" in text.stdout
+    assert (
+        "FITS in 1.0 GiB" in text.stdout and "base_linear_weights" in text.stdout and "logits_and_loss" in text.stdout
+    )
 
     too_small = run_cli("plan", "llama-3.3-70b", "--gpu", "A100-40", "--json")
     assert too_small.returncode == 0 and json.loads(too_small.stdout)["fits"] is False
@@ -177,7 +208,11 @@ def test_cli_plan_errors_are_one_line_with_exit_codes():
     ]:
         result = run_cli(*args)
         assert result.returncode == code, (args, result.stderr)
-        assert result.stderr.startswith("error: ") and culprit in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert (
+            result.stderr.startswith("error: ")
+            and culprit in result.stderr
+            and len(result.stderr.strip().splitlines()) == 1
+        )
 
 
 def test_auto_micro_batch_takes_the_largest_that_fits_and_keeps_the_effective_batch(tmp_path, tiny_model_dir):
@@ -186,7 +221,9 @@ def test_auto_micro_batch_takes_the_largest_that_fits_and_keeps_the_effective_ba
     from qlora.job.run import validate_job
     from qlora.plan.memory import settings_from_job
 
-    job = write_job(tmp_path, tiny_model_dir, train={"micro_batch_size": "auto", "grad_accum_steps": 1, "effective_batch_size": 12})
+    job = write_job(
+        tmp_path, tiny_model_dir, train={"micro_batch_size": "auto", "grad_accum_steps": 1, "effective_batch_size": 12}
+    )
     with pytest.raises(ConfigError, match="train.memory_budget"):
         validate_job(load_config(job), echo=lambda text: None)
 

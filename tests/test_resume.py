@@ -21,12 +21,18 @@ from safetensors.torch import load_file
 
 from qlora import data
 from qlora.adapters import attach_lora, load_adapter_weights, save_adapter
-from qlora.training.checkpoint import COMPLETE_MARKER, complete_checkpoints, load_training_state, save_checkpoint, save_training_state
 from qlora.cli.main import main
 from qlora.config import load_config
 from qlora.errors import EXIT_ABORTED, EXIT_CHECKPOINT, EXIT_INTERRUPTED, EXIT_TRAINING, CheckpointError
 from qlora.job.run import run_job
 from qlora.model.base import load_base, load_tokenizer
+from qlora.training.checkpoint import (
+    COMPLETE_MARKER,
+    complete_checkpoints,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+)
 from qlora.training.loop import LoopSettings, train
 from tests.tiny import write_chat_data, write_job
 
@@ -87,11 +93,19 @@ def jobs(tmp_path, model_dir, **sections):
 VARIANTS = {
     # 8 micro-batches per epoch (32 rows, micro-batch 4); checkpoint at `save_every`, killed later.
     "mid-epoch, dropout": dict(lora={"dropout": 0.1}, train={"max_steps": 6, "save_every": 2}, kill_before=6),
-    "epoch boundary, grad_accum 2": dict(lora={"dropout": 0.1}, train={"max_steps": 7, "grad_accum_steps": 2, "save_every": 4}, kill_before=6),
-    "paged 8-bit, packing": dict(
-        lora={"dropout": 0.1}, data={"packing": True}, train={"max_steps": 5, "micro_batch_size": 1, "save_every": 3, "optimizer": "paged_adamw_8bit"}, kill_before=5
+    "epoch boundary, grad_accum 2": dict(
+        lora={"dropout": 0.1}, train={"max_steps": 7, "grad_accum_steps": 2, "save_every": 4}, kill_before=6
     ),
-    "8-bit adamw, eval passes": dict(train={"max_steps": 6, "save_every": 2, "eval_every": 2, "optimizer": "adamw_8bit", "warmup_steps": 2}, kill_before=4),
+    "paged 8-bit, packing": dict(
+        lora={"dropout": 0.1},
+        data={"packing": True},
+        train={"max_steps": 5, "micro_batch_size": 1, "save_every": 3, "optimizer": "paged_adamw_8bit"},
+        kill_before=5,
+    ),
+    "8-bit adamw, eval passes": dict(
+        train={"max_steps": 6, "save_every": 2, "eval_every": 2, "optimizer": "adamw_8bit", "warmup_steps": 2},
+        kill_before=4,
+    ),
 }
 
 
@@ -110,7 +124,9 @@ def test_a_killed_run_resumed_equals_the_uninterrupted_run(tiny_model_dir, tmp_p
 
     result = run(interrupted)
     assert_same_run(reference.parent / "out", output)
-    assert len(logged(output)) < logged_before_resume + sections["train"]["max_steps"]  # rows after the checkpoint were replaced, not duplicated
+    assert (
+        len(logged(output)) < logged_before_resume + sections["train"]["max_steps"]
+    )  # rows after the checkpoint were replaced, not duplicated
     assert result.loop.steps == sections["train"]["max_steps"]
 
 
@@ -127,12 +143,22 @@ def test_data_order_after_resume_is_the_uninterrupted_order(tiny_model_dir, tmp_
                 log.append(batch.row_ids)
                 return batch
 
-        return lambda epoch: Recorded(data.epoch_batches(examples, 3, False, 64, tokenizer.pad_token_id, seed=7, epoch=epoch))
+        return lambda epoch: Recorded(
+            data.epoch_batches(examples, 3, False, 64, tokenizer.pad_token_id, seed=7, epoch=epoch)
+        )
 
     def model():
-        return attach_lora(load_base(str(tiny_model_dir), bits=4, compute_dtype="float32"), r=8, alpha=16, dropout=0.1, target_modules="all-linear")
+        return attach_lora(
+            load_base(str(tiny_model_dir), bits=4, compute_dtype="float32"),
+            r=8,
+            alpha=16,
+            dropout=0.1,
+            target_modules="all-linear",
+        )
 
-    settings = LoopSettings(max_steps=9, grad_accum_steps=2, learning_rate=1e-3, save_every=3)  # 7 micro-batches per epoch
+    settings = LoopSettings(
+        max_steps=9, grad_accum_steps=2, learning_rate=1e-3, save_every=3
+    )  # 7 micro-batches per epoch
     uninterrupted = []
     train(model(), recording(uninterrupted), settings=settings)
 
@@ -148,7 +174,13 @@ def test_data_order_after_resume_is_the_uninterrupted_order(tiny_model_dir, tmp_
     before_kill = []
     first = model()
     with pytest.raises(Killed):
-        train(first, recording(before_kill), settings=settings, save_checkpoint=keep_step_3, stop_requested=kill_before_step(6))
+        train(
+            first,
+            recording(before_kill),
+            settings=settings,
+            save_checkpoint=keep_step_3,
+            stop_requested=kill_before_step(6),
+        )
     state, _ = load_training_state(folder)
     assert (state.step, state.epoch, state.batch_index) == (3, 0, 6)
 
@@ -174,10 +206,19 @@ def test_kill_inside_the_checkpoint_writer_keeps_the_previous_checkpoint(tmp_pat
 
 
 def cli_process(job, tmp_path, **env):
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **{key: str(value) for key, value in env.items()}}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        **{key: str(value) for key, value in env.items()},
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "tests.cli_with_faults", "train", str(job)],
-        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -191,7 +232,11 @@ def wait_for(condition, process, seconds=120):
 
 def metrics_steps(output):
     path = output / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+    return (
+        [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+        if path.exists()
+        else []
+    )
 
 
 def test_sigkill_mid_checkpoint_write_then_rerun_finishes_the_same_run(tiny_model_dir, tmp_path):
@@ -206,7 +251,11 @@ def test_sigkill_mid_checkpoint_write_then_rerun_finishes_the_same_run(tiny_mode
     process.communicate()
     checkpoints = interrupted.parent / "out" / "checkpoints"
     partial = Path(ready.read_text())
-    assert partial.parent == checkpoints and partial.name.startswith(".tmp-") and (partial / "training_state.json").exists()
+    assert (
+        partial.parent == checkpoints
+        and partial.name.startswith(".tmp-")
+        and (partial / "training_state.json").exists()
+    )
     assert [path.name for path in complete_checkpoints(checkpoints)] == ["step-00000002"]
 
     run(interrupted)
@@ -228,7 +277,11 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_finishes_the_same_run(tiny_m
     last_step = metrics_steps(output)[-1]
     assert 1 <= last_step < 10
     assert [path.name for path in complete_checkpoints(output / "checkpoints")] == [f"step-{last_step:08d}"]
-    assert stderr.strip().splitlines()[-1].startswith(f"interrupted: stopped on request after step {last_step} of 10; checkpoint ")
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"interrupted: stopped on request after step {last_step} of 10; checkpoint ")
+    )
     assert not (output / "summary.json").exists()
 
     assert main(["train", str(interrupted)]) == 0
@@ -261,7 +314,9 @@ def test_non_finite_loss_exits_6_and_keeps_the_last_good_checkpoint(tiny_model_d
     (good,) = complete_checkpoints(checkpoints)
     assert good.name == "step-00000002"
     state, _ = load_training_state(good)
-    assert state.step == 2 and all(torch.isfinite(tensor).all() for tensor in load_file(str(good / "adapter_model.safetensors")).values())
+    assert state.step == 2 and all(
+        torch.isfinite(tensor).all() for tensor in load_file(str(good / "adapter_model.safetensors")).values()
+    )
     assert metrics_steps(tmp_path / "out") == [0, 1, 2]
 
 
@@ -269,7 +324,11 @@ def test_non_finite_loss_exits_6_and_keeps_the_last_good_checkpoint(tiny_model_d
 
 
 def digest(folder):
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def one_line_error(capsys):
@@ -290,9 +349,16 @@ def test_a_changed_config_is_refused_unless_resume_anyway(interrupted_job, capsy
     output = interrupted_job.parent / "out"
     before = digest(output)
     capsys.readouterr()
-    assert main(["train", str(interrupted_job), "--set", "train.learning_rate=0.002", "--set", "lora.r=4"]) == EXIT_CHECKPOINT
+    assert (
+        main(["train", str(interrupted_job), "--set", "train.learning_rate=0.002", "--set", "lora.r=4"])
+        == EXIT_CHECKPOINT
+    )
     message = one_line_error(capsys)
-    assert "lora.r: 8 -> 4" in message and "train.learning_rate: 0.001 -> 0.002" in message and "--resume-anyway" in message
+    assert (
+        "lora.r: 8 -> 4" in message
+        and "train.learning_rate: 0.001 -> 0.002" in message
+        and "--resume-anyway" in message
+    )
     assert digest(output) == before
     assert main(["train", str(interrupted_job), "--set", "train.learning_rate=0.002", "--resume-anyway"]) == 0
     assert [row["step"] for row in logged(output)] == [0, 1, 2, 3, 4, 5, 6]
@@ -337,13 +403,21 @@ def test_missing_incomplete_and_damaged_checkpoints_are_named(interrupted_job, c
 
 def test_strict_adapter_reload_refuses_missing_and_unexpected_keys(tiny_model_dir, tmp_path):
     def model(targets):
-        return attach_lora(load_base(str(tiny_model_dir), bits=4, compute_dtype="float32"), r=8, alpha=16, dropout=0.0, target_modules=targets)
+        return attach_lora(
+            load_base(str(tiny_model_dir), bits=4, compute_dtype="float32"),
+            r=8,
+            alpha=16,
+            dropout=0.0,
+            target_modules=targets,
+        )
 
     saved = tmp_path / "attention-only"
     save_adapter(model(["q_proj", "v_proj"]), saved)
     with pytest.raises(CheckpointError, match=r"adapter does not match the model: \d+ missing keys \(first: .*k_proj"):
         load_adapter_weights(model(["q_proj", "k_proj", "v_proj"]), saved)
-    with pytest.raises(CheckpointError, match=r"adapter does not match the model: \d+ unexpected keys \(first: .*v_proj"):
+    with pytest.raises(
+        CheckpointError, match=r"adapter does not match the model: \d+ unexpected keys \(first: .*v_proj"
+    ):
         load_adapter_weights(model(["q_proj"]), saved)
     same = model(["q_proj", "v_proj"])
     load_adapter_weights(same, saved)
@@ -352,7 +426,14 @@ def test_strict_adapter_reload_refuses_missing_and_unexpected_keys(tiny_model_di
 def test_checkpoint_state_holds_no_pickle(interrupted_job):
     newest = complete_checkpoints(interrupted_job.parent / "out" / "checkpoints")[-1]
     assert sorted(path.name for path in newest.iterdir()) == sorted(
-        ["adapter_model.safetensors", "adapter_config.json", "README.md", "training_state.json", "training_state.safetensors", COMPLETE_MARKER]
+        [
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "README.md",
+            "training_state.json",
+            "training_state.safetensors",
+            COMPLETE_MARKER,
+        ]
     )
     record = json.loads((newest / "training_state.json").read_text())
     assert record["step"] == 4 and (record["epoch"], record["batch_index"]) == (0, 4)

@@ -22,7 +22,17 @@ from qlora.config import load_config
 from qlora.errors import EXIT_INTERRUPTED, ConfigError
 from qlora.job.run import run_job
 from qlora.output_dir import in_use
-from tests.service_server import ROOT, TOKEN, Server, browse, populate_root, sha256, tiny_job, wait_for_state, wait_until
+from tests.service_server import (
+    ROOT,
+    TOKEN,
+    Server,
+    browse,
+    populate_root,
+    sha256,
+    tiny_job,
+    wait_for_state,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 MAX_UPLOAD = 2 * 2**20
@@ -52,7 +62,9 @@ def reference_adapter(server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     job = tiny_job(8)
     job["model"]["name_or_path"] = str(server.root / "files" / "tiny-model")
-    job["data"].update(train=str(server.root / "files/tiny/train.jsonl"), eval=str(server.root / "files/tiny/eval.jsonl"))
+    job["data"].update(
+        train=str(server.root / "files/tiny/train.jsonl"), eval=str(server.root / "files/tiny/eval.jsonl")
+    )
     job["output"]["dir"] = str(folder / "out")
     (folder / "job.yaml").write_text(yaml.safe_dump(job))
     run_job(load_config(folder / "job.yaml"), echo=lambda line: None)
@@ -86,8 +98,11 @@ def read_events(client, job_id, last_event_id=None) -> list[tuple[str, dict]]:
 def demo_job(server, client):
     """The demo config (embedded model and data, uploaded through the files endpoint), 4 steps, submitted as YAML."""
     demo = ROOT / "qlora" / "demo"
-    for source, name in [*((path, f"demo-model/{path.name}") for path in (demo / "model").iterdir()),
-                         (demo / "data" / "train.jsonl", "demo/train.jsonl"), (demo / "data" / "eval.jsonl", "demo/eval.jsonl")]:
+    for source, name in [
+        *((path, f"demo-model/{path.name}") for path in (demo / "model").iterdir()),
+        (demo / "data" / "train.jsonl", "demo/train.jsonl"),
+        (demo / "data" / "eval.jsonl", "demo/eval.jsonl"),
+    ]:
         response = client.put(f"/v1/files/{name}", content=source.read_bytes())
         assert response.status_code == 201, response.text
         assert response.json()["sha256"] == sha256(source)
@@ -95,7 +110,9 @@ def demo_job(server, client):
     config["model"]["name_or_path"] = "files/demo-model"
     config["data"].update(train="files/demo/train.jsonl", eval="files/demo/eval.jsonl")
     config["train"].update(max_steps=4, eval_every=None, eval_exact_match=0, save_every=2)
-    response = client.post("/v1/jobs?priority=5&name=demo", content=yaml.safe_dump(config), headers={"Content-Type": "application/yaml"})
+    response = client.post(
+        "/v1/jobs?priority=5&name=demo", content=yaml.safe_dump(config), headers={"Content-Type": "application/yaml"}
+    )
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
@@ -124,7 +141,13 @@ def test_demo_job_streams_its_events_succeeds_and_its_adapter_loads_with_plain_p
     assert [row["step"] for kind, row in resynced if kind == "metrics"] == [0, 1, 2, 3, 4]
 
     job = client.get(f"/v1/jobs/{demo_job}").json()
-    assert (job["state"], job["step"], job["total_steps"], job["exit_code"], job["name"]) == ("succeeded", 4, 4, 0, "demo")
+    assert (job["state"], job["step"], job["total_steps"], job["exit_code"], job["name"]) == (
+        "succeeded",
+        4,
+        4,
+        0,
+        "demo",
+    )
     assert job["eval_loss"] < 8.58  # the base's eval loss before training is 8.58
     assert [adapter["job"] for adapter in client.get("/v1/adapters").json()["adapters"]] == [demo_job]
 
@@ -168,7 +191,11 @@ def test_cancel_keeps_the_checkpoint_frees_the_slot_and_the_next_job_starts(serv
     queued = submit(client, tiny_job(3))
     nxt = submit(client, tiny_job(2))
     wait_until(lambda: client.get(f"/v1/jobs/{long}").json()["step"] >= 2, "two steps of the long job", server.process)
-    assert [client.get(f"/v1/jobs/{job}").json()["state"] for job in (long, queued, nxt)] == ["running", "queued", "queued"]
+    assert [client.get(f"/v1/jobs/{job}").json()["state"] for job in (long, queued, nxt)] == [
+        "running",
+        "queued",
+        "queued",
+    ]
     live = browse(server, long, tmp_path)  # the page follows a running job
     assert 'id="job-state" class="state running"' in live.dom and live.points("loss-path") >= 2
 
@@ -189,7 +216,9 @@ def test_cancel_keeps_the_checkpoint_frees_the_slot_and_the_next_job_starts(serv
     assert client.get("/healthz").json()["busy"] == 0
 
 
-def test_200_concurrent_requests_while_a_job_trains_are_all_answered_and_the_job_is_unaffected(server, client, reference_adapter):
+def test_200_concurrent_requests_while_a_job_trains_are_all_answered_and_the_job_is_unaffected(
+    server, client, reference_adapter
+):
     job_id = submit(client, tiny_job(8))
     wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["step"] >= 1, "the job to train", server.process)
 
@@ -215,8 +244,19 @@ def test_200_concurrent_requests_while_a_job_trains_are_all_answered_and_the_job
 
 
 def test_requests_without_the_right_token_get_401(server):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"}):
-        for method, path in [("GET", "/healthz"), ("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("PUT", "/v1/files/x.jsonl"), ("GET", "/v1/adapters")]:
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+    ):
+        for method, path in [
+            ("GET", "/healthz"),
+            ("GET", "/v1/jobs"),
+            ("POST", "/v1/jobs"),
+            ("PUT", "/v1/files/x.jsonl"),
+            ("GET", "/v1/adapters"),
+        ]:
             response = httpx.request(method, server.url + path, headers=headers, content=b"{}")
             assert response.status_code == 401, (method, path, headers)
             assert response.headers["www-authenticate"].startswith("Bearer")
@@ -227,8 +267,16 @@ def test_requests_without_the_right_token_get_401(server):
     # The page shell and the schema hold no data: public.
     assert httpx.get(server.url + "/").status_code == 200
     schema = httpx.get(server.url + "/openapi.json").json()
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/cancel",
-            "/v1/jobs/{job_id}/adapter", "/v1/adapters", "/v1/files/{path}", "/healthz"} <= set(schema["paths"])
+    assert {
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/adapter",
+        "/v1/adapters",
+        "/v1/files/{path}",
+        "/healthz",
+    } <= set(schema["paths"])
 
 
 def test_paths_outside_the_root_are_refused(server, client, tmp_path):
@@ -237,10 +285,14 @@ def test_paths_outside_the_root_are_refused(server, client, tmp_path):
     os.symlink(outside, server.root / "files" / "escape.jsonl")
     os.symlink(tmp_path, server.root / "files" / "escape-folder")
     jobs_before = sorted((server.root / "jobs").iterdir())
-    for path, reason in [("../secret.jsonl", "'..' is refused"), ("files/../../secret.jsonl", "'..' is refused"),
-                         (str(outside), "absolute paths are refused"), ("~/secret.jsonl", "absolute paths are refused"),
-                         ("files/escape.jsonl", "resolves outside the service root"),
-                         ("files/escape-folder/secret.jsonl", "resolves outside the service root")]:
+    for path, reason in [
+        ("../secret.jsonl", "'..' is refused"),
+        ("files/../../secret.jsonl", "'..' is refused"),
+        (str(outside), "absolute paths are refused"),
+        ("~/secret.jsonl", "absolute paths are refused"),
+        ("files/escape.jsonl", "resolves outside the service root"),
+        ("files/escape-folder/secret.jsonl", "resolves outside the service root"),
+    ]:
         config = tiny_job(2)
         config["data"]["train"] = path
         response = client.post("/v1/jobs", json={"config": config})
@@ -248,7 +300,11 @@ def test_paths_outside_the_root_are_refused(server, client, tmp_path):
         assert response.json()["detail"].startswith(f"data.train: {path}: {reason}")
     config = tiny_job(2)
     config["model"]["name_or_path"] = "../tiny-model"
-    assert client.post("/v1/jobs", json={"config": config}).json()["detail"].startswith("model.name_or_path: ../tiny-model: '..' is refused")
+    assert (
+        client.post("/v1/jobs", json={"config": config})
+        .json()["detail"]
+        .startswith("model.name_or_path: ../tiny-model: '..' is refused")
+    )
     assert sorted((server.root / "jobs").iterdir()) == jobs_before  # nothing left behind
 
     for path in ["..%2F..%2Fescape.jsonl", "%2Fetc%2Fescape.jsonl", "escape-folder/new.jsonl"]:
@@ -267,7 +323,11 @@ def test_an_invalid_config_gets_400_with_the_clis_one_line_error(server, client,
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError) as cli:
         load_config(tmp_path / "job.yaml")
-    assert detail.split(": ", 1)[1] == str(cli.value).split(": ", 1)[1] == "train.max_stepz: unknown key (did you mean 'train.max_steps'?)"
+    assert (
+        detail.split(": ", 1)[1]
+        == str(cli.value).split(": ", 1)[1]
+        == "train.max_stepz: unknown key (did you mean 'train.max_steps'?)"
+    )
     assert detail.startswith("jobs/") and detail.split(": ")[0].endswith("/job.yaml")
 
     config = tiny_job(2)
@@ -294,7 +354,9 @@ def test_oversized_uploads_are_refused_while_streaming(server, client):
 
     response = client.put("/v1/files/big-chunked.jsonl", content=chunks())
     assert response.status_code == 413
-    leftovers = [path.name for path in (server.root / "files").iterdir() if "big" in path.name or path.name.startswith(".upload")]
+    leftovers = [
+        path.name for path in (server.root / "files").iterdir() if "big" in path.name or path.name.startswith(".upload")
+    ]
     assert leftovers == []
     assert client.put("/v1/files/tiny/train.jsonl", content=b"{}\n").status_code == 409  # never replaced silently
 
@@ -302,7 +364,9 @@ def test_oversized_uploads_are_refused_while_streaming(server, client):
 # --------------------------------------------------------------------------- restart
 
 
-def test_sigkill_or_sigterm_of_the_service_mid_job_then_restart_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, reference_adapter):
+def test_sigkill_or_sigterm_of_the_service_mid_job_then_restart_resumes_to_the_same_adapter(
+    tmp_path, tiny_model_dir, reference_adapter
+):
     root = tmp_path / "root"
     root.mkdir()
     populate_root(root, tiny_model_dir)
@@ -325,9 +389,15 @@ def test_sigkill_or_sigterm_of_the_service_mid_job_then_restart_resumes_to_the_s
             assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 2
         # A graceful stop (SIGTERM) asks the job to checkpoint, waits for it, and leaves it interrupted.
         service.stop()
-        assert service.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its clean shutdown
+        assert service.process.returncode in (
+            0,
+            -signal.SIGTERM,
+        )  # uvicorn re-raises the signal after its clean shutdown
         with sqlite3.connect(root / "service.db") as database:
-            assert database.execute("SELECT state, exit_code FROM jobs WHERE id = ?", (job_id,)).fetchone() == ("interrupted", EXIT_INTERRUPTED)
+            assert database.execute("SELECT state, exit_code FROM jobs WHERE id = ?", (job_id,)).fetchone() == (
+                "interrupted",
+                EXIT_INTERRUPTED,
+            )
 
         service.start()
         with service.client() as client:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora.errors import ConfigError, OutputError
 from qlora.cli.serve import claim_root, gpu_slots
+from qlora.errors import ConfigError, OutputError
 from qlora.service.security import PathRejected, inside_root, load_or_create_token, token_matches
 from qlora.service.store import Store
 
@@ -27,8 +27,14 @@ def test_paths_resolve_inside_the_root_only(tmp_path):
 
     assert inside_root(root, "data/alias.jsonl", "k") == (root / "data" / "rows.jsonl").resolve()
     assert inside_root(tmp_path / "root-link", "data/rows.jsonl", "k") == (root / "data" / "rows.jsonl").resolve()
-    for path, reason in [("../outside.jsonl", "'..'"), ("data/../data/rows.jsonl", "'..'"), ("/etc/passwd", "absolute"),
-                         ("~/x.jsonl", "absolute"), ("data/escape.jsonl", "outside the service root"), ("", "expected a path")]:
+    for path, reason in [
+        ("../outside.jsonl", "'..'"),
+        ("data/../data/rows.jsonl", "'..'"),
+        ("/etc/passwd", "absolute"),
+        ("~/x.jsonl", "absolute"),
+        ("data/escape.jsonl", "outside the service root"),
+        ("", "expected a path"),
+    ]:
         with pytest.raises(PathRejected, match=reason) as error:
             inside_root(root, path, "data.train")
         assert str(error.value).startswith("data.train: ")

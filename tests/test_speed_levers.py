@@ -56,7 +56,9 @@ def test_padding_free_gives_the_padded_loss_and_gradients(tiny_model_dir, tmp_pa
         model.zero_grad(set_to_none=True)
         loss = summed_loss(model, batch, torch.device("cpu"))
         loss.backward()
-        grads = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+        grads = {
+            name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.requires_grad
+        }
         results.append((loss.detach(), grads))
     (loss_padded, grads_padded), (loss_flat, grads_flat) = results
     torch.testing.assert_close(loss_flat, loss_padded, rtol=1e-4, atol=1e-4)
@@ -109,7 +111,9 @@ def test_bench_fixture_model_has_the_stated_size(tmp_path):
 
 
 def test_bench_compare_help_runs():
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), "--help"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "compare.py"), "--help"], capture_output=True, text=True, cwd=REPO
+    )
     assert result.returncode == 0 and "trl-best" in result.stdout
 
 
@@ -120,14 +124,22 @@ def test_row_attention_keeps_rows_apart_and_falls_back_to_sdpa_elsewhere(tiny_mo
     assert row_bounds(positions[0]) == [(0, 10), (10, 25), (25, 30)]
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-        alone = torch.cat([model(input_ids=ids[:, start:end], use_cache=False).logits for start, end in ((0, 10), (10, 25), (25, 30))], dim=1)
+        alone = torch.cat(
+            [
+                model(input_ids=ids[:, start:end], use_cache=False).logits
+                for start, end in ((0, 10), (10, 25), (25, 30))
+            ],
+            dim=1,
+        )
         torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
         # A padded batch (attention mask) takes transformers' SDPA path: the same logits as with sdpa set.
         two_rows = ids[:, :20].reshape(2, 10)
         mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])
         ours = model(input_ids=two_rows, attention_mask=mask, use_cache=False).logits
         model.set_attn_implementation("sdpa")
-        torch.testing.assert_close(ours, model(input_ids=two_rows, attention_mask=mask, use_cache=False).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            ours, model(input_ids=two_rows, attention_mask=mask, use_cache=False).logits, rtol=0, atol=0
+        )
 
 
 def test_loss_computes_logits_only_at_supervised_positions_and_equals_the_full_loss(tiny_model_dir, tmp_path):
@@ -137,20 +149,31 @@ def test_loss_computes_logits_only_at_supervised_positions_and_equals_the_full_l
     padded, flat = both_ways(examples, tokenizer.pad_token_id, micro_batch_size=6)
     model = build_model(tiny_model_dir).train()
     head_positions = []
-    model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_positions.append(args[0].shape[1]))
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_positions.append(args[0].shape[1])
+    )
     for batch in (flat[0], padded[0]):
         results = []
         for full in (False, True):
             model.zero_grad(set_to_none=True)
             torch.manual_seed(0)
             if full:
-                logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-                loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                logits = model(
+                    input_ids=batch.input_ids,
+                    position_ids=batch.position_ids,
+                    attention_mask=batch.attention_mask,
+                    use_cache=False,
+                ).logits
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
             else:
                 # The whole path (tests/test_loss.py: the chunked one gives its loss and gradients).
                 loss = summed_loss(model, batch, torch.device("cpu"), chunk_tokens="off")
             loss.backward()
-            results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+            results.append(
+                (loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad})
+            )
         (loss_kept, grads_kept), (loss_full, grads_full) = results
         torch.testing.assert_close(loss_kept, loss_full, rtol=1e-5, atol=1e-5)
         for name in grads_full:
@@ -173,12 +196,22 @@ def test_activation_offload_gives_the_same_losses_and_adapter(tiny_model_dir, tm
         assert model.base_model.model.is_gradient_checkpointing
         loop_settings = settings(max_steps=3, grad_accum_steps=2, offload_activations=offload)
         torch.manual_seed(0)  # the same dropout masks (job.py seeds the same way before its loop)
-        rows = run_logged(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), loop_settings, tmp_path / f"metrics-{offload}.jsonl")
-        adapter = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+        rows = run_logged(
+            model,
+            batches_fn(examples, tokenizer.pad_token_id, 4),
+            (),
+            loop_settings,
+            tmp_path / f"metrics-{offload}.jsonl",
+        )
+        adapter = {
+            name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad
+        }
         runs.append(([row["loss"] for row in rows], adapter))
     (losses_off, adapter_off), (losses_on, adapter_on) = runs
     assert len(losses_on) == 3 and losses_on == pytest.approx(losses_off, abs=1e-6)
     assert adapter_on.keys() == adapter_off.keys()
     for name in adapter_off:
         torch.testing.assert_close(adapter_on[name], adapter_off[name], rtol=0, atol=1e-6, msg=name)
-    assert any(not torch.equal(tensor, 0 * tensor) for name, tensor in adapter_on.items() if "lora_B" in name), "training moved the adapter"
+    assert any(not torch.equal(tensor, 0 * tensor) for name, tensor in adapter_on.items() if "lora_B" in name), (
+        "training moved the adapter"
+    )

@@ -36,8 +36,18 @@ def write_config_only(directory, hidden=256, layers=8):
     """A model folder with config.json and nothing else: no weights to load."""
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                num_key_value_heads=2, tie_word_embeddings=False, eos_token_id=2, pad_token_id=0, bos_token_id=None).save_pretrained(str(directory))
+    LlamaConfig(
+        vocab_size=320,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=None,
+    ).save_pretrained(str(directory))
     return directory
 
 
@@ -71,8 +81,12 @@ def test_random_base_trains_through_the_job_path(tmp_path, tiny_model_dir):
     from qlora.cli.main import main
 
     config_dir = write_config_only(tmp_path / "arch", hidden=64, layers=2)
-    job = write_job(tmp_path, config_dir, model={"name_or_path": str(config_dir), "init": "random", "tokenizer": str(tiny_model_dir)},
-                    train={"max_steps": 2, "micro_batch_size": 2, "learning_rate": 1e-3, "optimizer": "adamw", "seed": 0})
+    job = write_job(
+        tmp_path,
+        config_dir,
+        model={"name_or_path": str(config_dir), "init": "random", "tokenizer": str(tiny_model_dir)},
+        train={"max_steps": 2, "micro_batch_size": 2, "learning_rate": 1e-3, "optimizer": "adamw", "seed": 0},
+    )
     assert main(["train", str(job)]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["final_loss"] > 0

@@ -9,9 +9,9 @@ import torch
 from qlora import data
 from qlora.adapters import attach_lora, save_adapter
 from qlora.errors import TrainingError
-from qlora.training.metrics import MetricsLog
 from qlora.model.base import load_base, load_tokenizer, parameter_counts
 from qlora.training.loop import LoopSettings, train
+from qlora.training.metrics import MetricsLog
 from tests.tiny import write_chat_data
 
 
@@ -23,7 +23,9 @@ def build_model(model_dir, dropout=0.0, bits=4, compute_dtype="float32", seed=0)
 def tokenized(model_dir, tmp_path, rows=24, seed=1):
     tokenizer = load_tokenizer(str(model_dir))
     path = write_chat_data(tmp_path / f"rows-{seed}.jsonl", rows, seed=seed)
-    examples = data.tokenize_rows(data.read_rows([(str(path), "auto")]), tokenizer, 64, "completions", "truncate").examples
+    examples = data.tokenize_rows(
+        data.read_rows([(str(path), "auto")]), tokenizer, 64, "completions", "truncate"
+    ).examples
     return tokenizer, examples
 
 
@@ -82,8 +84,15 @@ def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model_dir, tmp_pa
     train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(learning_rate=1e-2))
     save_adapter(model, tmp_path / "adapter")
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=quantization, dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    plain = AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), quantization_config=quantization, dtype=torch.float32
+    )
     plain = PeftModel.from_pretrained(plain, str(tmp_path / "adapter"))
     # Plain bitsandbytes would switch to its bf16 AVX512 CPU kernel for inference, which rounds
     # differently (~2e-3); compare the adapters through the same kernel.
@@ -111,7 +120,11 @@ def test_loss_is_normalized_over_the_whole_accumulation_window(tiny_model_dir, t
     for micro, accum in ((4, 1), (1, 4)):
         model = build_model(tiny_model_dir)
         loop = settings(grad_accum_steps=accum)
-        logs.append(run_logged(model, batches_fn(examples, tokenizer.pad_token_id, micro), (), loop, tmp_path / f"m{micro}.jsonl"))
+        logs.append(
+            run_logged(
+                model, batches_fn(examples, tokenizer.pad_token_id, micro), (), loop, tmp_path / f"m{micro}.jsonl"
+            )
+        )
     one_batch, accumulated = logs
     for big, small in zip(one_batch, accumulated):
         assert big["supervised_tokens"] == small["supervised_tokens"]
@@ -129,7 +142,13 @@ def test_eval_passes_leave_training_unchanged(tiny_model_dir, tmp_path):
         torch.manual_seed(0)
         model = build_model(tiny_model_dir, dropout=0.1, compute_dtype="bfloat16")
         loop = settings(max_steps=4, eval_every=1 if with_eval else None)
-        rows = run_logged(model, batches_fn(examples, tokenizer.pad_token_id, 4), eval_batches if with_eval else (), loop, tmp_path / f"e{with_eval}.jsonl")
+        rows = run_logged(
+            model,
+            batches_fn(examples, tokenizer.pad_token_id, 4),
+            eval_batches if with_eval else (),
+            loop,
+            tmp_path / f"e{with_eval}.jsonl",
+        )
         runs.append([(row["loss"], row["grad_norm"]) for row in rows if "loss" in row])
     assert runs[0] == runs[1]
 
@@ -154,7 +173,13 @@ def test_each_optimizer_lowers_the_loss(tiny_model_dir, tmp_path, optimizer):
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
     model = build_model(tiny_model_dir)
     fixed = data.epoch_batches(examples[:4], 4, False, 64, tokenizer.pad_token_id, 0, 0)
-    rows = run_logged(model, lambda epoch: fixed, (), settings(max_steps=8, learning_rate=1e-2, optimizer=optimizer), tmp_path / "o.jsonl")
+    rows = run_logged(
+        model,
+        lambda epoch: fixed,
+        (),
+        settings(max_steps=8, learning_rate=1e-2, optimizer=optimizer),
+        tmp_path / "o.jsonl",
+    )
     assert rows[-1]["loss"] < 0.9 * rows[0]["loss"]
 
 
@@ -162,7 +187,12 @@ def test_a_non_finite_loss_stops_training(tiny_model_dir, tmp_path):
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
     model = build_model(tiny_model_dir)
     with pytest.raises(TrainingError, match=r"step \d+: loss is (nan|inf)"):
-        train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(max_steps=20, learning_rate=1e30, max_grad_norm=None))
+        train(
+            model,
+            batches_fn(examples, tokenizer.pad_token_id, 4),
+            (),
+            settings(max_steps=20, learning_rate=1e30, max_grad_norm=None),
+        )
 
 
 @pytest.mark.parametrize("bits", [None, 8])
@@ -183,12 +213,22 @@ def test_logged_lr_is_the_rate_each_step_applied(tiny_model_dir, tmp_path):
     # and is the only matrix with a gradient on step 1, so its largest change IS the applied rate.
     model = build_model(tiny_model_dir)
     before = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_B" in name}
-    (row,) = run_logged(model, batches, (), settings(max_steps=1, learning_rate=peak, warmup_steps=warmup), tmp_path / "one.jsonl")
-    moved = max((p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters() if name in before)
+    (row,) = run_logged(
+        model, batches, (), settings(max_steps=1, learning_rate=peak, warmup_steps=warmup), tmp_path / "one.jsonl"
+    )
+    moved = max(
+        (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters() if name in before
+    )
     assert row["lr"] == pytest.approx(peak / (warmup + 1))
     assert moved == pytest.approx(row["lr"], rel=1e-3)
 
     # Linear warmup to the peak, then cosine down towards zero at max_steps.
-    rows = run_logged(build_model(tiny_model_dir), batches, (), settings(max_steps=6, learning_rate=peak, warmup_steps=warmup), tmp_path / "six.jsonl")
+    rows = run_logged(
+        build_model(tiny_model_dir),
+        batches,
+        (),
+        settings(max_steps=6, learning_rate=peak, warmup_steps=warmup),
+        tmp_path / "six.jsonl",
+    )
     expected = [peak / 3, 2 * peak / 3] + [peak * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert [r["lr"] for r in rows] == pytest.approx(expected)

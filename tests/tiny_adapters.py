@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plain_peft_adapter(model_dir: Path, directory: Path, seed: int = 0, r: int = 4, alpha: float = 8, spread: float = 0.05) -> Path:
+def plain_peft_adapter(
+    model_dir: Path, directory: Path, seed: int = 0, r: int = 4, alpha: float = 8, spread: float = 0.05
+) -> Path:
     """A LoRA adapter on every linear layer with random non-zero B (peft starts B at zero), so it
     really changes the outputs; written by peft's own save_pretrained."""
     import torch

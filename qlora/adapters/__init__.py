@@ -6,9 +6,9 @@ merge (into a 16-bit base, sharded safetensors), spectra (what an adapter learne
 (prompts -> tokens). torch, transformers and peft are imported inside the functions.
 """
 
+from qlora.adapters.loading import load, load_with_adapters, select_adapter, with_adapter
 from qlora.adapters.lora import attach_lora, load_adapter_weights, save_adapter
 from qlora.adapters.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from qlora.adapters.loading import load, load_with_adapters, select_adapter, with_adapter
 
 __all__ = [
     "MANIFEST_NAME",

@@ -14,10 +14,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora import data
-from qlora.adapters.generation import prompt_ids, read_prompts
-from qlora.adapters.loading import inference_tokenizer, load_with_adapters, resolve_base, select_adapter, tokenizer_source
-from qlora.data.sources import read_records
 from qlora.adapters.exact_match import exact_match_pairs
+from qlora.adapters.generation import prompt_ids, read_prompts
+from qlora.adapters.loading import (
+    inference_tokenizer,
+    load_with_adapters,
+    resolve_base,
+    select_adapter,
+    tokenizer_source,
+)
+from qlora.data.sources import read_records
 from qlora.errors import DataError
 from qlora.training.loop import evaluate, safe_exp
 
@@ -39,7 +45,9 @@ def evaluate_adapters(
     base = resolve_base(adapters, base)
     tokenizer = inference_tokenizer(base, tokenizer_source(adapters[0][1], base))
     examples, pairs = eval_rows(data_path, tokenizer, chat, max_seq_len)
-    batches = data.epoch_batches(examples, batch_size, False, max_seq_len, tokenizer.pad_token_id, seed=0, epoch=0, shuffle=False)
+    batches = data.epoch_batches(
+        examples, batch_size, False, max_seq_len, tokenizer.pad_token_id, seed=0, epoch=0, shuffle=False
+    )
 
     model, tokenizer = load_with_adapters(adapters, base=base, bits=bits)
     device = next(model.parameters()).device
@@ -51,7 +59,10 @@ def evaluate_adapters(
         if pairs:
             matched = exact_match_pairs(model, tokenizer, pairs, max_new_tokens, batch_size=batch_size)
             result.update(exact_match=matched.score, exact_correct=matched.correct)
-        echo(f"{result['model']}: eval loss {loss:.4f}" + (f", exact match {result['exact_correct']}/{len(pairs)}" if pairs else ""))
+        echo(
+            f"{result['model']}: eval loss {loss:.4f}"
+            + (f", exact match {result['exact_correct']}/{len(pairs)}" if pairs else "")
+        )
         results.append(result)
     return {
         "data": str(data_path),
@@ -86,7 +97,11 @@ def prompt_examples(path: str, tokenizer, chat: bool, max_seq_len: int) -> tuple
         if all(label == data.IGNORE_INDEX for label in labels[1:]):
             raise DataError(f"{prompt.where}: the prompt alone fills --max-seq-len={max_seq_len}, so nothing is scored")
         row = data.Row(source=prompt.source, line=prompt.line, format="prompt", fields={})
-        examples.append(data.Example(input_ids=input_ids, labels=labels, row=row, truncated=len(context) + len(answer) > max_seq_len))
+        examples.append(
+            data.Example(
+                input_ids=input_ids, labels=labels, row=row, truncated=len(context) + len(answer) > max_seq_len
+            )
+        )
         pairs.append((context, prompt.expected.strip()))
     return examples, pairs
 

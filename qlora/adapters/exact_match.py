@@ -18,13 +18,17 @@ class ExactMatch:
         return self.correct / self.total if self.total else 0.0
 
 
-def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int, batch_size: int = 32, keep: int = 3) -> ExactMatch:
+def exact_match(
+    model, tokenizer, rows: list[Row], max_new_tokens: int, batch_size: int = 32, keep: int = 3
+) -> ExactMatch:
     """Share of rows whose greedy answer equals the reference exactly (after stripping whitespace)."""
     pairs = [prompt_and_answer(row, tokenizer) for row in rows]
     return exact_match_pairs(model, tokenizer, pairs, max_new_tokens, batch_size, keep)
 
 
-def exact_match_pairs(model, tokenizer, pairs: list[tuple[list[int], str]], max_new_tokens: int, batch_size: int = 32, keep: int = 3) -> ExactMatch:
+def exact_match_pairs(
+    model, tokenizer, pairs: list[tuple[list[int], str]], max_new_tokens: int, batch_size: int = 32, keep: int = 3
+) -> ExactMatch:
     """exact_match over (prompt token ids, reference answer) pairs, however the prompts were rendered."""
     import torch
 

@@ -59,7 +59,7 @@ def read_prompts(path: str, adapters: Optional[set] = None) -> list[Prompt]:
     for line, fields in records:
         where = f"{path}:{line}"
         if not isinstance(fields, dict):
-            raise DataError(f"{where}: a row must be an object like {{\"prompt\": \"...\"}}")
+            raise DataError(f'{where}: a row must be an object like {{"prompt": "..."}}')
         unknown = sorted(set(fields) - set(PROMPT_KEYS))
         if unknown:
             raise DataError(f"{where}: unknown key {unknown[0]!r}; a prompt row has {', '.join(PROMPT_KEYS)}")

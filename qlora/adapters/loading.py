@@ -46,7 +46,12 @@ class Quantization:
     compute_dtype: str = "bfloat16"
 
     def as_record(self) -> dict:
-        return {"bits": self.bits, "quant_type": self.quant_type, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype}
+        return {
+            "bits": self.bits,
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "compute_dtype": self.compute_dtype,
+        }
 
 
 def load(
@@ -67,7 +72,9 @@ def load(
     if bits not in (*BITS_CHOICES, None):
         raise ConfigError(f"bits: {bits!r} is not one of 4, 8, 16")
     bits = None if bits == 16 else bits
-    quantization = Quantization(bits, quant_type, double_quant, compute_dtype if bits is None else usable_dtype(compute_dtype))
+    quantization = Quantization(
+        bits, quant_type, double_quant, compute_dtype if bits is None else usable_dtype(compute_dtype)
+    )
     tokenizer = inference_tokenizer(base, tokenizer_from, revision, trust_remote_code)
     model = load_base(
         base,
@@ -84,7 +91,9 @@ def load(
     return model, tokenizer
 
 
-def with_adapter(model, directory: Union[str, Path], name: Optional[str] = None, *, warn: Callable[[str], None] = stderr_warning):
+def with_adapter(
+    model, directory: Union[str, Path], name: Optional[str] = None, *, warn: Callable[[str], None] = stderr_warning
+):
     """Put the adapter in `directory` on `model` (a base, or a model that already has adapters)
     and make it the active one. Returns the peft model; the base's weights are shared, not copied."""
     from peft import PeftModel
@@ -168,7 +177,9 @@ def tokenizer_source(adapter_dir: Path, base: str) -> str:
     return str(adapter_dir) if any((Path(adapter_dir) / name).is_file() for name in TOKENIZER_FILES) else base
 
 
-def inference_tokenizer(base: str, tokenizer_from: Optional[str] = None, revision: Optional[str] = None, trust_remote_code: bool = False):
+def inference_tokenizer(
+    base: str, tokenizer_from: Optional[str] = None, revision: Optional[str] = None, trust_remote_code: bool = False
+):
     """The base's tokenizer, or the one saved in `tokenizer_from` (see tokenizer_source)."""
     if tokenizer_from in (None, base):
         return load_tokenizer(base, revision, trust_remote_code)
@@ -182,7 +193,9 @@ def saved_tokenizer(directory: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as error:
-        raise ModelError(f"{directory}: cannot load the tokenizer saved with the adapter: {first_line(error)}") from None
+        raise ModelError(
+            f"{directory}: cannot load the tokenizer saved with the adapter: {first_line(error)}"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -220,13 +233,17 @@ def check_shapes(base, directory: Path) -> None:
         try:
             module = base.get_submodule(module_path)
         except AttributeError:
-            raise ModelError(f"adapter {directory} targets {module_path}, which this base does not have (another architecture?)") from None
+            raise ModelError(
+                f"adapter {directory} targets {module_path}, which this base does not have (another architecture?)"
+            ) from None
         module = getattr(module, "base_layer", module)
         expected = module.in_features if match["which"] == "A" else module.out_features
         actual = shape[1] if match["which"] == "A" else shape[0]
         if expected != actual:
             side = "input" if match["which"] == "A" else "output"
-            raise ModelError(f"adapter {directory} expects {module_path} with {side} size {actual}, but this base's has {expected} (another base model?)")
+            raise ModelError(
+                f"adapter {directory} expects {module_path} with {side} size {actual}, but this base's has {expected} (another base model?)"
+            )
 
 
 def usable_dtype(compute_dtype: str) -> str:

@@ -83,7 +83,15 @@ def load_adapter_weights(peft_model, directory: Union[str, Path]) -> None:
     unexpected = sorted(saved.keys() - expected.keys())
     reshaped = sorted(key for key in expected.keys() & saved.keys() if expected[key].shape != saved[key].shape)
     if missing or unexpected or reshaped:
-        problems = [f"{len(found)} {what} (first: {found[0]})" for what, found in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", reshaped)) if found]
+        problems = [
+            f"{len(found)} {what} (first: {found[0]})"
+            for what, found in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", reshaped),
+            )
+            if found
+        ]
         raise CheckpointError(f"{path}: adapter does not match the model: " + ", ".join(problems))
     set_peft_model_state_dict(peft_model, saved)
     loaded = get_peft_model_state_dict(peft_model)

@@ -118,7 +118,6 @@ def data_record(name: str) -> dict:
     return {"path": name, "sha256": None, "note": "a cached dataset, not a file"}
 
 
-
 def read_adapter_config(directory: Path) -> dict:
     """adapter_config.json of an adapter folder, or a one-line ModelError naming the folder."""
     directory = Path(directory)
@@ -180,7 +179,9 @@ def check_quantization(directory: Path, loaded: dict, warn: Callable[[str], None
         return
     trained = manifest.get("quantization", {})
     if describe_bits(trained) != describe_bits(loaded):
-        warn(f"warning: adapter {directory} was trained on a {describe_bits(trained)} base, now loaded as {describe_bits(loaded)}; outputs will differ slightly")
+        warn(
+            f"warning: adapter {directory} was trained on a {describe_bits(trained)} base, now loaded as {describe_bits(loaded)}; outputs will differ slightly"
+        )
 
 
 def describe_bits(quantization: dict) -> str:

@@ -24,11 +24,15 @@ from typing import Callable, Optional
 from qlora.adapters.loading import load_with_adapters, select_adapter, trained_quantization
 from qlora.adapters.manifest import read_adapter_config, recorded_base
 from qlora.errors import ConfigError, ModelError, OutputError
-from qlora.sizes import format_bytes
 from qlora.output_dir import apply_umask
+from qlora.sizes import format_bytes
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
-DEFAULT_PROMPTS = ("The quick brown fox jumps over the lazy dog.", "Question: what is 12 + 30?\nAnswer:", "def reverse(text):")
+DEFAULT_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what is 12 + 30?\nAnswer:",
+    "def reverse(text):",
+)
 MERGE_RECORD = "qlora_merge.json"
 
 
@@ -73,7 +77,9 @@ def merge_adapter(
         raise ConfigError("--through-nf4: this adapter was trained on an 8-bit base, not NF4")
 
     echo(f"loading {base} unquantized in {dtype}")
-    model, tokenizer = load_with_adapters([("merge", adapter_dir)], base=base, bits=16, compute_dtype=dtype, warn=lambda line: None)
+    model, tokenizer = load_with_adapters(
+        [("merge", adapter_dir)], base=base, bits=16, compute_dtype=dtype, warn=lambda line: None
+    )
     input_ids = [torch.tensor([tokenizer(prompt)["input_ids"]]) for prompt in prompts]
     reference_16bit = all_logits(model, input_ids)
 

@@ -150,7 +150,17 @@ def summarize_kinds(layers: list[LayerSpectrum], pairs: dict) -> list[KindSummar
         d, k = first["B"].shape[0], first["A"].shape[1]
         rank = members[0].rank
         parameters = sum(pairs[layer.module]["A"].numel() + pairs[layer.module]["B"].numel() for layer in members)
-        kinds.append(KindSummary(kind=kind, modules=len(members), d=d, k=k, rank=rank, parameters=parameters, reduction=d * k / (rank * (d + k))))
+        kinds.append(
+            KindSummary(
+                kind=kind,
+                modules=len(members),
+                d=d,
+                k=k,
+                rank=rank,
+                parameters=parameters,
+                reduction=d * k / (rank * (d + k)),
+            )
+        )
     return kinds
 
 
@@ -195,13 +205,19 @@ def describe_report(report: AdapterReport, top: int = 4) -> str:
     lines.append("")
     lines.append(f"{'kind':<16} {'modules':>7} {'d x k':>13} {'r':>4} {'parameters':>12} {'vs full (dk/r(d+k))':>20}")
     for kind in report.kinds:
-        lines.append(f"{kind.kind:<16} {kind.modules:>7} {f'{kind.d}x{kind.k}':>13} {kind.rank:>4} {kind.parameters:>12,} {kind.reduction:>19.1f}x")
+        lines.append(
+            f"{kind.kind:<16} {kind.modules:>7} {f'{kind.d}x{kind.k}':>13} {kind.rank:>4} {kind.parameters:>12,} {kind.reduction:>19.1f}x"
+        )
     lines.append("")
     lines.append(f"{'module':<44} {'norm':>9} {'rank90':>6} {'rank99':>6}  top singular values of delta W")
     for layer in report.layers:
         values = " ".join(f"{value:.3g}" for value in layer.singular_values[:top])
-        lines.append(f"{layer.module:<44} {layer.norm:>9.4g} {layer.effective_rank_90:>6} {layer.effective_rank_99:>6}  {values}")
-    lines.append("(effective rank = singular values holding 90% / 99% of the energy, out of r; rank99 well below r: r could be smaller)")
+        lines.append(
+            f"{layer.module:<44} {layer.norm:>9.4g} {layer.effective_rank_90:>6} {layer.effective_rank_99:>6}  {values}"
+        )
+    lines.append(
+        "(effective rank = singular values holding 90% / 99% of the energy, out of r; rank99 well below r: r could be smaller)"
+    )
     return "\n".join(lines)
 
 
@@ -230,7 +246,7 @@ def plot_spectra(report: AdapterReport, path: Path) -> Path:
         axis.set_title(f"{kind} (r={members[0].rank}, {len(members)} layers)", fontsize=9)
         axis.set_xlabel("singular value index")
         axis.grid(True, which="both", alpha=0.3)
-    for axis in list(axes.flat)[len(kinds):]:
+    for axis in list(axes.flat)[len(kinds) :]:
         axis.axis("off")
     figure.suptitle(f"delta W spectra: {Path(report.adapter).name} (light = deeper layers)", fontsize=10)
     figure.tight_layout()

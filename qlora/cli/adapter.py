@@ -21,18 +21,32 @@ def add_adapter_commands(commands) -> None:
         return parser
 
     def loading_flags(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
-                            help="adapter folder (repeatable; the name defaults to the folder's name)")
+        parser.add_argument(
+            "--adapter",
+            action="append",
+            required=True,
+            metavar="[NAME=]DIR",
+            help="adapter folder (repeatable; the name defaults to the folder's name)",
+        )
         parser.add_argument("--base", help="base model folder or hub id (default: the one the adapter records)")
-        parser.add_argument("--bits", type=int, choices=(4, 8, 16), help="load the base in 4/8/16 bits (default: as trained, else 4 = NF4)")
+        parser.add_argument(
+            "--bits",
+            type=int,
+            choices=(4, 8, 16),
+            help="load the base in 4/8/16 bits (default: as trained, else 4 = NF4)",
+        )
         parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
         parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
 
     generate = command("generate", "generate text with the base + adapter(s)")
     generate.add_argument("prompt", nargs="?", help="the prompt (or --file)")
     loading_flags(generate)
-    generate.add_argument("--use", metavar="NAME", help="which loaded adapter answers ('base' = none; default: the first)")
-    generate.add_argument("--file", help="prompt file: rows {\"prompt\", \"adapter\"?, \"expected\"?, \"id\"?}; writes JSON lines")
+    generate.add_argument(
+        "--use", metavar="NAME", help="which loaded adapter answers ('base' = none; default: the first)"
+    )
+    generate.add_argument(
+        "--file", help='prompt file: rows {"prompt", "adapter"?, "expected"?, "id"?}; writes JSON lines'
+    )
     generate.add_argument("--output", help="with --file: write the JSON lines here instead of stdout")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
@@ -40,8 +54,12 @@ def add_adapter_commands(commands) -> None:
 
     evaluate = command("eval", "eval loss and exact match: base alone vs base + adapter(s) on the same rows")
     loading_flags(evaluate)
-    evaluate.add_argument("--data", required=True, help="training-format rows (chat/alpaca/text) or {\"prompt\", \"expected\"} rows")
-    evaluate.add_argument("--max-seq-len", type=int, default=2048, help="rows are truncated to this many tokens (default 2048)")
+    evaluate.add_argument(
+        "--data", required=True, help='training-format rows (chat/alpaca/text) or {"prompt", "expected"} rows'
+    )
+    evaluate.add_argument(
+        "--max-seq-len", type=int, default=2048, help="rows are truncated to this many tokens (default 2048)"
+    )
     evaluate.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -50,7 +68,11 @@ def add_adapter_commands(commands) -> None:
     merge.add_argument("--out", required=True, help="new folder for the merged model")
     merge.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     merge.add_argument("--base", help="base model folder or hub id (default: the one the adapter records)")
-    merge.add_argument("--through-nf4", action="store_true", help="round-trip the base through NF4 first, as the adapter saw it in training")
+    merge.add_argument(
+        "--through-nf4",
+        action="store_true",
+        help="round-trip the base through NF4 first, as the adapter saw it in training",
+    )
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--prompt", action="append", help="prompt to measure the logit difference on (repeatable)")
     merge.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -74,7 +96,11 @@ def run_generate(args: argparse.Namespace) -> int:
     adapters = parse_adapter_arguments(args.adapter)
     names = {name for name, _ in adapters} | {"base"}
     if (args.prompt is None) == (args.file is None):
-        raise ConfigError("generate: give a prompt or --file, not both" if args.prompt is not None else "generate: give a prompt or --file PROMPTS.jsonl")
+        raise ConfigError(
+            "generate: give a prompt or --file, not both"
+            if args.prompt is not None
+            else "generate: give a prompt or --file PROMPTS.jsonl"
+        )
     if args.output and not args.file:
         raise ConfigError("--output: only with --file")
     if args.output and Path(args.output).exists():
@@ -90,7 +116,9 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"adapters: {', '.join(name for name, _ in adapters)}; answering with {default}", file=sys.stderr)
     if not args.file:
         select_adapter(model, None if default == "base" else default)
-        generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, args.chat), sampling, streamer=text_streamer(tokenizer))
+        generate(
+            model, tokenizer, prompt_ids(tokenizer, args.prompt, args.chat), sampling, streamer=text_streamer(tokenizer)
+        )
         return 0
     from qlora.training.metrics import progress_bar
 
@@ -119,7 +147,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from qlora.adapters.loading import parse_adapter_arguments
     from qlora.errors import ConfigError
 
-    for flag, value in (("--max-seq-len", args.max_seq_len), ("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+    for flag, value in (
+        ("--max-seq-len", args.max_seq_len),
+        ("--batch-size", args.batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
         if value <= 0:
             raise ConfigError(f"{flag}: must be positive, got {value}")
     report = evaluate_adapters(

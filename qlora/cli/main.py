@@ -10,9 +10,9 @@ import sys
 import traceback
 
 from qlora.cli.adapter import ADAPTER_COMMANDS, add_adapter_commands, run_adapter_command
-from qlora.errors import EXIT_ABORTED, EXIT_INTERNAL, Interrupted, QloraError
 from qlora.cli.plan import add_plan_command, run_plan
 from qlora.cli.serve import add_serve_command, run_serve
+from qlora.errors import EXIT_ABORTED, EXIT_INTERNAL, Interrupted, QloraError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,15 +23,31 @@ def build_parser() -> argparse.ArgumentParser:
     def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("config", help="job YAML file")
-        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                             help="override a config key, e.g. --set train.max_steps=20 (repeatable; wins over the QLORA_SET environment variable)")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set train.max_steps=20 (repeatable; wins over the QLORA_SET environment variable)",
+        )
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return command
 
     train = job_command("train", "run a fine-tuning job")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing output.dir (start over instead of resuming)")
-    train.add_argument("--resume-from", metavar="CHECKPOINT", help="resume from this checkpoint folder instead of the newest one in output.dir")
-    train.add_argument("--resume-anyway", action="store_true", help="resume even though the job's config or data changed since the checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output.dir (start over instead of resuming)"
+    )
+    train.add_argument(
+        "--resume-from",
+        metavar="CHECKPOINT",
+        help="resume from this checkpoint folder instead of the newest one in output.dir",
+    )
+    train.add_argument(
+        "--resume-anyway",
+        action="store_true",
+        help="resume even though the job's config or data changed since the checkpoint",
+    )
     validate = job_command("validate", "check the config and every data row without loading the model")
     validate.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_adapter_commands(commands)
@@ -57,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the last line of defence prints one line, not a wall
         if args.debug:
             raise
-        print(f"error: unexpected {error.__class__.__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"error: unexpected {error.__class__.__name__}: {error} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 
@@ -86,7 +105,13 @@ def run(args: argparse.Namespace) -> int:
     from qlora.job.run import run_job
 
     with GracefulStop() as stop:
-        run_job(config, overwrite=args.overwrite, resume_from=args.resume_from, resume_anyway=args.resume_anyway, stop_requested=stop.requested)
+        run_job(
+            config,
+            overwrite=args.overwrite,
+            resume_from=args.resume_from,
+            resume_anyway=args.resume_anyway,
+            stop_requested=stop.requested,
+        )
     return 0
 
 
@@ -107,7 +132,11 @@ class GracefulStop:
         if self.signal_name is not None:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(number).name
-        print(f"\n{self.signal_name}: stopping after the current step and writing a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{self.signal_name}: stopping after the current step and writing a checkpoint (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> "GracefulStop":
         for number in self.SIGNALS:

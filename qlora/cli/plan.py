@@ -6,32 +6,52 @@ import argparse
 import json
 from typing import Optional
 
-from qlora.sizes import format_bytes
 from qlora.plan.memory import Plan, seconds_per_token
+from qlora.sizes import format_bytes
 
 
 def add_plan_command(commands) -> None:
-    plan = commands.add_parser("plan", help="peak GPU memory and speed of a job from the model's config.json alone (no weights, no GPU)")
-    plan.add_argument("config", help="job YAML, model folder, shipped architecture (e.g. llama-3.1-8b) or a hub id shipped in configs/arch")
+    plan = commands.add_parser(
+        "plan", help="peak GPU memory and speed of a job from the model's config.json alone (no weights, no GPU)"
+    )
+    plan.add_argument(
+        "config",
+        help="job YAML, model folder, shipped architecture (e.g. llama-3.1-8b) or a hub id shipped in configs/arch",
+    )
     budget = plan.add_mutually_exclusive_group()
     budget.add_argument("--gpu-memory", metavar="SIZE", help="memory to fit in, e.g. 24GiB or 80GB")
-    budget.add_argument("--gpu", metavar="NAME", help="a GPU from configs/hardware/gpus.yaml (4090, A100-40, A100-80, H100, L40S, ...): its memory and speed")
+    budget.add_argument(
+        "--gpu",
+        metavar="NAME",
+        help="a GPU from configs/hardware/gpus.yaml (4090, A100-40, A100-80, H100, L40S, ...): its memory and speed",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a job key, e.g. --set data.max_seq_len=4096 (repeatable)")
-    plan.add_argument("--mfu", type=float, default=0.4, help="utilization of the GPU's peak bf16 FLOP/s for the time estimate (default 0.4)")
+    plan.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job key, e.g. --set data.max_seq_len=4096 (repeatable)",
+    )
+    plan.add_argument(
+        "--mfu",
+        type=float,
+        default=0.4,
+        help="utilization of the GPU's peak bf16 FLOP/s for the time estimate (default 0.4)",
+    )
     plan.add_argument("--epoch-tokens", type=int, help="tokens in one epoch, for the time per epoch")
     plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def run_plan(args: argparse.Namespace) -> int:
     """`qlora plan`: a job file, or a bare model with the job defaults (and --set overrides)."""
+    from qlora.config import apply_override, load_config, validate
+    from qlora.errors import ConfigError
     from qlora.plan.architecture import load_architecture
     from qlora.plan.hardware import find_gpu
-    from qlora.config import apply_override, load_config, validate
-    from qlora.sizes import parse_bytes
-    from qlora.errors import ConfigError
     from qlora.plan.memory import make_plan, seconds_per_token, settings_from_job
+    from qlora.sizes import parse_bytes
 
     if args.config.endswith((".yaml", ".yml")):
         config = load_config(args.config, args.overrides)
@@ -46,7 +66,9 @@ def run_plan(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ConfigError(f"--gpu-memory: {error}") from None
     # micro_batch_size auto is planned at 1; the suggestions say how far it goes.
-    plan = make_plan(load_architecture(config.model.name_or_path, config.model.trust_remote_code), settings_from_job(config), budget)
+    plan = make_plan(
+        load_architecture(config.model.name_or_path, config.model.trust_remote_code), settings_from_job(config), budget
+    )
     if args.json:
         record = plan.to_json()
         record["gpu"] = gpu.name if gpu else None
@@ -56,12 +78,21 @@ def run_plan(args: argparse.Namespace) -> int:
             record["epoch_seconds"] = args.epoch_tokens / record["tokens_per_s"] if args.epoch_tokens else None
         print(json.dumps(record))
     else:
-        print(describe_plan(plan, gpu.name if gpu else None, gpu.bf16_tflops if gpu else None, args.mfu, args.epoch_tokens))
+        print(
+            describe_plan(
+                plan, gpu.name if gpu else None, gpu.bf16_tflops if gpu else None, args.mfu, args.epoch_tokens
+            )
+        )
     return 0
 
 
-def describe_plan(plan: Plan, gpu_name: Optional[str] = None, tflops: Optional[float] = None, utilization: float = 0.4,
-                  epoch_tokens: Optional[int] = None) -> str:
+def describe_plan(
+    plan: Plan,
+    gpu_name: Optional[str] = None,
+    tflops: Optional[float] = None,
+    utilization: float = 0.4,
+    epoch_tokens: Optional[int] = None,
+) -> str:
     settings = plan.settings
     lines = [
         f"plan for {plan.architecture}: {plan.parameters['total'] / 1e9:.2f}B params "
@@ -84,21 +115,33 @@ def describe_plan(plan: Plan, gpu_name: Optional[str] = None, tflops: Optional[f
         lines.append(f"  {verdict} in {format_bytes(plan.budget_bytes)}{f' ({gpu_name})' if gpu_name else ''}")
         tips = plan.suggestions
         if tips:
-            lines.append(f"  largest micro_batch at seq_len {settings['seq_len']}: {tips['largest_micro_batch']}"
-                         f"; largest seq_len at micro_batch {settings['micro_batch']}: {tips['largest_seq_len']}")
+            lines.append(
+                f"  largest micro_batch at seq_len {settings['seq_len']}: {tips['largest_micro_batch']}"
+                f"; largest seq_len at micro_batch {settings['micro_batch']}: {tips['largest_seq_len']}"
+            )
             if tips["fits_without_checkpointing"]:
-                lines.append(f"  gradient checkpointing is not needed here (fits without it up to micro_batch "
-                             f"{tips['largest_micro_batch_without_checkpointing']}; ~30% less compute)")
+                lines.append(
+                    f"  gradient checkpointing is not needed here (fits without it up to micro_batch "
+                    f"{tips['largest_micro_batch_without_checkpointing']}; ~30% less compute)"
+                )
             else:
                 lines.append("  gradient checkpointing is needed: without it this does not fit")
                 if tips.get("fits_with_selective_checkpointing") and settings["gradient_checkpointing"] is True:
-                    lines.append("  train.gradient_checkpointing: selective fits too (skips recomputing the 4-bit matmuls: less compute)")
+                    lines.append(
+                        "  train.gradient_checkpointing: selective fits too (skips recomputing the 4-bit matmuls: less compute)"
+                    )
     lines.append(f"  compute: {plan.flops_per_token / 1e9:.1f} GFLOP per training token")
     if tflops:
         per_token = seconds_per_token(plan.flops_per_token, tflops, utilization)
-        lines.append(f"  time at {utilization:.0%} of {tflops:g} TFLOP/s: {1 / per_token:,.0f} tokens/s, "
-                     f"{per_token * 1e6 / 3600:.2f} h per million tokens"
-                     + (f", {per_token * epoch_tokens / 3600:.2f} h per epoch of {epoch_tokens:,} tokens" if epoch_tokens else ""))
+        lines.append(
+            f"  time at {utilization:.0%} of {tflops:g} TFLOP/s: {1 / per_token:,.0f} tokens/s, "
+            f"{per_token * 1e6 / 3600:.2f} h per million tokens"
+            + (
+                f", {per_token * epoch_tokens / 3600:.2f} h per epoch of {epoch_tokens:,} tokens"
+                if epoch_tokens
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 

@@ -21,14 +21,30 @@ LOCK_FILE = ".service.lock"
 
 def add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="run the training service: a job queue over HTTP with a web page")
-    serve.add_argument("--root", required=True, help="folder for the job database, uploads, jobs and adapters (created if missing)")
+    serve.add_argument(
+        "--root", required=True, help="folder for the job database, uploads, jobs and adapters (created if missing)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--gpus", type=int, default=None, help="jobs run at once, one per GPU (default: the visible GPUs, or 1 without a GPU)")
-    serve.add_argument("--allow-remote-code", action="store_true", help="accept jobs with model.trust_remote_code: true")
-    serve.add_argument("--max-upload-mb", type=float, default=100.0, help="largest upload accepted, in MiB (default 100)")
-    serve.add_argument("--stop-grace", type=float, default=300.0, metavar="SECONDS",
-                       help="on shutdown, how long a running job may take to finish its step and checkpoint (default 300)")
+    serve.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="jobs run at once, one per GPU (default: the visible GPUs, or 1 without a GPU)",
+    )
+    serve.add_argument(
+        "--allow-remote-code", action="store_true", help="accept jobs with model.trust_remote_code: true"
+    )
+    serve.add_argument(
+        "--max-upload-mb", type=float, default=100.0, help="largest upload accepted, in MiB (default 100)"
+    )
+    serve.add_argument(
+        "--stop-grace",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="on shutdown, how long a running job may take to finish its step and checkpoint (default 300)",
+    )
     serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
@@ -38,7 +54,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from qlora.service.app import Settings, create_app
     except ImportError as error:
-        raise QloraError(f"qlora serve needs the serve extra ({error.name} is missing): pip install 'qlora[serve]'") from None
+        raise QloraError(
+            f"qlora serve needs the serve extra ({error.name} is missing): pip install 'qlora[serve]'"
+        ) from None
     from qlora.service.security import load_or_create_token
 
     slots = gpu_slots(args.gpus)  # every flag checked before anything is written
@@ -46,12 +64,25 @@ def run_serve(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     lock = claim_root(root)
     token = load_or_create_token(root, echo=lambda line: print(line, file=sys.stderr, flush=True))
-    settings = Settings(root=root, token=token, slots=slots, allow_remote_code=args.allow_remote_code,
-                        max_upload_bytes=int(args.max_upload_mb * 2**20), stop_grace_s=args.stop_grace)
+    settings = Settings(
+        root=root,
+        token=token,
+        slots=slots,
+        allow_remote_code=args.allow_remote_code,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        stop_grace_s=args.stop_grace,
+    )
     app = create_app(settings, echo=lambda line: print(line, file=sys.stderr, flush=True))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {args.host}: plain HTTP, put TLS in front of it before it leaves a trusted network", file=sys.stderr)
-    print(f"qlora serve: http://{args.host}:{args.port}/ ({len(slots)} slot(s): {', '.join(slots)}; root {root})", file=sys.stderr, flush=True)
+        print(
+            f"note: listening on {args.host}: plain HTTP, put TLS in front of it before it leaves a trusted network",
+            file=sys.stderr,
+        )
+    print(
+        f"qlora serve: http://{args.host}:{args.port}/ ({len(slots)} slot(s): {', '.join(slots)}; root {root})",
+        file=sys.stderr,
+        flush=True,
+    )
     # Open event streams must not hold a shutdown back for long: 5 s, then the jobs get to checkpoint.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     lock.close()

@@ -20,7 +20,11 @@ from qlora.errors import ConfigError
 OVERRIDES_ENV = "QLORA_SET"
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), env_overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+def load_config(
+    path: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    env_overrides: list[str] | tuple[str, ...] = (),
+) -> JobConfig:
     """Read a job YAML, apply `key=value` overrides, validate, and resolve relative paths.
 
     `env_overrides` (from QLORA_SET, see overrides_from_env) are applied first, so a --set of

@@ -18,7 +18,11 @@ def reference_markdown() -> str:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, f"{prefix}{name}.")
                 continue
-            default = "required" if field.is_required() else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            default = (
+                "required"
+                if field.is_required()
+                else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            )
             lines.append(f"| `{prefix}{name}` | {default} | {field.description} |")
 
     walk(JobConfig, "")

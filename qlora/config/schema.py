@@ -190,7 +190,9 @@ class TrainSection(_Strict):
             return "off"
         if value in ("auto", "off") or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             return value
-        raise ValueError(f"train.loss_chunk_tokens: a positive number of supervised positions, auto or off (got {value!r})")
+        raise ValueError(
+            f"train.loss_chunk_tokens: a positive number of supervised positions, auto or off (got {value!r})"
+        )
 
 
 class OutputSection(_Strict):
@@ -216,5 +218,7 @@ class JobConfig(_Strict):
     def _selective_needs_4bit(self) -> "JobConfig":
         # The selective policy recognises bitsandbytes' 4-bit matmul op; other bases never dispatch it.
         if self.train.gradient_checkpointing == "selective" and self.quantization.bits != 4:
-            raise ValueError(f"train.gradient_checkpointing: selective keeps the 4-bit matmuls' outputs; it needs quantization.bits: 4 (got {self.quantization.bits})")
+            raise ValueError(
+                f"train.gradient_checkpointing: selective keeps the 4-bit matmuls' outputs; it needs quantization.bits: 4 (got {self.quantization.bits})"
+            )
         return self

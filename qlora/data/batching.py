@@ -59,16 +59,25 @@ def epoch_batches(
     sequences = epoch_sequences(examples, packing, max_seq_len, seed, epoch, shuffle)
     groups = [sequences[start : start + micro_batch_size] for start in range(0, len(sequences), micro_batch_size)]
     if padding_free:
-        return [collate([[index for sequence in group for index in sequence]], examples, pad_id, with_attention_mask=False) for group in groups]
+        return [
+            collate([[index for sequence in group for index in sequence]], examples, pad_id, with_attention_mask=False)
+            for group in groups
+        ]
     return [collate(group, examples, pad_id, with_attention_mask=not packing) for group in groups]
 
 
-def batches_per_epoch(examples: list[Example], micro_batch_size: int, packing: bool, max_seq_len: int, seed: int) -> int:
+def batches_per_epoch(
+    examples: list[Example], micro_batch_size: int, packing: bool, max_seq_len: int, seed: int
+) -> int:
     """len(epoch_batches(..., epoch=0)) without building any tensors."""
-    return math.ceil(len(epoch_sequences(examples, packing, max_seq_len, seed, epoch=0, shuffle=True)) / micro_batch_size)
+    return math.ceil(
+        len(epoch_sequences(examples, packing, max_seq_len, seed, epoch=0, shuffle=True)) / micro_batch_size
+    )
 
 
-def epoch_sequences(examples: list[Example], packing: bool, max_seq_len: int, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
+def epoch_sequences(
+    examples: list[Example], packing: bool, max_seq_len: int, seed: int, epoch: int, shuffle: bool
+) -> list[list[int]]:
     """The example indexes of each sequence of one epoch: one row each, or packed rows."""
     order = row_order(len(examples), seed, epoch, shuffle)
     if packing:

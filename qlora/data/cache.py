@@ -21,19 +21,31 @@ from qlora.provenance import library_versions
 from qlora.user_cache import cache_dir, write_json_atomically
 
 
-def tokenize_rows_cached(rows: list[Row], tokenizer, max_seq_len: int, train_on: str, too_long: str, folder: Optional[Path] = None) -> tuple[TokenizedSet, bool]:
+def tokenize_rows_cached(
+    rows: list[Row], tokenizer, max_seq_len: int, train_on: str, too_long: str, folder: Optional[Path] = None
+) -> tuple[TokenizedSet, bool]:
     """tokenize_rows through the cache: (the tokenized set, whether it came from the cache)."""
-    path = (folder or cache_dir() / "tokenized") / f"{fingerprint(rows, tokenizer, max_seq_len, train_on, too_long)}.json"
+    path = (
+        folder or cache_dir() / "tokenized"
+    ) / f"{fingerprint(rows, tokenizer, max_seq_len, train_on, too_long)}.json"
     try:
         saved = json.loads(path.read_text())
-        examples = [Example(input_ids=ids, labels=labels, row=rows[index], truncated=truncated) for index, ids, labels, truncated in saved["examples"]]
+        examples = [
+            Example(input_ids=ids, labels=labels, row=rows[index], truncated=truncated)
+            for index, ids, labels, truncated in saved["examples"]
+        ]
         return TokenizedSet(examples=examples, stats=saved["stats"]), True
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         pass
     tokenized = tokenize_rows(rows, tokenizer, max_seq_len, train_on, too_long)
     row_index = {id(row): index for index, row in enumerate(rows)}
-    record = {"examples": [[row_index[id(example.row)], example.input_ids, example.labels, example.truncated] for example in tokenized.examples],
-              "stats": tokenized.stats}
+    record = {
+        "examples": [
+            [row_index[id(example.row)], example.input_ids, example.labels, example.truncated]
+            for example in tokenized.examples
+        ],
+        "stats": tokenized.stats,
+    }
     try:
         write_json_atomically(path, record)
     except OSError:
@@ -47,7 +59,11 @@ def fingerprint(rows: list[Row], tokenizer, max_seq_len: int, train_on: str, too
     digest.update(json.dumps(settings, sort_keys=True).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab().items())).encode())
-    digest.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token], default=str).encode())
+    digest.update(
+        json.dumps(
+            [tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token], default=str
+        ).encode()
+    )
     for row in rows:
         digest.update(json.dumps([row.source, row.line, row.format, row.fields], sort_keys=True, default=str).encode())
         digest.update(b"\n")

@@ -24,7 +24,9 @@ def render_supervision(example: Example, tokenizer, max_chars: int = 2000) -> st
         if remaining <= 0:
             pieces.append(ELLIPSIS)
             break
-        text = tokenizer.decode([token for token, _ in group], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text = tokenizer.decode(
+            [token for token, _ in group], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
         shown = text[:remaining]
         remaining -= len(shown)
         pieces.append(f"{SUPERVISED_OPEN}{shown}{SUPERVISED_CLOSE}" if supervised else shown)
@@ -43,5 +45,7 @@ def describe_data(name: str, stats: dict) -> str:
     ]
     if stats["rows_over_max_seq_len"]:
         dropped = stats["dropped_too_long"] + stats["dropped_no_supervision_after_truncation"]
-        parts.append(f"{stats['rows_over_max_seq_len']} over max_seq_len ({stats['truncated']} truncated, {dropped} dropped)")
+        parts.append(
+            f"{stats['rows_over_max_seq_len']} over max_seq_len ({stats['truncated']} truncated, {dropped} dropped)"
+        )
     return f"{name} data: " + ", ".join(parts)

@@ -17,7 +17,6 @@ from qlora.errors import DataError
 from qlora.labels import IGNORE_INDEX
 
 
-
 @dataclass
 class Example:
     input_ids: list[int]
@@ -135,7 +134,9 @@ def label_renderings(renderings: list[Rendering], rows: list[Row], tokenizer) ->
                 for token, start in zip(input_ids, starts)
             ]
         for turn, span in enumerate(rendering.answer_spans, start=1):
-            if not any(token in terminators and starts_inside(start, [span]) for token, start in zip(input_ids, starts)):
+            if not any(
+                token in terminators and starts_inside(start, [span]) for token, start in zip(input_ids, starts)
+            ):
                 raise DataError(
                     f"{row.where}: assistant answer {turn} is not followed by the EOS token "
                     f"{tokenizer.eos_token!r} or another end-of-turn token in the rendered chat, "

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from qlora.adapters.exact_match import exact_match
 from qlora.data import IGNORE_INDEX, Row
 from qlora.demo.tasks import MAX_LETTERS, MIN_LETTERS, NEW_TASK, PRETRAIN_TASKS, Task, new_task_splits, pretrain_rows
 from qlora.demo.tokenizer import build_tokenizer
-from qlora.adapters.exact_match import exact_match
 
 # bitsandbytes' CPU 4-bit kernels fail unless every linear layer's input size (hidden and MLP
 # size) is a multiple of 64; the vocabulary is padded to it as well.
@@ -73,14 +73,19 @@ def main() -> None:
     for task in (*PRETRAIN_TASKS, NEW_TASK):
         rows = [Row(task.name, line, "chat", task.row(letters)) for line, letters in enumerate(held_out[:100], start=1)]
         scores[task.name] = exact_match(model, tokenizer, rows, MAX_NEW_TOKENS, batch_size=50).score
-    print("exact match on held-out strings: " + ", ".join(f"{name} {score:.0%}" for name, score in scores.items()), flush=True)
+    print(
+        "exact match on held-out strings: " + ", ".join(f"{name} {score:.0%}" for name, score in scores.items()),
+        flush=True,
+    )
 
     model_dir = args.out / "model"
     save_model(model, tokenizer, model_dir, model_card(args, parameters, minutes, scores))
     write_jsonl(args.out / "data" / "train.jsonl", train_rows)
     write_jsonl(args.out / "data" / "eval.jsonl", eval_rows)
     size_mb = sum(path.stat().st_size for path in model_dir.iterdir()) / 1e6
-    print(f"wrote {model_dir} ({size_mb:.1f} MB) and {args.out / 'data'} ({len(train_rows)} train, {len(eval_rows)} eval rows)")
+    print(
+        f"wrote {model_dir} ({size_mb:.1f} MB) and {args.out / 'data'} ({len(train_rows)} train, {len(eval_rows)} eval rows)"
+    )
 
 
 def build_model(tokenizer):
@@ -146,7 +151,9 @@ def encode(rows: list[dict], tokenizer):
     the same span the qlora data pipeline supervises.
     """
     full = tokenizer.apply_chat_template([row["messages"] for row in rows], tokenize=False)
-    prompts = tokenizer.apply_chat_template([row["messages"][:1] for row in rows], tokenize=False, add_generation_prompt=True)
+    prompts = tokenizer.apply_chat_template(
+        [row["messages"][:1] for row in rows], tokenize=False, add_generation_prompt=True
+    )
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     width = max(len(ids) for ids in full_ids)
@@ -204,8 +211,8 @@ A {parameters / 1e6:.1f}M-parameter Llama-architecture chat model, pre-trained f
 `qlora/demo/build.py` so that the qlora demo runs offline, on a CPU, through the same code path
 as a hub model. It is a toy: it knows three string skills and nothing else.
 
-- Architecture: `LlamaForCausalLM`, {ARCHITECTURE['num_hidden_layers']} layers, hidden size {ARCHITECTURE['hidden_size']},
-  MLP size {ARCHITECTURE['intermediate_size']}, {ARCHITECTURE['num_attention_heads']} query / {ARCHITECTURE['num_key_value_heads']} key-value heads,
+- Architecture: `LlamaForCausalLM`, {ARCHITECTURE["num_hidden_layers"]} layers, hidden size {ARCHITECTURE["hidden_size"]},
+  MLP size {ARCHITECTURE["intermediate_size"]}, {ARCHITECTURE["num_attention_heads"]} query / {ARCHITECTURE["num_key_value_heads"]} key-value heads,
   untied output head, weights stored in bfloat16. Every linear input size is a multiple of 64,
   which the bitsandbytes CPU 4-bit kernels require.
 - Tokenizer: one token per byte plus `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` (EOS) and

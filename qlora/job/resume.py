@@ -13,11 +13,11 @@ from array import array
 from pathlib import Path
 from typing import Callable, Optional
 
-from qlora.training.checkpoint import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 from qlora.config import JobConfig
 from qlora.errors import CheckpointError
 from qlora.output_dir import write_atomically
 from qlora.provenance import library_versions
+from qlora.training.checkpoint import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 
 # Keys that do not change what is trained: moving the output, saving, logging and evaluating
 # more or less often (eval passes leave training bitwise unchanged: tests/test_training.py).
@@ -61,7 +61,9 @@ def find_checkpoint(output_dir: Path, resume_from: Optional[str]) -> Optional[Pa
     if step is None:
         raise CheckpointError(f"--resume-from: {path} is not a checkpoint folder (checkpoints/step-N)")
     if not (path / COMPLETE_MARKER).is_file():
-        raise CheckpointError(f"--resume-from: {path} is incomplete (no {COMPLETE_MARKER} marker: its writer was interrupted)")
+        raise CheckpointError(
+            f"--resume-from: {path} is incomplete (no {COMPLETE_MARKER} marker: its writer was interrupted)"
+        )
     later = [other for other in complete_checkpoints(root) if checkpoint_step(other) > step]
     if later:
         raise CheckpointError(
@@ -71,7 +73,9 @@ def find_checkpoint(output_dir: Path, resume_from: Optional[str]) -> Optional[Pa
     return path
 
 
-def check_same_run(checkpoint: Path, saved_run: dict, record: dict, resume_anyway: bool, echo: Callable[[str], None]) -> None:
+def check_same_run(
+    checkpoint: Path, saved_run: dict, record: dict, resume_anyway: bool, echo: Callable[[str], None]
+) -> None:
     """Refuse a checkpoint of a different run (its saved record differs from this job's)."""
     changes = describe_changes(saved_run.get("config", {}), record["config"])
     if saved_run.get("data_sha256") != record["data_sha256"]:
@@ -84,9 +88,13 @@ def check_same_run(checkpoint: Path, saved_run: dict, record: dict, resume_anywa
     if changes:
         echo(f"warning: resuming with changes: {'; '.join(changes)}")
     versions = saved_run.get("versions", {})
-    moved = [f"{name} {versions.get(name)} -> {now}" for name, now in record["versions"].items() if versions.get(name) != now]
+    moved = [
+        f"{name} {versions.get(name)} -> {now}" for name, now in record["versions"].items() if versions.get(name) != now
+    ]
     if moved:
-        echo(f"warning: library versions changed since the checkpoint ({', '.join(moved)}); results may differ in the last digits")
+        echo(
+            f"warning: library versions changed since the checkpoint ({', '.join(moved)}); results may differ in the last digits"
+        )
 
 
 def describe_changes(before: dict, after: dict, most: int = 4) -> list[str]:
@@ -123,7 +131,6 @@ def data_fingerprint(*example_sets: list) -> str:
             digest.update(b"|")
         digest.update(b"#")
     return digest.hexdigest()
-
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

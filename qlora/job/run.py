@@ -18,20 +18,34 @@ from typing import Callable, Optional
 
 from qlora import data
 from qlora.adapters import attach_lora, load_adapter_weights, save_adapter, write_manifest
-from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch
-from qlora.training.checkpoint import TrainingState, load_training_state, remove_partial_checkpoints, save_checkpoint, save_training_state, verify_checkpoint
+from qlora.adapters.exact_match import ExactMatch, exact_match
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
-from qlora.adapters.exact_match import ExactMatch, exact_match
-from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
-from qlora.sizes import file_size, format_bytes
-from qlora.training.metrics import MetricsLog
-from qlora.plan.mfu import job_flop_meter
-from qlora.model.base import load_base, load_tokenizer, parameter_counts, weight_bytes
-from qlora.output_dir import FINISHED_MARKER, apply_umask, check_output_dir, claim_output_dir, unfinished, write_atomically
-from qlora.training.plot import write_loss_plot
 from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
+from qlora.model.base import load_base, load_tokenizer, parameter_counts, weight_bytes
+from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
+from qlora.output_dir import (
+    FINISHED_MARKER,
+    apply_umask,
+    check_output_dir,
+    claim_output_dir,
+    unfinished,
+    write_atomically,
+)
+from qlora.plan.mfu import job_flop_meter
+from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch
+from qlora.sizes import file_size, format_bytes
+from qlora.training.checkpoint import (
+    TrainingState,
+    load_training_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    save_training_state,
+    verify_checkpoint,
+)
 from qlora.training.loop import LoopResult, LoopSettings, train
+from qlora.training.metrics import MetricsLog
+from qlora.training.plot import write_loss_plot
 
 
 @dataclass
@@ -65,7 +79,9 @@ class JobResult:
 def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> PreparedData:
     """Tokenizer + every row read, validated and tokenized: all data errors surface here."""
     check_device_support(config)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        config.model.tokenizer or config.model.name_or_path, config.model.revision, config.model.trust_remote_code
+    )
     rows = data.read_rows([(source.path, source.format) for source in config.data.sources()])
     if config.data.eval is not None:
         eval_rows = data.read_rows([(config.data.eval, config.data.format)], key="data.eval")
@@ -74,7 +90,9 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
     else:
         eval_rows = []
     shape = dict(max_seq_len=config.data.max_seq_len, train_on=config.data.train_on, too_long=config.data.too_long)
-    train_set, cache_hit = data.tokenize_rows_cached(rows, tokenizer, **shape)  # reused across runs: qlora/data/cache.py
+    train_set, cache_hit = data.tokenize_rows_cached(
+        rows, tokenizer, **shape
+    )  # reused across runs: qlora/data/cache.py
     eval_set = data.tokenize_rows_cached(eval_rows, tokenizer, **shape)[0] if eval_rows else None
     echo(data.describe_data("train", train_set.stats) + (" (tokenized earlier: from the cache)" if cache_hit else ""))
     if eval_set:
@@ -119,7 +137,9 @@ def batch_maker(config: JobConfig, examples: list, pad_id: int, shuffle: bool = 
 
 def epoch_length(config: JobConfig, examples: list) -> int:
     """Micro-batches per epoch, counted without building them."""
-    return data.batches_per_epoch(examples, config.train.micro_batch_size, config.data.packing, config.data.max_seq_len, config.train.seed)
+    return data.batches_per_epoch(
+        examples, config.train.micro_batch_size, config.data.packing, config.data.max_seq_len, config.train.seed
+    )
 
 
 def run_job(
@@ -173,7 +193,14 @@ def run_job(
 
 
 def train_and_publish(
-    config: JobConfig, prepared: PreparedData, record: dict, resume: Optional[ResumePoint], max_steps: int, auto_budget: Optional[int], stop_requested, echo
+    config: JobConfig,
+    prepared: PreparedData,
+    record: dict,
+    resume: Optional[ResumePoint],
+    max_steps: int,
+    auto_budget: Optional[int],
+    stop_requested,
+    echo,
 ) -> JobResult:
     """Base + adapters (restored from the `resume` checkpoint if given) -> loop -> artifacts."""
     import torch
@@ -182,7 +209,9 @@ def train_and_publish(
     output_dir = Path(config.output.dir)
     tokenizer = prepared.tokenizer
     epoch_batches = batch_maker(config, prepared.train.examples, tokenizer.pad_token_id)
-    eval_batches = batch_maker(config, prepared.eval.examples, tokenizer.pad_token_id, shuffle=False)(0) if prepared.eval else []
+    eval_batches = (
+        batch_maker(config, prepared.eval.examples, tokenizer.pad_token_id, shuffle=False)(0) if prepared.eval else []
+    )
 
     set_seed(config.train.seed)
     if not torch.cuda.is_available():
@@ -200,7 +229,9 @@ def train_and_publish(
         init=config.model.init,
         seed=config.train.seed,
     )
-    echo(f"base: {config.model.name_or_path} ({describe_quantization(config)}), {format_bytes(weight_bytes(base))} in memory")
+    echo(
+        f"base: {config.model.name_or_path} ({describe_quantization(config)}), {format_bytes(weight_bytes(base))} in memory"
+    )
     lora = config.lora
     model = attach_lora(
         base,
@@ -213,7 +244,9 @@ def train_and_publish(
         seed=config.train.seed,
     )
     trainable, total = parameter_counts(model)
-    echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA r={lora.r} alpha={lora.alpha:g}")
+    echo(
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA r={lora.r} alpha={lora.alpha:g}"
+    )
     if auto_budget is not None and resume is None:
         # A resumed run keeps the micro-batch its checkpoint was trained with (checked above).
         confirm_micro_batch(model, config, auto_budget, len(tokenizer), echo)
@@ -247,8 +280,20 @@ def train_and_publish(
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     writer = checkpoint_writer(model, output_dir, config.train.keep_checkpoints, run)
     try:
-        meter = job_flop_meter(config.model.name_or_path, trainable, quant.compute_dtype, config.model.trust_remote_code)
-        loop = train(model, epoch_batches, eval_batches, settings, metrics, writer, resume=resume.state if resume else None, stop_requested=stop_requested, flop_meter=meter)
+        meter = job_flop_meter(
+            config.model.name_or_path, trainable, quant.compute_dtype, config.model.trust_remote_code
+        )
+        loop = train(
+            model,
+            epoch_batches,
+            eval_batches,
+            settings,
+            metrics,
+            writer,
+            resume=resume.state if resume else None,
+            stop_requested=stop_requested,
+            flop_meter=meter,
+        )
     finally:
         metrics.close()
 
@@ -265,7 +310,11 @@ def train_and_publish(
         exact_match_after=exact_after,
     )
     metrics_rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    write_loss_plot(metrics_rows, output_dir / "loss.svg", title=f"{'/'.join(Path(config.model.name_or_path).parts[-2:])} + LoRA r={lora.r}")
+    write_loss_plot(
+        metrics_rows,
+        output_dir / "loss.svg",
+        title=f"{'/'.join(Path(config.model.name_or_path).parts[-2:])} + LoRA r={lora.r}",
+    )
     write_atomically(output_dir / FINISHED_MARKER, json.dumps(summary_record(result, prepared), indent=2))
     echo(describe_result(result))
     return result
@@ -326,7 +375,8 @@ def write_artifacts(model, tokenizer, output_dir: Path, config: JobConfig) -> Pa
             name_or_path=config.model.name_or_path,
             revision=config.model.revision,
             quantization=config.quantization.model_dump(),
-            data_files=[source.path for source in config.data.sources()] + ([config.data.eval] if config.data.eval else []),
+            data_files=[source.path for source in config.data.sources()]
+            + ([config.data.eval] if config.data.eval else []),
         )
         tokenizer.save_pretrained(str(staging))
         apply_umask(staging)
@@ -368,7 +418,10 @@ def summary_record(result: JobResult, prepared: PreparedData) -> dict:
         "eval_data": prepared.eval.stats if prepared.eval else None,
         **loop,
     }
-    for name, value in (("exact_match_before", result.exact_match_before), ("exact_match_after", result.exact_match_after)):
+    for name, value in (
+        ("exact_match_before", result.exact_match_before),
+        ("exact_match_after", result.exact_match_after),
+    ):
         if value is not None:
             record[name] = value.score
     return record
@@ -386,9 +439,13 @@ def describe_result(result: JobResult) -> str:
     ]
     if loop.eval_loss is not None:
         before = f" (before training {loop.eval_loss_before:.4f})" if loop.eval_loss_before is not None else ""
-        lines.append(f"  final eval loss  {loop.eval_loss:.4f}, perplexity {math.exp(min(loop.eval_loss, 700)):.2f}{before}")
+        lines.append(
+            f"  final eval loss  {loop.eval_loss:.4f}, perplexity {math.exp(min(loop.eval_loss, 700)):.2f}{before}"
+        )
     if result.exact_match_after is not None:
-        lines.append(f"  exact match      {100 * result.exact_match_before.score:.1f}% -> {100 * result.exact_match_after.score:.1f}%")
+        lines.append(
+            f"  exact match      {100 * result.exact_match_before.score:.1f}% -> {100 * result.exact_match_after.score:.1f}%"
+        )
     lines.append(f"  trainable        {result.trainable_parameters:,} parameters")
     lines.append(f"  adapter          {result.adapter_path} ({format_bytes(result.adapter_bytes)})")
     return "\n".join(lines)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from qlora.model.checkpointing import checkpoint_kwargs
 from qlora.errors import ModelError
+from qlora.model.checkpointing import checkpoint_kwargs
 from qlora.model.host_memory import release_checkpoint_file
 from qlora.model.row_attention import use_row_attention
 
@@ -32,7 +32,9 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as error:
-        raise ModelError(f"model.name_or_path: cannot load a tokenizer from {name_or_path!r}: {first_line(error)}") from None
+        raise ModelError(
+            f"model.name_or_path: cannot load a tokenizer from {name_or_path!r}: {first_line(error)}"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -65,8 +67,15 @@ def load_base(
     if init == "random":
         from qlora.model.random_init import build_random_base
 
-        model = build_random_base(name_or_path, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-                                  bits=bits, seed=seed, trust_remote_code=trust_remote_code)
+        model = build_random_base(
+            name_or_path,
+            quant_type=quant_type,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            bits=bits,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+        )
         return freeze_for_training(model, gradient_checkpointing)
     dtype = getattr(torch, compute_dtype)
     quantization_config = None

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from qlora.plan.architecture import load_hf_config, resolve_config_dir
 from qlora.errors import ModelError
+from qlora.plan.architecture import load_hf_config, resolve_config_dir
 
 
 def build_random_base(
@@ -48,9 +48,16 @@ def build_random_base(
     std = getattr(hf_config.get_text_config(), "initializer_range", None) or 0.02
     generator = torch.Generator(device=device).manual_seed(seed)
     materialized: dict[int, torch.nn.Parameter] = {}  # tied weights are one tensor: build it once
-    modules = [module for module in model.modules() if next(module.parameters(recurse=False), None) is not None or next(module.buffers(recurse=False), None) is not None]
+    modules = [
+        module
+        for module in model.modules()
+        if next(module.parameters(recurse=False), None) is not None
+        or next(module.buffers(recurse=False), None) is not None
+    ]
     with torch.no_grad():
-        for module in tqdm(modules, desc="random base", unit="module", file=sys.stderr, dynamic_ncols=True, leave=False):
+        for module in tqdm(
+            modules, desc="random base", unit="module", file=sys.stderr, dynamic_ncols=True, leave=False
+        ):
             for name, buffer in list(module.named_buffers(recurse=False)):
                 module._buffers[name] = buffer.to(device)
             fresh = False
@@ -60,14 +67,18 @@ def build_random_base(
                     fresh = fresh or not is_4bit(parameter)
                 module._parameters[name] = materialized[id(parameter)]
             if fresh and not is_4bit_linear(module):
-                model._init_weights(module)  # the architecture's own init: norms to 1 (0 for Gemma), embeddings ~N(0, std)
+                model._init_weights(
+                    module
+                )  # the architecture's own init: norms to 1 (0 for Gemma), embeddings ~N(0, std)
             elif fresh and module.bias is not None:
                 module.bias.zero_()
     leftover = [name for name, parameter in model.named_parameters() if parameter.is_meta]
     if leftover:
         raise ModelError(f"model.init random: could not build {leftover[0]} for {source}")
     if device.type == "cuda":
-        model.hf_device_map = {"": device.index}  # as from_pretrained(device_map={"": index}): accelerate then leaves it in place
+        model.hf_device_map = {
+            "": device.index
+        }  # as from_pretrained(device_map={"": index}): accelerate then leaves it in place
     if quantizer is not None:
         model.hf_quantizer = quantizer
         quantizer.postprocess_model(model)
@@ -94,9 +105,16 @@ def four_bit_quantizer(model, quant_type: str, double_quant: bool, dtype, device
     from transformers import BitsAndBytesConfig
     from transformers.quantizers import AutoHfQuantizer
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
     quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
-    quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": device}, checkpoint_files=None, use_kernels=False)
+    quantizer.preprocess_model(
+        model=model, dtype=dtype, device_map={"": device}, checkpoint_files=None, use_kernels=False
+    )
     return quantizer
 
 

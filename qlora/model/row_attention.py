@@ -48,7 +48,9 @@ def row_attention_mask(batch_size: int, q_length: int, kv_length: int, attention
 
     if batch_size == 1 and attention_mask is None and q_length == kv_length and kwargs.get("q_offset", 0) == 0:
         return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, **kwargs
+    )
 
 
 def row_attention_forward(module, query, key, value, attention_mask, position_ids=None, **kwargs):
@@ -62,8 +64,12 @@ def row_attention_forward(module, query, key, value, attention_mask, position_id
     bounds = row_bounds(position_ids.reshape(-1)[-length:])
     if len(bounds) == 1:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-    outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, **kwargs)[0]
-               for start, end in bounds]
+    outputs = [
+        sdpa_attention_forward(
+            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, **kwargs
+        )[0]
+        for start, end in bounds
+    ]
     return torch.cat(outputs, dim=1), None
 
 

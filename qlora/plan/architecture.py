@@ -13,7 +13,7 @@ from typing import Optional
 
 import yaml
 
-from qlora.errors import ConfigError, ModelError
+from qlora.errors import ModelError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 ARCH_DIR = CONFIGS_DIR / "arch"
@@ -76,7 +76,11 @@ class Architecture:
 
 
 def shipped_architectures() -> list[str]:
-    return sorted(path.name for path in ARCH_DIR.iterdir() if (path / "config.json").is_file()) if ARCH_DIR.is_dir() else []
+    return (
+        sorted(path.name for path in ARCH_DIR.iterdir() if (path / "config.json").is_file())
+        if ARCH_DIR.is_dir()
+        else []
+    )
 
 
 def resolve_config_dir(source: str) -> Path:
@@ -122,7 +126,9 @@ def load_hf_config(config_dir: Path, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
-        raise ModelError(f"{config_dir}/config.json: cannot be read as a transformers config ({str(error).splitlines()[0]})") from None
+        raise ModelError(
+            f"{config_dir}/config.json: cannot be read as a transformers config ({str(error).splitlines()[0]})"
+        ) from None
 
 
 def meta_skeleton(hf_config, dtype=None):
@@ -166,10 +172,16 @@ def describe_skeleton(model, source: str) -> Architecture:
                 norm_params += count
             else:
                 other_params += count
-    buffer_bytes = sum(buffer.numel() * buffer.element_size() for buffer in {id(b): b for b in model.buffers()}.values())
+    buffer_bytes = sum(
+        buffer.numel() * buffer.element_size() for buffer in {id(b): b for b in model.buffers()}.values()
+    )
     first_layer = find_decoder_layers(model)[0]
     norms_per_layer = sum(
-        1 for module in first_layer.modules() if "norm" in module.__class__.__name__.lower() and getattr(module, "weight", None) is not None and module.weight.numel() == text.hidden_size
+        1
+        for module in first_layer.modules()
+        if "norm" in module.__class__.__name__.lower()
+        and getattr(module, "weight", None) is not None
+        and module.weight.numel() == text.hidden_size
     )
     heads = text.num_attention_heads
     return Architecture(

@@ -47,7 +47,11 @@ class FlopModel:
         """Useful training FLOPs of rows of these lengths, the head applied at `head_positions` positions."""
         tokens = sum(row_lengths)
         dense = tokens * (4.0 * self.base_linear_weights + 6.0 * self.lora_params)
-        return dense + 4.0 * self.head_weights * head_positions + 3.0 * sum(self.attention_forward(length) for length in row_lengths)
+        return (
+            dense
+            + 4.0 * self.head_weights * head_positions
+            + 3.0 * sum(self.attention_forward(length) for length in row_lengths)
+        )
 
     def per_token(self, seq_len: int, gradient_checkpointing: Union[bool, str]) -> float:
         """Hardware FLOPs per token of full rows of seq_len tokens, the head on every token:
@@ -57,7 +61,9 @@ class FlopModel:
         useful = self.useful([seq_len], seq_len) / seq_len
         if not gradient_checkpointing:
             return useful
-        recomputed_linears = self.forward_per_token() if gradient_checkpointing != "selective" else 2.0 * self.lora_params
+        recomputed_linears = (
+            self.forward_per_token() if gradient_checkpointing != "selective" else 2.0 * self.lora_params
+        )
         return useful + recomputed_linears + self.attention_forward(seq_len) / seq_len
 
 

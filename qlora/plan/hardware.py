@@ -12,7 +12,6 @@ from qlora.plan.architecture import CONFIGS_DIR
 GPUS_FILE = CONFIGS_DIR / "hardware" / "gpus.yaml"
 
 
-
 @dataclass(frozen=True)
 class Gpu:
     name: str
@@ -30,7 +29,9 @@ def find_gpu(name: str) -> Gpu:
     gpus = load_gpus()
     wanted = name.lower().removeprefix("nvidia-").removeprefix("rtx-")
     for gpu_name, spec in raw.items():
-        names = [gpu_name.lower(), gpu_name.lower().removeprefix("rtx-")] + [str(alias).lower() for alias in spec.get("aliases") or []]
+        names = [gpu_name.lower(), gpu_name.lower().removeprefix("rtx-")] + [
+            str(alias).lower() for alias in spec.get("aliases") or []
+        ]
         if wanted in names or name.lower() in names:
             return gpus[gpu_name]
     raise ConfigError(f"--gpu {name}: unknown GPU (known: {', '.join(raw)}; or give --gpu-memory, e.g. 24GiB)")

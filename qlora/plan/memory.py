@@ -125,8 +125,11 @@ def base_weight_lines(arch: Architecture, settings: PlanSettings) -> list[Line]:
     parts.append(f"norms+biases {(arch.norm_params + arch.bias_params + arch.other_params) / 1e6:.2f}M")
     return [
         Line("base_linear_weights", quantized, why),
-        Line("base_dense_weights", arch.dense_params * dense_bytes + arch.buffer_bytes,
-             f"kept in {settings.compute_dtype} ({dense_bytes} B/param): " + ", ".join(parts)),
+        Line(
+            "base_dense_weights",
+            arch.dense_params * dense_bytes + arch.buffer_bytes,
+            f"kept in {settings.compute_dtype} ({dense_bytes} B/param): " + ", ".join(parts),
+        ),
     ]
 
 
@@ -138,7 +141,11 @@ def lora_targets(arch: Architecture, target_modules) -> list[Linear]:
     if target_modules == "all-linear":
         return list(arch.linears)
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    return [linear for linear in arch.linears if any(linear.name == name or linear.name.endswith("." + name) for name in names)]
+    return [
+        linear
+        for linear in arch.linears
+        if any(linear.name == name or linear.name.endswith("." + name) for name in names)
+    ]
 
 
 def lora_tensor_sizes(arch: Architecture, settings: PlanSettings) -> list[int]:
@@ -173,10 +180,26 @@ def adapter_lines(arch: Architecture, settings: PlanSettings) -> list[Line]:
     paged = settings.optimizer.startswith("paged")
     state = optimizer_state_bytes(sizes, settings.optimizer)
     return [
-        Line("lora_weights", count * 4, f"{count / 1e6:.1f}M LoRA params (r={settings.lora_r} on {targets} linears) in float32"),
-        Line("lora_grads", count * 4, "float32 gradients of the LoRA params, alive from the first backward to the optimizer step"),
-        Line("optimizer_state", state, f"{settings.optimizer}: two moments per LoRA param"
-             + (" (paged: CUDA unified memory, outside torch's allocator counters; evicted to RAM under pressure)" if paged else "")),
+        Line(
+            "lora_weights",
+            count * 4,
+            f"{count / 1e6:.1f}M LoRA params (r={settings.lora_r} on {targets} linears) in float32",
+        ),
+        Line(
+            "lora_grads",
+            count * 4,
+            "float32 gradients of the LoRA params, alive from the first backward to the optimizer step",
+        ),
+        Line(
+            "optimizer_state",
+            state,
+            f"{settings.optimizer}: two moments per LoRA param"
+            + (
+                " (paged: CUDA unified memory, outside torch's allocator counters; evicted to RAM under pressure)"
+                if paged
+                else ""
+            ),
+        ),
     ]
 
 
@@ -236,37 +259,62 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
     shape = f"{settings.micro_batch} x {settings.seq_len} tokens"
     if settings.gradient_checkpointing == "selective":
         kept = arch.hidden + sum(linear.out_features for linear in layer_linears(arch))
-        held = Line("activations", (arch.layers * e * kept + final_norm) * tokens,
-                    f"selective checkpointing: each of {arch.layers} layers keeps its input and its 4-bit linears' outputs, "
-                    f"{e}*{kept:,} B/token ({shape})")
+        held = Line(
+            "activations",
+            (arch.layers * e * kept + final_norm) * tokens,
+            f"selective checkpointing: each of {arch.layers} layers keeps its input and its 4-bit linears' outputs, "
+            f"{e}*{kept:,} B/token ({shape})",
+        )
     elif settings.gradient_checkpointing:
         # The rotary tables the checkpoints hold as inputs are ignored here: 2*e*head_dim per position.
-        held = Line("activations", (arch.layers * e * arch.hidden + final_norm) * tokens,
-                    f"checkpointing: each of {arch.layers} layers keeps only its input, {e}*hidden B/token ({shape})")
+        held = Line(
+            "activations",
+            (arch.layers * e * arch.hidden + final_norm) * tokens,
+            f"checkpointing: each of {arch.layers} layers keeps only its input, {e}*hidden B/token ({shape})",
+        )
     else:
-        held = Line("activations", (arch.layers * per_layer + final_norm + rope) * tokens,
-                    f"no checkpointing: {arch.layers} layers x {per_layer / 1024:.0f} KiB/token saved for backward ({shape})")
+        held = Line(
+            "activations",
+            (arch.layers * per_layer + final_norm + rope) * tokens,
+            f"no checkpointing: {arch.layers} layers x {per_layer / 1024:.0f} KiB/token saved for backward ({shape})",
+        )
     # Loss: bf16 logits -> float32 copy -> log-softmax (saved) -> in backward its gradient and the
     # NLL gradient: three float32 vocab-sized tensors at once, for one chunk of supervised
     # positions (qlora.training.loss); a softcapped head's logits are the model's own, all at once.
     logits_per_token = 12 * arch.vocab + (2 * e * arch.vocab if arch.logit_softcap else 0)
     chunk = None if arch.logit_softcap else loss_chunk_tokens(arch.vocab, settings.loss_chunk_tokens)
     logit_tokens = tokens if chunk is None else min(tokens, chunk)
-    where = (f"a chunk of {logit_tokens:,} supervised positions" if logit_tokens < tokens
-             else f"{shape}; the loop computes logits only at supervised positions, so this is the bound for train_on: all")
-    loss = Line("logits_and_loss", logits_per_token * logit_tokens,
-                f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({where})")
+    where = (
+        f"a chunk of {logit_tokens:,} supervised positions"
+        if logit_tokens < tokens
+        else f"{shape}; the loop computes logits only at supervised positions, so this is the bound for train_on: all"
+    )
+    loss = Line(
+        "logits_and_loss",
+        logits_per_token * logit_tokens,
+        f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({where})",
+    )
     # Backward through one layer: its recomputed activations (with checkpointing) + gradients of
     # the hidden states in and out and of the two MLP intermediates.
     temporaries = e * (2 * arch.hidden + 2 * arch.intermediate)
     recompute = per_layer if settings.gradient_checkpointing else 0
-    backward = [Line("layer_backward", (recompute + temporaries) * tokens,
-                     ("one layer recomputed (%.0f KiB/token) + " % (per_layer / 1024) if recompute else "")
-                     + "gradients of its hidden states and MLP intermediates")]
+    backward = [
+        Line(
+            "layer_backward",
+            (recompute + temporaries) * tokens,
+            ("one layer recomputed (%.0f KiB/token) + " % (per_layer / 1024) if recompute else "")
+            + "gradients of its hidden states and MLP intermediates",
+        )
+    ]
     if settings.bits in (4, 8) and arch.linears:
         biggest = max(arch.linears, key=lambda linear: linear.weights)
-        backward.append(Line("dequant_workspace", biggest.weights * e,
-                             f"the largest linear ({biggest.name.rsplit('.', 1)[-1]}, {biggest.out_features}x{biggest.in_features}) dequantized to {settings.compute_dtype} for its matmul"))
+        backward.append(
+            Line(
+                "dequant_workspace",
+                biggest.weights * e,
+                f"the largest linear ({biggest.name.rsplit('.', 1)[-1]}, {biggest.out_features}x{biggest.in_features}) dequantized to {settings.compute_dtype} for its matmul",
+            )
+        )
     return [held], [loss], backward
 
 
@@ -287,10 +335,14 @@ def loss_chunk_tokens(vocab: int, setting: Union[int, str] = "auto") -> Optional
 def flops_per_token(arch: Architecture, settings: PlanSettings) -> float:
     """Training FLOPs per token of full seq_len rows (qlora.plan.flops: useful FLOPs + the forward
     that checkpointing recomputes); the loop's MFU counts the useful part by the same model."""
-    return FlopModel.of(arch, sum(lora_tensor_sizes(arch, settings))).per_token(settings.seq_len, settings.gradient_checkpointing)
+    return FlopModel.of(arch, sum(lora_tensor_sizes(arch, settings))).per_token(
+        settings.seq_len, settings.gradient_checkpointing
+    )
 
 
-def make_plan(arch: Architecture, settings: PlanSettings, budget_bytes: Optional[int] = None, suggest: bool = True) -> Plan:
+def make_plan(
+    arch: Architecture, settings: PlanSettings, budget_bytes: Optional[int] = None, suggest: bool = True
+) -> Plan:
     static = base_weight_lines(arch, settings) + adapter_lines(arch, settings)
     held, loss, backward = activation_lines(arch, settings)
     loss_bytes, backward_bytes = sum(line.bytes for line in loss), sum(line.bytes for line in backward)
@@ -298,16 +350,34 @@ def make_plan(arch: Architecture, settings: PlanSettings, budget_bytes: Optional
         line.counted = False
         line.why += " [smaller phase: not part of the peak]"
     lines = static + held + loss + backward
-    paged = next(line.bytes for line in static if line.name == "optimizer_state") if settings.optimizer.startswith("paged") else 0
+    paged = (
+        next(line.bytes for line in static if line.name == "optimizer_state")
+        if settings.optimizer.startswith("paged")
+        else 0
+    )
     allocated = sum(line.bytes for line in lines if line.counted) - paged
     slack = int(ALLOCATOR_SLACK * allocated)
-    lines.append(Line("allocator_slack", slack, f"caching allocator: reserved beyond allocated, ~{ALLOCATOR_SLACK:.0%} of the peak"))
-    lines.append(Line("cuda_context", CUDA_CONTEXT_BYTES, "CUDA context + cuBLAS workspace + kernels (outside torch's allocator)"))
+    lines.append(
+        Line(
+            "allocator_slack",
+            slack,
+            f"caching allocator: reserved beyond allocated, ~{ALLOCATOR_SLACK:.0%} of the peak",
+        )
+    )
+    lines.append(
+        Line(
+            "cuda_context", CUDA_CONTEXT_BYTES, "CUDA context + cuBLAS workspace + kernels (outside torch's allocator)"
+        )
+    )
     plan = Plan(
         architecture=arch.source,
         settings=asdict(settings),
-        parameters={"total": arch.total_params, "quantized": arch.quantized_params, "dense": arch.dense_params,
-                    "lora": sum(lora_tensor_sizes(arch, settings))},
+        parameters={
+            "total": arch.total_params,
+            "quantized": arch.quantized_params,
+            "dense": arch.dense_params,
+            "lora": sum(lora_tensor_sizes(arch, settings)),
+        },
         lines=lines,
         allocated_bytes=allocated,
         reserved_bytes=allocated + slack,
@@ -334,7 +404,11 @@ def largest_micro_batch(arch: Architecture, settings: PlanSettings, budget_bytes
 
 def largest_seq_len(arch: Architecture, settings: PlanSettings, budget_bytes: int, step: int = 128) -> int:
     """The largest multiple of `step` up to the model's context that fits at settings.micro_batch."""
-    steps = largest_fitting(lambda value: fits(arch, replace(settings, seq_len=value * step), budget_bytes), 1, max(1, arch.max_positions // step))
+    steps = largest_fitting(
+        lambda value: fits(arch, replace(settings, seq_len=value * step), budget_bytes),
+        1,
+        max(1, arch.max_positions // step),
+    )
     return steps * step
 
 
@@ -357,7 +431,9 @@ def suggestions(arch: Architecture, settings: PlanSettings, budget_bytes: int) -
         "largest_micro_batch_without_checkpointing": largest_micro_batch(arch, without, budget_bytes),
     }
     if settings.bits == 4:  # selective checkpointing keeps 4-bit matmul outputs only
-        found["fits_with_selective_checkpointing"] = fits(arch, replace(settings, gradient_checkpointing="selective"), budget_bytes)
+        found["fits_with_selective_checkpointing"] = fits(
+            arch, replace(settings, gradient_checkpointing="selective"), budget_bytes
+        )
     return found
 
 
@@ -371,7 +447,11 @@ def seconds_per_token(flops: float, tflops: float, utilization: float) -> float:
 def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings:
     """PlanSettings from a JobConfig (micro_batch overrides train.micro_batch_size, e.g. when it is auto)."""
     train, lora, quant = config.train, config.lora, config.quantization
-    batch = micro_batch if micro_batch is not None else (train.micro_batch_size if isinstance(train.micro_batch_size, int) else 1)
+    batch = (
+        micro_batch
+        if micro_batch is not None
+        else (train.micro_batch_size if isinstance(train.micro_batch_size, int) else 1)
+    )
     return PlanSettings(
         micro_batch=batch,
         seq_len=config.data.max_seq_len,

@@ -8,10 +8,16 @@ from qlora.plan.flops import FlopMeter, FlopModel
 from qlora.plan.peak_flops import peak_matmul_flops
 
 
-def job_flop_meter(name_or_path: str, lora_params: int, compute_dtype: str, trust_remote_code: bool = False) -> FlopMeter:
+def job_flop_meter(
+    name_or_path: str, lora_params: int, compute_dtype: str, trust_remote_code: bool = False
+) -> FlopMeter:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = load_architecture(name_or_path, trust_remote_code)
     # Useful head FLOPs are those at supervised positions: the loss computes logits nowhere else.
-    return FlopMeter(FlopModel.of(arch, lora_params), peak_matmul_flops(device, compute_dtype)["flops_per_s"], head_on_supervised_only=True)
+    return FlopMeter(
+        FlopModel.of(arch, lora_params),
+        peak_matmul_flops(device, compute_dtype)["flops_per_s"],
+        head_on_supervised_only=True,
+    )

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from qlora.plan.architecture import load_architecture
 from qlora.config import JobConfig
-from qlora.sizes import parse_bytes
 from qlora.errors import ConfigError
-from qlora.sizes import format_bytes
+from qlora.plan.architecture import load_architecture
 from qlora.plan.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan, settings_from_job
+from qlora.sizes import format_bytes, parse_bytes
 
 
 def resolve_micro_batch(config: JobConfig, echo: Callable[[str], None] = print) -> Optional[int]:
@@ -37,8 +36,10 @@ def resolve_micro_batch(config: JobConfig, echo: Callable[[str], None] = print) 
             f"{format_bytes(need)}, over the memory budget {format_bytes(budget)} (see `qlora plan`)"
         )
     set_micro_batch(config, largest, effective)
-    echo(f"micro_batch_size auto: {train.micro_batch_size} x grad_accum_steps {train.grad_accum_steps} = {effective} "
-         f"sequences per step (the plan fits up to {largest} in {format_bytes(budget)})")
+    echo(
+        f"micro_batch_size auto: {train.micro_batch_size} x grad_accum_steps {train.grad_accum_steps} = {effective} "
+        f"sequences per step (the plan fits up to {largest} in {format_bytes(budget)})"
+    )
     return budget
 
 
@@ -56,10 +57,14 @@ def memory_budget(text) -> int:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    raise ConfigError("train.micro_batch_size: auto needs a memory budget without a CUDA GPU: set train.memory_budget (e.g. 16GiB) or a number")
+    raise ConfigError(
+        "train.micro_batch_size: auto needs a memory budget without a CUDA GPU: set train.memory_budget (e.g. 16GiB) or a number"
+    )
 
 
-def confirm_micro_batch(model, config: JobConfig, budget: int, vocab_size: int, echo: Callable[[str], None] = print) -> None:
+def confirm_micro_batch(
+    model, config: JobConfig, budget: int, vocab_size: int, echo: Callable[[str], None] = print
+) -> None:
     """CUDA only: one forward+backward at micro_batch x max_seq_len measures the real peak
     (plus the optimizer state and context the plan adds, which do not exist yet); step down
     to a smaller divisor of the effective batch until it fits. RNG state is restored."""
@@ -68,17 +73,26 @@ def confirm_micro_batch(model, config: JobConfig, budget: int, vocab_size: int, 
     if not torch.cuda.is_available():
         return
     effective = config.train.micro_batch_size * config.train.grad_accum_steps
-    extra = CUDA_CONTEXT_BYTES + next(line.bytes for line in make_plan(load_architecture(config.model.name_or_path), settings_from_job(config)).lines
-                                      if line.name == "optimizer_state")
+    extra = CUDA_CONTEXT_BYTES + next(
+        line.bytes
+        for line in make_plan(load_architecture(config.model.name_or_path), settings_from_job(config)).lines
+        if line.name == "optimizer_state"
+    )
     while True:
         micro = config.train.micro_batch_size
         peak = dry_run_peak(model, micro, config.data.max_seq_len, vocab_size, config.quantization.compute_dtype)
         if peak is not None and peak + extra <= budget:
-            echo(f"micro_batch_size {micro} confirmed: dry-run peak {format_bytes(peak)} allocated (+{format_bytes(extra)} optimizer state and context) of {format_bytes(budget)}")
+            echo(
+                f"micro_batch_size {micro} confirmed: dry-run peak {format_bytes(peak)} allocated (+{format_bytes(extra)} optimizer state and context) of {format_bytes(budget)}"
+            )
             return
         if micro == 1:
-            raise ConfigError(f"train.micro_batch_size auto: one sequence of {config.data.max_seq_len} tokens does not fit in {format_bytes(budget)} (dry run); lower data.max_seq_len")
-        echo(f"micro_batch_size {micro}: dry run {'ran out of memory' if peak is None else f'peaked at {format_bytes(peak + extra)}'}; trying smaller")
+            raise ConfigError(
+                f"train.micro_batch_size auto: one sequence of {config.data.max_seq_len} tokens does not fit in {format_bytes(budget)} (dry run); lower data.max_seq_len"
+            )
+        echo(
+            f"micro_batch_size {micro}: dry run {'ran out of memory' if peak is None else f'peaked at {format_bytes(peak + extra)}'}; trying smaller"
+        )
         set_micro_batch(config, micro - 1, effective)
 
 

@@ -56,7 +56,9 @@ def peak_matmul_flops(device, dtype: str) -> dict:
     now = cpu_load() if device.type == "cpu" else None
     if entry is None or (oversubscribed(entry.get("load_per_cpu")) and not oversubscribed(now)):
         fresh = {**measure(device, getattr(torch, dtype)), **({"load_per_cpu": now} if device.type == "cpu" else {})}
-        cached[key] = fresh if entry is None or fresh["flops_per_s"] >= entry["flops_per_s"] else {**entry, "load_per_cpu": now}
+        cached[key] = (
+            fresh if entry is None or fresh["flops_per_s"] >= entry["flops_per_s"] else {**entry, "load_per_cpu": now}
+        )
         write_json_atomically(path, cached)
     return {"device": name, "torch": torch.__version__, "dtype": dtype, **cached[key]}
 

@@ -29,7 +29,9 @@ from qlora.service.submission import Rejected, job_folder, prepare_job
 STATIC = Path(__file__).parent / "static"
 JOB_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
-PAGE_POLICY = "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
 
 
 @dataclass
@@ -72,7 +74,9 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
     def authorized(request: Request, _: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         # HTTPBearer only documents the scheme in the OpenAPI schema; the check is ours, in constant time.
         if not token_matches(request.headers.get("authorization"), settings.token):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="qlora"'})
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="qlora"'}
+            )
 
     def known_job(job_id: str):
         job = store.get(job_id) if JOB_ID.match(job_id) else None
@@ -97,14 +101,33 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
     @app.get("/healthz", dependencies=[Depends(authorized)])
     def healthz() -> dict:
         busy = len(settings.slots) - len(runner.free_slots())
-        return {"ok": runner.thread.is_alive(), "slots": len(settings.slots), "busy": busy, "waiting": len(store.waiting())}
+        return {
+            "ok": runner.thread.is_alive(),
+            "slots": len(settings.slots),
+            "busy": busy,
+            "waiting": len(store.waiting()),
+        }
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
-    @v1.post("/jobs", status_code=201, openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": JobSubmission.model_json_schema()},
-        "application/yaml": {"schema": {"type": "string", "description": "the job config; ?priority= and ?name= as query parameters"}},
-    }, "required": True}})
+    @v1.post(
+        "/jobs",
+        status_code=201,
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {"schema": JobSubmission.model_json_schema()},
+                    "application/yaml": {
+                        "schema": {
+                            "type": "string",
+                            "description": "the job config; ?priority= and ?name= as query parameters",
+                        }
+                    },
+                },
+                "required": True,
+            }
+        },
+    )
     async def submit(request: Request, priority: int = Query(0), name: Optional[str] = Query(None)) -> dict:
         """Queue a job; 400 with the CLI's one-line error if its config, paths or data are wrong."""
         body = await read_capped(request, settings.max_config_bytes)
@@ -116,7 +139,9 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
             except yaml.YAMLError as error:
                 raise HTTPException(400, f"config: not valid YAML ({getattr(error, 'problem', error)})") from None
         try:
-            prepared = await run_in_threadpool(prepare_job, settings.root, raw, settings.allow_remote_code, settings.slots[0])
+            prepared = await run_in_threadpool(
+                prepare_job, settings.root, raw, settings.allow_remote_code, settings.slots[0]
+            )
         except Rejected as error:
             raise HTTPException(400, str(error)) from None
         job = store.add(prepared.job_id, submission.name, submission.priority, prepared.total_steps)
@@ -134,15 +159,24 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
     def get_job(job_id: str) -> dict:
         return job_view(known_job(job_id), job_folder(settings.root, job_id))
 
-    @v1.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}, "description": "state, metrics, log and end events"}})
+    @v1.get(
+        "/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "state, metrics, log and end events"}},
+    )
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Server-sent events: `metrics` (a metrics.jsonl row), `log` (a line), `state`, and `end`
         when the job is finished; reconnect with Last-Event-ID to continue where it stopped."""
         known_job(job_id)
-        stream = event_stream(lambda: store.get(job_id), job_folder(settings.root, job_id),
-                              request.headers.get("last-event-id"), request.is_disconnected)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        stream = event_stream(
+            lambda: store.get(job_id),
+            job_folder(settings.root, job_id),
+            request.headers.get("last-event-id"),
+            request.is_disconnected,
+        )
+        return StreamingResponse(
+            stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @v1.post("/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict:
@@ -150,8 +184,11 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
         known_job(job_id)
         return {"id": job_id, "state": runner.cancel(job_id)}
 
-    @v1.get("/jobs/{job_id}/adapter", response_class=FileResponse,
-            responses={200: {"content": {"application/gzip": {}}, "description": "the adapter folder as .tar.gz"}})
+    @v1.get(
+        "/jobs/{job_id}/adapter",
+        response_class=FileResponse,
+        responses={200: {"content": {"application/gzip": {}}, "description": "the adapter folder as .tar.gz"}},
+    )
     def download_adapter(job_id: str) -> FileResponse:
         job = known_job(job_id)
         if job.state != "succeeded":
@@ -164,13 +201,19 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
         folders = [(job_folder(settings.root, job.id), job) for job in store.list(("succeeded",))]
         return {"adapters": [adapter_record(folder, job_view(job, folder)) for folder, job in folders]}
 
-    @v1.put("/files/{path:path}", status_code=201, openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
+    @v1.put(
+        "/files/{path:path}",
+        status_code=201,
+        openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}},
+    )
     async def upload(path: str, request: Request, overwrite: bool = Query(False)) -> dict:
         """Store the body as ROOT/files/<path>; name it as `files/<path>` in a job config."""
         declared = request.headers.get("content-length")
         try:
             if declared is not None and int(declared) > settings.max_upload_bytes:
-                raise UploadRejected(413, f"upload: {declared} bytes is over the limit of {settings.max_upload_bytes} bytes")
+                raise UploadRejected(
+                    413, f"upload: {declared} bytes is over the limit of {settings.max_upload_bytes} bytes"
+                )
             target = upload_target(settings.root, path, overwrite)
             received = await receive_upload(request.stream(), target, settings.max_upload_bytes)
         except UploadRejected as error:
@@ -202,4 +245,7 @@ def parse_submission(body: bytes, content_type: str, priority: int, name: Option
     except ValidationError as error:
         problem = error.errors()[0]
         where = ".".join(str(part) for part in problem["loc"]) or "body"
-        raise HTTPException(400, f"{where}: {problem['msg']} (send JSON {{\"config\": ..., \"priority\": 0}} or a YAML body with Content-Type application/yaml)") from None
+        raise HTTPException(
+            400,
+            f'{where}: {problem["msg"]} (send JSON {{"config": ..., "priority": 0}} or a YAML body with Content-Type application/yaml)',
+        ) from None

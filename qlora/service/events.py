@@ -42,7 +42,7 @@ def tail_rows(path: Path) -> list[dict]:
         size = handle.seek(0, 2)
         handle.seek(max(0, size - TAIL_BYTES))
         text = handle.read().decode("utf-8", "replace")
-    lines = text.split("\n")[1 if size > TAIL_BYTES else 0:-1]
+    lines = text.split("\n")[1 if size > TAIL_BYTES else 0 : -1]
     return [json.loads(line) for line in lines if line.strip()]
 
 
@@ -78,8 +78,13 @@ def sse(event: str, data: dict, event_id: Optional[str] = None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def event_stream(load_job: Callable[[], Optional[Job]], folder: Path, last_event_id: Optional[str],
-                       disconnected: Callable, poll_s: float = 0.5) -> AsyncIterator[str]:
+async def event_stream(
+    load_job: Callable[[], Optional[Job]],
+    folder: Path,
+    last_event_id: Optional[str],
+    disconnected: Callable,
+    poll_s: float = 0.5,
+) -> AsyncIterator[str]:
     """state, metrics and log events until the job is finished and every line is sent; then end."""
     metrics_offset, log_offset = parse_event_id(last_event_id)
     last_state, idle = None, 0.0

@@ -66,5 +66,7 @@ def list_files(root: Path) -> list[dict]:
     return [
         {"path": str(path.relative_to(root)), "bytes": path.stat().st_size}
         for path in sorted(base.rglob("*"))
-        if path.is_file() and not path.is_symlink() and not path.name.startswith(".upload-")  # a link may lead out of the root
+        if path.is_file()
+        and not path.is_symlink()
+        and not path.name.startswith(".upload-")  # a link may lead out of the root
     ]

@@ -40,8 +40,16 @@ class Child:
 
 
 class Runner:
-    def __init__(self, store: Store, root: Path, slots: list[str], stop_grace_s: float = 300.0, lock_wait_s: float = 600.0,
-                 poll_s: float = 0.2, echo: Callable[[str], None] = print):
+    def __init__(
+        self,
+        store: Store,
+        root: Path,
+        slots: list[str],
+        stop_grace_s: float = 300.0,
+        lock_wait_s: float = 600.0,
+        poll_s: float = 0.2,
+        echo: Callable[[str], None] = print,
+    ):
         self.store, self.root, self.slots = store, root, slots
         self.stop_grace_s, self.lock_wait_s, self.poll_s, self.echo = stop_grace_s, lock_wait_s, poll_s, echo
         self.children: dict[str, Child] = {}
@@ -107,8 +115,13 @@ class Runner:
             return False
         since = self.locked_since.setdefault(job.id, time.monotonic())
         if time.monotonic() - since > self.lock_wait_s:
-            self.store.transition(job.id, ("queued", "interrupted"), "failed", finished=time.time(),
-                                  error=f"output folder still in use by another process after {self.lock_wait_s:.0f} s")
+            self.store.transition(
+                job.id,
+                ("queued", "interrupted"),
+                "failed",
+                finished=time.time(),
+                error=f"output folder still in use by another process after {self.lock_wait_s:.0f} s",
+            )
             self.locked_since.pop(job.id, None)
         return True
 
@@ -124,20 +137,36 @@ class Runner:
     def launch(self, job: Job, slot: str) -> bool:
         folder = job_folder(self.root, job.id)
         attempt = job.attempts + 1
-        if not self.store.transition(job.id, ("queued", "interrupted"), "running", started=job.started or time.time(),
-                                     attempts=attempt, slot=slot, cancel_requested=0):
+        if not self.store.transition(
+            job.id,
+            ("queued", "interrupted"),
+            "running",
+            started=job.started or time.time(),
+            attempts=attempt,
+            slot=slot,
+            cancel_requested=0,
+        ):
             return False  # cancelled between the listing and now
         try:
             log = open(folder / "log.txt", "ab")
-            log.write(f"== qlora serve: attempt {attempt} on slot {slot}{' (resumes from its checkpoint)' if attempt > 1 else ''}\n".encode())
+            log.write(
+                f"== qlora serve: attempt {attempt} on slot {slot}{' (resumes from its checkpoint)' if attempt > 1 else ''}\n".encode()
+            )
             log.flush()
             process = subprocess.Popen(
                 shepherded(qlora_command("train", str(folder / "job.yaml"))),
-                cwd=folder, env=child_environment(slot), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=die_with_parent(os.getpid(), signal.SIGKILL),
+                cwd=folder,
+                env=child_environment(slot),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent(os.getpid(), signal.SIGKILL),
             )
         except OSError as error:
-            self.store.transition(job.id, ("running",), "failed", finished=time.time(), slot=None, error=f"cannot start the job: {error}")
+            self.store.transition(
+                job.id, ("running",), "failed", finished=time.time(), slot=None, error=f"cannot start the job: {error}"
+            )
             return False
         with self.children_lock:
             self.children[job.id] = Child(job.id, slot, process, log)

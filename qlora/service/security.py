@@ -30,7 +30,9 @@ def load_or_create_token(root: Path, echo=print) -> str:
     except FileExistsError:
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            raise PermissionError(f"{path}: the token file is readable by others (mode {mode:o}); chmod 600 it") from None
+            raise PermissionError(
+                f"{path}: the token file is readable by others (mode {mode:o}); chmod 600 it"
+            ) from None
         echo(f"token: in {path}")
         return path.read_text().strip()
     token = secrets.token_urlsafe(32)

@@ -88,7 +88,9 @@ class Store:
     def list(self, states: tuple[str, ...] = STATES) -> list[Job]:
         marks = ",".join("?" * len(states))
         with self.lock:
-            rows = self.connection.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created, id", states).fetchall()
+            rows = self.connection.execute(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created, id", states
+            ).fetchall()
         return [Job(**dict(row)) for row in rows]
 
     def waiting(self) -> list[Job]:
@@ -119,7 +121,9 @@ class Store:
 
     def request_cancel(self, job_id: str) -> bool:
         with self.lock:
-            cursor = self.connection.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (job_id,))
+            cursor = self.connection.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (job_id,)
+            )
         return cursor.rowcount == 1
 
     def close(self) -> None:

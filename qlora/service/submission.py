@@ -65,7 +65,9 @@ def prepare_job(root: Path, raw, allow_remote_code: bool, device: Optional[str])
         except ConfigError as error:
             raise Rejected(relative_to_root(str(error), root)) from None
         if config.model.trust_remote_code and not allow_remote_code:
-            raise Rejected("model.trust_remote_code: refused; this service runs no code shipped with a model (start it with --allow-remote-code to allow)")
+            raise Rejected(
+                "model.trust_remote_code: refused; this service runs no code shipped with a model (start it with --allow-remote-code to allow)"
+            )
         report = validate_data(job_file, folder, device)
         return Submission(job_id, folder, report.get("optimizer_steps"))
     except BaseException:
@@ -117,13 +119,21 @@ def validate_data(job_file: Path, folder: Path, device: Optional[str]) -> dict:
     try:
         process = subprocess.run(
             qlora_command("validate", "--json", str(job_file)),
-            cwd=folder, env=child_environment(device), capture_output=True, text=True, timeout=VALIDATION_TIMEOUT_S,
+            cwd=folder,
+            env=child_environment(device),
+            capture_output=True,
+            text=True,
+            timeout=VALIDATION_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
-        raise Rejected(f"data: checking the data took over {VALIDATION_TIMEOUT_S} s; split it or check it with `qlora validate`") from None
+        raise Rejected(
+            f"data: checking the data took over {VALIDATION_TIMEOUT_S} s; split it or check it with `qlora validate`"
+        ) from None
     root = folder.parents[1]
     if process.returncode != 0:
-        raise Rejected(relative_to_root(last_error_line(process.stderr) or f"qlora validate exited {process.returncode}", root))
+        raise Rejected(
+            relative_to_root(last_error_line(process.stderr) or f"qlora validate exited {process.returncode}", root)
+        )
     lines = process.stdout.strip().splitlines()
     return json.loads(lines[-1]) if lines else {}
 

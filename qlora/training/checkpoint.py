@@ -70,7 +70,9 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
         fsync_tree(staging)
         # The marker goes last, after the data is durable: a folder with it is whole, and the
         # hashes it lists let a resume tell a damaged file from a good one.
-        files = {str(path.relative_to(staging)): sha256_file(path) for path in sorted(staging.rglob("*")) if path.is_file()}
+        files = {
+            str(path.relative_to(staging)): sha256_file(path) for path in sorted(staging.rglob("*")) if path.is_file()
+        }
         with open(staging / COMPLETE_MARKER, "w") as marker:
             marker.write(json.dumps({"step": step, "files": files}, indent=1))
             marker.flush()
@@ -92,7 +94,9 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first, sorted by step number (not by name or mtime)."""
     if not root.is_dir():
         return []
-    found = [path for path in root.iterdir() if checkpoint_step(path) is not None and (path / COMPLETE_MARKER).is_file()]
+    found = [
+        path for path in root.iterdir() if checkpoint_step(path) is not None and (path / COMPLETE_MARKER).is_file()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -114,7 +118,9 @@ def verify_checkpoint(folder: Path) -> None:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the checkpoint; resume from an older one with --resume-from")
         if sha256_file(path) != digest:
-            raise CheckpointError(f"{path}: damaged (sha256 differs from when it was written); resume from an older one with --resume-from")
+            raise CheckpointError(
+                f"{path}: damaged (sha256 differs from when it was written); resume from an older one with --resume-from"
+            )
 
 
 def remove_partial_checkpoints(root: Path) -> list[Path]:
@@ -182,7 +188,20 @@ def load_training_state(folder: Path) -> tuple[TrainingState, dict]:
         values = {name: decode(record[name], tensors) for name in ("optimizer", "scheduler", "grad_scaler", "rng")}
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{folder / STATE_JSON}: damaged state ({error.__class__.__name__}: {error})") from None
-    scalars = {name: record[name] for name in ("step", "epoch", "batch_index", "supervised_tokens", "tokens", "elapsed_s", "loss", "eval_loss", "eval_loss_before")}
+    scalars = {
+        name: record[name]
+        for name in (
+            "step",
+            "epoch",
+            "batch_index",
+            "supervised_tokens",
+            "tokens",
+            "elapsed_s",
+            "loss",
+            "eval_loss",
+            "eval_loss_before",
+        )
+    }
     return TrainingState(**scalars, **values), record["run"]
 
 

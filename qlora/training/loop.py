@@ -18,9 +18,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from qlora.training.checkpoint import TrainingState, capture_rng, restore_rng
 from qlora.errors import Interrupted, TrainingError
 from qlora.plan.flops import FlopMeter, mfu
+from qlora.training.checkpoint import TrainingState, capture_rng, restore_rng
 from qlora.training.loss import summed_cross_entropy
 from qlora.training.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
 
@@ -169,7 +169,9 @@ def train(
             # One host sync per optimizer step (not per micro-batch), loss and grad norm in one
             # transfer: needed to stop on NaN. A non-finite loss raises before any checkpoint of
             # this step: the last one stays good.
-            readings = [loss_sum] + ([torch.as_tensor(grad_norm, device=loss_sum.device).float()] if grad_norm is not None else [])
+            readings = [loss_sum] + (
+                [torch.as_tensor(grad_norm, device=loss_sum.device).float()] if grad_norm is not None else []
+            )
             loss_total, *norm = torch.stack(readings).tolist()
             grad_norm = norm[0] if norm else math.nan
             loss = loss_total / max(window_supervised, 1)
@@ -197,7 +199,9 @@ def train(
             if save_checkpoint and settings.save_every and step % settings.save_every == 0:
                 saved_path, saved_step = save_checkpoint(snapshot(step)), step
             if step % settings.log_every == 0 or last_step:
-                bar.set_postfix(loss=f"{loss:.4f}", eval=f"{eval_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", eval=f"{eval_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False
+                )
             bar.update(1)
 
     kind, peak = peak_memory()
@@ -283,7 +287,9 @@ def build_optimizer(parameters: list[torch.nn.Parameter], settings: LoopSettings
         return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     import bitsandbytes as bnb
 
-    optimizer_class = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}[settings.optimizer]
+    optimizer_class = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}[
+        settings.optimizer
+    ]
     return optimizer_class(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 

@@ -85,7 +85,9 @@ def chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(chunk_logits(head, hidden, autocast).float(), targets, reduction="sum")
 
 
-def whole_summed_loss(model: torch.nn.Module, inputs: dict, columns: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def whole_summed_loss(
+    model: torch.nn.Module, inputs: dict, columns: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """The model's own logits at every column holding a supervised target, at once: its softcap
     and the mixed-precision autocast apply; prompt and padding columns get no logits."""
     logits = model(**inputs, logits_to_keep=columns.to(targets.device)).logits
@@ -112,7 +114,9 @@ def output_head(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     return None
 
 
-def final_hidden_states(model: torch.nn.Module, head: torch.nn.Module, inputs: dict, columns: torch.Tensor) -> tuple[Optional[torch.Tensor], Autocast]:
+def final_hidden_states(
+    model: torch.nn.Module, head: torch.nn.Module, inputs: dict, columns: torch.Tensor
+) -> tuple[Optional[torch.Tensor], Autocast]:
     """The head's input at `columns` ([B, len(columns), hidden]) from the model's own forward, and
     the autocast state it ran under; the head itself computes nothing (an empty input)."""
     captured = {}
@@ -153,13 +157,18 @@ def head_reproduces_logits(model: torch.nn.Module, head: torch.nn.Module, inputs
         model.train(was_training)
     verdict = ours is not None and logits_agree(own, ours)
     if not verdict:
-        print(f"note: {type(unwrapped(model)).__name__}'s logits are not its output head's alone (a softcap or logit scale?): "
-              "its loss computes the logits of all supervised positions at once, not in chunks", file=sys.stderr)
+        print(
+            f"note: {type(unwrapped(model)).__name__}'s logits are not its output head's alone (a softcap or logit scale?): "
+            "its loss computes the logits of all supervised positions at once, not in chunks",
+            file=sys.stderr,
+        )
     _head_reproduces_logits[model] = verdict
     return verdict
 
 
-def head_outside_forward(head: torch.nn.Module, hidden: Optional[torch.Tensor], autocast: Autocast) -> Optional[torch.Tensor]:
+def head_outside_forward(
+    head: torch.nn.Module, hidden: Optional[torch.Tensor], autocast: Autocast
+) -> Optional[torch.Tensor]:
     """The head's logits called on its own, or None where it cannot be: the model's forward never
     called it, or its weight exists only inside that forward (FSDP sharding may do it; untested)."""
     if hidden is None:

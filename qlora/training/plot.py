@@ -40,7 +40,9 @@ def write_loss_plot(rows: list[dict], path: Path, title: str = "") -> None:
         f'<text x="{WIDTH / 2}" y="{HEIGHT - 12}" text-anchor="middle">optimizer step (0 .. {last_step}); loss{" (log scale)" if log_axis else ""}</text>',
     ]
     for tick in ticks(min(values), max(values), log_axis):
-        parts.append(f'<line x1="{MARGIN}" y1="{y(tick):.1f}" x2="{WIDTH - MARGIN}" y2="{y(tick):.1f}" stroke="#dddddd"/>')
+        parts.append(
+            f'<line x1="{MARGIN}" y1="{y(tick):.1f}" x2="{WIDTH - MARGIN}" y2="{y(tick):.1f}" stroke="#dddddd"/>'
+        )
         parts.append(f'<text x="{MARGIN - 4}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.3g}</text>')
     for index, (key, label, colour) in enumerate(SERIES):
         series = points[key]
@@ -49,8 +51,12 @@ def write_loss_plot(rows: list[dict], path: Path, title: str = "") -> None:
         coordinates = " ".join(f"{x(step):.1f},{y(value):.1f}" for step, value in series)
         parts.append(f'<polyline points="{coordinates}" fill="none" stroke="{colour}" stroke-width="2"/>')
         if len(series) < 40:
-            parts += [f'<circle cx="{x(step):.1f}" cy="{y(value):.1f}" r="3" fill="{colour}"/>' for step, value in series]
-        parts.append(f'<text x="{WIDTH - MARGIN}" y="{MARGIN + 16 * index}" text-anchor="end" fill="{colour}">{label}</text>')
+            parts += [
+                f'<circle cx="{x(step):.1f}" cy="{y(value):.1f}" r="3" fill="{colour}"/>' for step, value in series
+            ]
+        parts.append(
+            f'<text x="{WIDTH - MARGIN}" y="{MARGIN + 16 * index}" text-anchor="end" fill="{colour}">{label}</text>'
+        )
     parts.append("</svg>")
     path.write_text("\n".join(parts))
 

@@ -42,13 +42,15 @@ def main(argv=None) -> int:
 
     from bench.fixture import build_model
     from qlora.adapters import attach_lora
+    from qlora.config import ModelSection, QuantizationSection
     from qlora.model.base import load_base
 
     folder = Path(args.work)
     if not (folder / "config.json").is_file():
         build_model(folder)
     mode = {"true": True, "false": False, "selective": "selective"}[args.mode]
-    base = load_base(str(folder), bits=4, compute_dtype="float32", gradient_checkpointing=mode)
+    source, quantization = ModelSection(name_or_path=str(folder)), QuantizationSection(compute_dtype="float32")
+    base = load_base(source, quantization, gradient_checkpointing=mode)
     model = attach_lora(base, r=16, alpha=32, dropout=0.05, target_modules="all-linear", seed=0).train()
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 250, (1, sum(ROWS)), generator=generator)

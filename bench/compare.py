@@ -259,11 +259,13 @@ def run_ours(settings: dict, fixture: dict, padding_free: bool, checkpointing) -
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from qlora.config import ModelSection, QuantizationSection
     from qlora.model.base import load_base
 
     # The trained adapter as written, on a freshly loaded base: the artifact users get is what is evaluated.
     tokenizer = AutoTokenizer.from_pretrained(fixture["model"])
-    base = load_base(fixture["model"], bits=4, compute_dtype=settings["compute_dtype"], gradient_checkpointing=False)
+    quantization = QuantizationSection(compute_dtype=settings["compute_dtype"])
+    base = load_base(ModelSection(name_or_path=fixture["model"]), quantization, gradient_checkpointing=False)
     model = PeftModel.from_pretrained(base, str(folder / "out"))
     loop = result.loop
     steps = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     import torch
 
     from bench import compare
-    from qlora import job, train
+    from qlora.job import artifacts
+    from qlora.job import run as job
+    from qlora.training import metrics
 
     sampler.phase(f"imports (torch {torch.__version__})")
     bench_args = compare.parse_args(["--steps", str(args.steps), "--work", args.work])
@@ -136,15 +138,15 @@ def main(argv=None) -> int:
     wrap(job, "load_base", sampler, "base loaded (4-bit)")
     wrap(job, "attach_lora", sampler, "LoRA attached")
     wrap(job, "job_flop_meter", sampler, "peak-FLOPs rate (probe on a miss)")
-    wrap(job, "write_artifacts", sampler, "adapter written")
-    log_write = train.MetricsLog.write
+    wrap(artifacts, "write_artifacts", sampler, "adapter written")
+    log_write = metrics.MetricsLog.write
 
     def step_written(self, row):
         log_write(self, row)
         if "loss" in row:
             sampler.phase(f"step {row['step']}")
 
-    train.MetricsLog.write = step_written
+    metrics.MetricsLog.write = step_written
     record = compare.run_ours(compare.settings_of(bench_args), fixture, padding_free=True)
     sampler.phase("eval (second base + adapter)")
     sampler.running = False

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import qlora.job.run
+import qlora.job.artifacts
 import qlora.training.checkpoint
 import qlora.training.loop
 from qlora.cli.main import main
@@ -47,7 +47,7 @@ def save_training_state(folder, state, run):
 
 
 qlora.training.loop.summed_loss = summed_loss
-qlora.job.run.save_training_state = save_training_state
+qlora.job.artifacts.save_training_state = save_training_state
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from qlora.adapters.lora import attach_lora
-from qlora.model.base import load_base
 from qlora.training.loop import summed_loss
-from tests.test_training import batches_fn, run_logged, settings, tokenized
+from tests.tiny_training import batches_fn, run_logged, settings, tiny_base, tokenized
 
 MODES = (True, "selective", False)
 
 
 def build(model_dir, mode):
-    base = load_base(str(model_dir), bits=4, compute_dtype="float32", gradient_checkpointing=mode)
+    base = tiny_base(model_dir, gradient_checkpointing=mode)
     return attach_lora(base, r=8, alpha=16, dropout=0.1, target_modules="all-linear", seed=0)
 
 

@@ -11,8 +11,8 @@ import torch
 
 from qlora.adapters import save_adapter
 from qlora.cli.main import main
-from qlora.training.loop import train
-from tests.test_training import batches_fn, build_model, settings, tokenized
+from qlora.training.precision import build_precision
+from tests.tiny_training import batches_fn, build_model, settings, tokenized, train_tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -37,8 +37,12 @@ def test_gpu_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model_dir, tm
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
     model = build_model(tiny_model_dir, compute_dtype="bfloat16")
     assert next(p for p in model.parameters() if p.requires_grad).device.type == "cuda"
-    train(
-        model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(learning_rate=1e-2, mixed_precision="bf16")
+    train_tiny(
+        model,
+        batches_fn(examples, tokenizer.pad_token_id, 4),
+        (),
+        settings(learning_rate=1e-2),
+        precision=build_precision("bfloat16", "cuda"),
     )
     save_adapter(model, tmp_path / "adapter")
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.model.base import disable_cpu_weight_repacking, load_base
+from qlora.model.base import disable_cpu_weight_repacking
 from qlora.model.host_memory import release_checkpoint_file
+from tests.tiny_training import tiny_base
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
 
@@ -41,7 +42,7 @@ def test_release_checkpoint_file_unmaps_the_file_and_keeps_the_numbers(tiny_mode
 
     del base
     gc.collect()
-    trained_on = load_base(str(folder), bits=4, compute_dtype="float32", gradient_checkpointing=False)
+    trained_on = tiny_base(folder, gradient_checkpointing=False)
     gc.collect()
     assert not mapped(checkpoint)  # load_base lets go of the file itself, for every caller (train, eval, merge, bench)
     assert release_checkpoint_file(trained_on) == 0

@@ -13,9 +13,10 @@ import torch
 
 from qlora import data
 from qlora.adapters import attach_lora
-from qlora.model.base import load_base, load_tokenizer
+from qlora.model.base import load_tokenizer
 from qlora.training.loss import summed_cross_entropy
 from tests.tiny import build_tiny_model, write_chat_data, write_job
+from tests.tiny_training import tiny_base
 from tests.vocab_tensors import VocabSizedTensors
 
 VOCAB = 2048
@@ -30,7 +31,7 @@ def wide_vocab_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(wide_vocab_dir):
     """NF4 base + LoRA whose B is not zero, so every A and B gets a gradient."""
-    base = load_base(str(wide_vocab_dir), bits=4, compute_dtype="float32")
+    base = tiny_base(wide_vocab_dir)
     model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -170,7 +171,7 @@ def test_a_softcapped_head_takes_the_whole_path_and_says_so(tmp_path, capfd, sof
     """Gemma 2 squashes its logits after the head: the probe sees it and the loss is the model's
     own; the same model without the softcap is chunked."""
     directory = build_tiny_gemma2(tmp_path / "gemma2", softcap)
-    base = load_base(str(directory), bits=4, compute_dtype="float32")
+    base = tiny_base(directory)
     model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
     batch = random_batch(rows=2, length=40, vocab=1024)
     capfd.readouterr()
@@ -242,32 +243,26 @@ def test_plan_counts_one_chunk_of_logits_by_the_loops_rule():
     )
 
 
-def test_under_accelerates_bf16_autocast_the_head_is_chunked_in_bf16_with_the_same_loss(wide_vocab_dir, capfd):
-    """The mixed-precision autocast wraps the model's forward only: the chunks run the head under
-    the autocast its forward had, so the probe accepts and the loss is the whole path's."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+def test_under_the_loops_bf16_autocast_the_head_is_chunked_in_bf16_with_the_same_loss(wide_vocab_dir, capfd):
+    """The loop runs forward and loss under its precision's autocast: the chunks run the head in
+    the dtype the forward's own head would have, so the probe accepts and the loss is the whole path's."""
+    from qlora.training.precision import Precision
 
     # A float32 head: only the autocast makes its logits bf16 (a bf16 head would be bf16 anyway).
-    base = load_base(str(wide_vocab_dir), bits=4, compute_dtype="float32")
+    base = tiny_base(wide_vocab_dir)
     model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
-    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton: other tests ran without bf16
-    try:
-        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-        model = accelerator.prepare(model)
-        losses, head_dtypes, note = bf16_losses(model, accelerator, capfd)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    bf16 = Precision("cpu", torch.bfloat16, torch.amp.GradScaler("cpu", enabled=False))
+    losses, head_dtypes, note = bf16_losses(model, bf16, capfd)
     assert note == ""
     assert set(head_dtypes) == {torch.bfloat16}
     assert losses[5][1] == 5 * VOCAB < losses["off"][1]
     torch.testing.assert_close(losses[5][0], losses["off"][0], rtol=1e-5, atol=0)
 
 
-def bf16_losses(model, accelerator, capfd):
+def bf16_losses(model, precision, capfd):
     batch = random_batch(rows=1, length=60, vocab=VOCAB)
     capfd.readouterr()
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast():
         summed_cross_entropy(model, batch, CPU, 5)  # the one-time probe, outside the count
     losses, head_dtypes = {}, []
     handle = model.get_output_embeddings().register_forward_hook(
@@ -275,8 +270,9 @@ def bf16_losses(model, accelerator, capfd):
     )
     for setting in (5, "off"):
         with VocabSizedTensors(VOCAB) as recorder:
-            loss = summed_cross_entropy(model, batch, CPU, setting)
-            accelerator.backward(loss)
+            with precision.autocast():
+                loss = summed_cross_entropy(model, batch, CPU, setting)
+            precision.scaler.scale(loss).backward()
         losses[setting] = (loss.detach(), recorder.largest)
     handle.remove()
     return losses, head_dtypes, capfd.readouterr().err

@@ -13,6 +13,7 @@ import torch
 from qlora.plan.architecture import load_architecture, shipped_architectures
 from qlora.plan.memory import PlanSettings, largest_micro_batch, make_plan
 from tests.tiny import build_tiny_model, write_job
+from tests.tiny_training import tiny_base
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,9 +83,9 @@ def tiny256(tmp_path_factory):
 
 @pytest.mark.parametrize("compute_dtype,double_quant", [("float32", True), ("bfloat16", True), ("float32", False)])
 def test_planned_weight_bytes_equal_the_loaded_4bit_model(tiny256, compute_dtype, double_quant):
-    from qlora.model.base import load_base, weight_bytes
+    from qlora.model.base import weight_bytes
 
-    model = load_base(str(tiny256), bits=4, compute_dtype=compute_dtype, double_quant=double_quant)
+    model = tiny_base(tiny256, compute_dtype=compute_dtype, double_quant=double_quant)
     plan = make_plan(
         load_architecture(str(tiny256)), PlanSettings(compute_dtype=compute_dtype, double_quant=double_quant)
     )
@@ -96,20 +97,18 @@ def test_planned_weight_bytes_equal_the_loaded_4bit_model(tiny256, compute_dtype
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_lora_and_optimizer_bytes_equal_the_real_tensors(tiny256, optimizer):
     from qlora.adapters import attach_lora
-    from qlora.model.base import load_base
-    from qlora.training.loop import LoopSettings, build_optimizer
+    from qlora.config import TrainSection
+    from qlora.training.builders import build_optimizer
 
     model = attach_lora(
-        load_base(str(tiny256), bits=4, compute_dtype="float32"),
+        tiny_base(tiny256),
         r=16,
         alpha=32,
         dropout=0.0,
         target_modules="all-linear",
     )
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer_object = build_optimizer(
-        trainable, LoopSettings(max_steps=1, grad_accum_steps=1, learning_rate=1e-3, optimizer=optimizer)
-    )
+    optimizer_object = build_optimizer(model, TrainSection(optimizer=optimizer))
     input_ids = torch.randint(0, 320, (2, 32))
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer_object.step()
@@ -149,9 +148,8 @@ def test_activation_formula_matches_the_tensors_autograd_saves(tiny256, checkpoi
     """The per-layer formula in qlora/plan/memory.py against a real forward (float32 on CPU, where a
     dropout mask has the activation's dtype), within 2%."""
     from qlora.adapters import attach_lora
-    from qlora.model.base import load_base
 
-    base = load_base(str(tiny256), bits=4, compute_dtype="float32", gradient_checkpointing=True)
+    base = tiny_base(tiny256, gradient_checkpointing=True)
     if not checkpointing:
         base.gradient_checkpointing_disable()  # input grads stay on, as in training
     model = attach_lora(base, r=8, alpha=16, dropout=dropout, target_modules="all-linear")

@@ -25,7 +25,7 @@ from qlora.cli.main import main
 from qlora.config import load_config
 from qlora.errors import EXIT_ABORTED, EXIT_CHECKPOINT, EXIT_INTERRUPTED, EXIT_TRAINING, CheckpointError
 from qlora.job.run import run_job
-from qlora.model.base import load_base, load_tokenizer
+from qlora.model.base import load_tokenizer
 from qlora.training.checkpoint import (
     COMPLETE_MARKER,
     complete_checkpoints,
@@ -33,8 +33,8 @@ from qlora.training.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from qlora.training.loop import LoopSettings, train
 from tests.tiny import write_chat_data, write_job
+from tests.tiny_training import settings, tiny_base, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("step", "loss", "lr", "grad_norm", "supervised_tokens", "eval_loss")
@@ -149,18 +149,16 @@ def test_data_order_after_resume_is_the_uninterrupted_order(tiny_model_dir, tmp_
 
     def model():
         return attach_lora(
-            load_base(str(tiny_model_dir), bits=4, compute_dtype="float32"),
+            tiny_base(tiny_model_dir),
             r=8,
             alpha=16,
             dropout=0.1,
             target_modules="all-linear",
         )
 
-    settings = LoopSettings(
-        max_steps=9, grad_accum_steps=2, learning_rate=1e-3, save_every=3
-    )  # 7 micro-batches per epoch
+    section = settings(max_steps=9, grad_accum_steps=2, save_every=3, max_grad_norm=1.0)  # 7 micro-batches per epoch
     uninterrupted = []
-    train(model(), recording(uninterrupted), settings=settings)
+    train_tiny(model(), recording(uninterrupted), section=section)
 
     folder = tmp_path / "checkpoint"
 
@@ -174,10 +172,10 @@ def test_data_order_after_resume_is_the_uninterrupted_order(tiny_model_dir, tmp_
     before_kill = []
     first = model()
     with pytest.raises(Killed):
-        train(
+        train_tiny(
             first,
             recording(before_kill),
-            settings=settings,
+            section=section,
             save_checkpoint=keep_step_3,
             stop_requested=kill_before_step(6),
         )
@@ -187,7 +185,7 @@ def test_data_order_after_resume_is_the_uninterrupted_order(tiny_model_dir, tmp_
     after_resume = []
     resumed = model()
     load_adapter_weights(resumed, folder)
-    train(resumed, recording(after_resume), settings=settings, resume=state)
+    train_tiny(resumed, recording(after_resume), section=section, resume=state)
     assert before_kill[:6] + after_resume == uninterrupted
     assert len(uninterrupted) == 18 and len({tuple(ids) for ids in uninterrupted[:7]}) == 7
 
@@ -404,7 +402,7 @@ def test_missing_incomplete_and_damaged_checkpoints_are_named(interrupted_job, c
 def test_strict_adapter_reload_refuses_missing_and_unexpected_keys(tiny_model_dir, tmp_path):
     def model(targets):
         return attach_lora(
-            load_base(str(tiny_model_dir), bits=4, compute_dtype="float32"),
+            tiny_base(tiny_model_dir),
             r=8,
             alpha=16,
             dropout=0.0,

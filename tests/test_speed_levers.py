@@ -17,7 +17,7 @@ from qlora.adapters.dropout import CheapMaskDropout
 from qlora.data import IGNORE_INDEX
 from qlora.model.row_attention import ROW_ATTENTION, row_bounds
 from qlora.training.loop import summed_loss
-from tests.test_training import build_model, tokenized
+from tests.tiny_training import build_model, tiny_base, tokenized
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,13 +83,12 @@ def test_cheap_mask_dropout_drops_at_rate_p_and_keeps_the_expectation():
 
 def test_lora_dropout_is_cheap_mask_and_replayed_under_gradient_checkpointing(tiny_model_dir, tmp_path):
     from qlora.adapters import attach_lora
-    from qlora.model.base import load_base
 
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=4)
     batch = data.epoch_batches(examples, 4, False, 64, tokenizer.pad_token_id, seed=0, epoch=0)[0]
     grads = []
     for checkpointing in (False, True):
-        base = load_base(str(tiny_model_dir), bits=4, compute_dtype="float32", gradient_checkpointing=checkpointing)
+        base = tiny_base(tiny_model_dir, gradient_checkpointing=checkpointing)
         model = attach_lora(base, r=8, alpha=16, dropout=0.3, target_modules="all-linear", seed=0).train()
         assert sum(isinstance(module, CheapMaskDropout) for module in model.modules()) == 14  # 7 linears x 2 layers
         torch.manual_seed(5)
@@ -186,7 +185,7 @@ def test_activation_offload_gives_the_same_losses_and_adapter(tiny_model_dir, tm
     """train.offload_activations under gradient checkpointing: on a CPU the saved tensors go to
     host memory either way, so the numbers must not move at all (on CUDA they would be copies)."""
     from qlora.training.loop import saved_for_backward_on_host
-    from tests.test_training import batches_fn, run_logged, settings
+    from tests.tiny_training import batches_fn, run_logged, settings
 
     assert isinstance(saved_for_backward_on_host(True), torch.autograd.graph.save_on_cpu)
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=16)
@@ -195,7 +194,7 @@ def test_activation_offload_gives_the_same_losses_and_adapter(tiny_model_dir, tm
         model = build_model(tiny_model_dir, dropout=0.1)  # load_base turns non-reentrant checkpointing on
         assert model.base_model.model.is_gradient_checkpointing
         loop_settings = settings(max_steps=3, grad_accum_steps=2, offload_activations=offload)
-        torch.manual_seed(0)  # the same dropout masks (job.py seeds the same way before its loop)
+        torch.manual_seed(0)  # the same dropout masks (the job seeds the same way before its loop)
         rows = run_logged(
             model,
             batches_fn(examples, tokenizer.pad_token_id, 4),

@@ -52,13 +52,14 @@ def write_config_only(directory, hidden=256, layers=8):
 
 
 def test_random_base_is_built_one_linear_at_a_time_into_nf4(tmp_path):
+    from qlora.config import QuantizationSection
     from qlora.model.base import weight_bytes
     from qlora.model.random_init import build_random_base
 
     config_dir = write_config_only(tmp_path / "arch")
     arch = load_architecture(str(config_dir))
     with LiveTensorBytes(torch.bfloat16) as watch:
-        model = build_random_base(str(config_dir), bits=4, compute_dtype="bfloat16", seed=0)
+        model = build_random_base(str(config_dir), QuantizationSection(compute_dtype="bfloat16"), seed=0)
     full_16bit = 2 * arch.total_params
     largest_linear = 2 * max(linear.weights for linear in arch.linears)
     dense = 2 * arch.dense_params

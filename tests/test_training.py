@@ -1,49 +1,15 @@
 """Correctness of the QLoRA training path on a tiny real model with the real bitsandbytes."""
 
-import json
 import math
 
 import pytest
 import torch
 
 from qlora import data
-from qlora.adapters import attach_lora, save_adapter
+from qlora.adapters import save_adapter
 from qlora.errors import TrainingError
-from qlora.model.base import load_base, load_tokenizer, parameter_counts
-from qlora.training.loop import LoopSettings, train
-from qlora.training.metrics import MetricsLog
-from tests.tiny import write_chat_data
-
-
-def build_model(model_dir, dropout=0.0, bits=4, compute_dtype="float32", seed=0):
-    base = load_base(str(model_dir), bits=bits, compute_dtype=compute_dtype)
-    return attach_lora(base, r=8, alpha=16, dropout=dropout, target_modules="all-linear", seed=seed)
-
-
-def tokenized(model_dir, tmp_path, rows=24, seed=1):
-    tokenizer = load_tokenizer(str(model_dir))
-    path = write_chat_data(tmp_path / f"rows-{seed}.jsonl", rows, seed=seed)
-    examples = data.tokenize_rows(
-        data.read_rows([(str(path), "auto")]), tokenizer, 64, "completions", "truncate"
-    ).examples
-    return tokenizer, examples
-
-
-def batches_fn(examples, pad_id, micro_batch_size, packing=False):
-    return lambda epoch: data.epoch_batches(examples, micro_batch_size, packing, 64, pad_id, seed=0, epoch=epoch)
-
-
-def settings(**changes):
-    values = dict(max_steps=3, grad_accum_steps=1, learning_rate=1e-3, optimizer="adamw", max_grad_norm=1e6)
-    values.update(changes)
-    return LoopSettings(**values)
-
-
-def run_logged(model, batches, eval_batches, loop_settings, path):
-    metrics = MetricsLog(path)
-    train(model, batches, eval_batches, loop_settings, metrics)
-    metrics.close()
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from qlora.model.base import parameter_counts
+from tests.tiny_training import batches_fn, build_model, run_logged, settings, tokenized, train_tiny
 
 
 def base_state(model):
@@ -64,7 +30,7 @@ def test_only_lora_is_trainable_and_the_base_stays_4bit_and_unchanged(tiny_model
 
     before = base_state(model)
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings())
+    train_tiny(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings())
     after = base_state(model)
     assert before.keys() == after.keys()
     for name in before:
@@ -81,7 +47,7 @@ def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model_dir, tmp_pa
 
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
     model = build_model(tiny_model_dir)
-    train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(learning_rate=1e-2))
+    train_tiny(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(learning_rate=1e-2))
     save_adapter(model, tmp_path / "adapter")
 
     quantization = BitsAndBytesConfig(
@@ -187,7 +153,7 @@ def test_a_non_finite_loss_stops_training(tiny_model_dir, tmp_path):
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
     model = build_model(tiny_model_dir)
     with pytest.raises(TrainingError, match=r"step \d+: loss is (nan|inf)"):
-        train(
+        train_tiny(
             model,
             batches_fn(examples, tokenizer.pad_token_id, 4),
             (),
@@ -196,12 +162,33 @@ def test_a_non_finite_loss_stops_training(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [None, 8])
-def test_16bit_and_8bit_bases_train(tiny_model_dir, tmp_path, bits):
+def test_16bit_and_8bit_bases_are_what_they_say_and_learn(tiny_model_dir, tmp_path, bits):
+    import bitsandbytes as bnb
+
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
     model = build_model(tiny_model_dir, bits=bits)
-    result = train(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(max_steps=2))
-    assert math.isfinite(result.final_loss)
+    base_linears = [module.base_layer for module in model.modules() if hasattr(module, "base_layer")]
+    assert base_linears
+    if bits == 8:
+        assert all(isinstance(layer, bnb.nn.Linear8bitLt) for layer in base_linears)
+        assert {layer.weight.dtype for layer in base_linears} == {torch.int8}
+    else:
+        assert not any(isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for module in model.modules())
+        assert {layer.weight.dtype for layer in base_linears} == {torch.float32}  # the compute dtype, unquantized
+    frozen = base_state(model)
+    held_out = batches_fn(examples[:8], tokenizer.pad_token_id, 4)(0)
+    rows = run_logged(
+        model,
+        batches_fn(examples, tokenizer.pad_token_id, 4),
+        held_out,
+        settings(max_steps=8, learning_rate=1e-2),
+        tmp_path / "m.jsonl",
+    )
+    assert all(math.isfinite(row["loss"]) for row in rows[1:])
+    # Measured: 5.775 -> 5.361 (16-bit), 5.775 -> 5.356 (8-bit); NF4 moves the same way (5.378).
+    assert rows[-1]["eval_loss"] < 0.95 * rows[0]["eval_loss"]
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert all(torch.equal(frozen[name], tensor) for name, tensor in base_state(model).items())
 
 
 def test_logged_lr_is_the_rate_each_step_applied(tiny_model_dir, tmp_path):

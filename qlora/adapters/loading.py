@@ -13,9 +13,10 @@ mismatch is one line naming both sides instead of peft's size-mismatch traceback
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
+
+from pydantic import ValidationError
 
 from qlora.adapters.manifest import (
     ADAPTER_WEIGHTS,
@@ -25,8 +26,11 @@ from qlora.adapters.manifest import (
     read_adapter_config,
     read_manifest,
     recorded_base,
+    recorded_quantization,
     stderr_warning,
 )
+from qlora.config import ModelSection, QuantizationSection
+from qlora.config.messages import first_problem
 from qlora.errors import ConfigError, ModelError
 from qlora.model.base import first_line, load_base, load_tokenizer
 
@@ -34,24 +38,6 @@ BITS_CHOICES = (4, 8, 16)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # peft names a LoRA tensor `base_model.model.<module path>.lora_A.weight` (adapter name removed).
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """How a base is loaded: bits None = 16-bit (compute_dtype), 4 = quant_type, 8 = LLM.int8."""
-
-    bits: Optional[int] = 4
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "bfloat16"
-
-    def as_record(self) -> dict:
-        return {
-            "bits": self.bits,
-            "quant_type": self.quant_type,
-            "double_quant": self.double_quant,
-            "compute_dtype": self.compute_dtype,
-        }
 
 
 def load(
@@ -72,20 +58,15 @@ def load(
     if bits not in (*BITS_CHOICES, None):
         raise ConfigError(f"bits: {bits!r} is not one of 4, 8, 16")
     bits = None if bits == 16 else bits
-    quantization = Quantization(
-        bits, quant_type, double_quant, compute_dtype if bits is None else usable_dtype(compute_dtype)
-    )
-    tokenizer = inference_tokenizer(base, tokenizer_from, revision, trust_remote_code)
-    model = load_base(
-        base,
-        bits=quantization.bits,
+    quantization = quantization_section(
+        bits=bits,
         quant_type=quant_type,
         double_quant=double_quant,
-        compute_dtype=quantization.compute_dtype,
-        gradient_checkpointing=False,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
+        compute_dtype=compute_dtype if bits is None else usable_dtype(compute_dtype),
     )
+    tokenizer = inference_tokenizer(base, tokenizer_from, revision, trust_remote_code)
+    source = ModelSection(name_or_path=base, revision=revision, trust_remote_code=trust_remote_code)
+    model = load_base(source, quantization, gradient_checkpointing=False)
     model.config.use_cache = True
     model.eval()
     return model, tokenizer
@@ -201,22 +182,28 @@ def saved_tokenizer(directory: str):
     return tokenizer
 
 
-def trained_quantization(directory: Path) -> Quantization:
+def trained_quantization(directory: Path) -> QuantizationSection:
     """The quantization the manifest records; NF4 + double quant for an adapter without one."""
-    recorded = (read_manifest(directory) or {}).get("quantization") or {}
-    return Quantization(**{key: value for key, value in recorded.items() if key in Quantization.__dataclass_fields__})
+    return recorded_quantization(read_manifest(directory))
 
 
-def loaded_quantization(model) -> dict:
+def loaded_quantization(model) -> QuantizationSection:
+    """How a loaded base's weights are stored, read from its quantization_config."""
     config = getattr(model.config, "quantization_config", None)
-    if config is None:
-        return {"bits": None}
-    settings = config if isinstance(config, dict) else config.to_dict()
+    settings = {} if config is None else config if isinstance(config, dict) else config.to_dict()
     if settings.get("load_in_4bit"):
-        return {"bits": 4, "quant_type": settings.get("bnb_4bit_quant_type", "nf4")}
+        return QuantizationSection(bits=4, quant_type=settings.get("bnb_4bit_quant_type", "nf4"))
     if settings.get("load_in_8bit"):
-        return {"bits": 8}
-    return {"bits": None}
+        return QuantizationSection(bits=8)
+    return QuantizationSection(bits=None)
+
+
+def quantization_section(**values) -> QuantizationSection:
+    """The notebook API's keyword arguments as the job's quantization section, one-line errors."""
+    try:
+        return QuantizationSection(**values)
+    except ValidationError as error:
+        raise ConfigError(first_problem(error, QuantizationSection)[1]) from None
 
 
 def check_shapes(base, directory: Path) -> None:

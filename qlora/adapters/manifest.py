@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+from qlora.config import QuantizationSection
 from qlora.errors import ModelError
 from qlora.provenance import library_versions, sha256_file
 
@@ -75,13 +76,13 @@ def write_manifest(
     base_config: dict,
     name_or_path: str,
     revision: Optional[str],
-    quantization: dict,
+    quantization: QuantizationSection,
     data_files: list[str],
 ) -> Path:
     """Write qlora_manifest.json into an adapter folder peft has just written, and set
     adapter_config.json's base_model_name_or_path / revision to the base as the job named it.
 
-    `quantization` is {bits, quant_type, double_quant, compute_dtype}; bits None = 16-bit base.
+    `quantization` is recorded as the job's section: {bits, quant_type, double_quant, compute_dtype}.
     """
     directory = Path(directory)
     adapter_config_path = directory / ADAPTER_CONFIG
@@ -101,7 +102,7 @@ def write_manifest(
             "fingerprint": fingerprint(shape),
             "shape": shape,
         },
-        "quantization": dict(quantization),
+        "quantization": quantization.model_dump(),
         "versions": library_versions(),
         "files": {ADAPTER_WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
         "data": [data_record(name) for name in data_files],
@@ -172,25 +173,26 @@ def check_base(directory: Path, base_config: dict, base_name: str) -> None:
     )
 
 
-def check_quantization(directory: Path, loaded: dict, warn: Callable[[str], None]) -> None:
+def check_quantization(directory: Path, loaded: QuantizationSection, warn: Callable[[str], None]) -> None:
     """Another quantization than training's still works, slightly differently: one warning line."""
     manifest = read_manifest(directory)
     if manifest is None:
         return
-    trained = manifest.get("quantization", {})
-    if describe_bits(trained) != describe_bits(loaded):
+    trained = recorded_quantization(manifest).describe(compute=False)
+    if trained != loaded.describe(compute=False):
         warn(
-            f"warning: adapter {directory} was trained on a {describe_bits(trained)} base, now loaded as {describe_bits(loaded)}; outputs will differ slightly"
+            f"warning: adapter {directory} was trained on a {trained} base, "
+            f"now loaded as {loaded.describe(compute=False)}; outputs will differ slightly"
         )
 
 
-def describe_bits(quantization: dict) -> str:
-    bits = quantization.get("bits")
-    if bits == 4:
-        return f"4-bit {quantization.get('quant_type', 'nf4')}"
-    if bits == 8:
-        return "8-bit"
-    return "16-bit"
+def recorded_quantization(manifest: Optional[dict]) -> QuantizationSection:
+    """The quantization a manifest records (the job's quantization section); the section's
+    defaults (NF4 + double quant) where it records none."""
+    recorded = (manifest or {}).get("quantization") or {}
+    return QuantizationSection(
+        **{key: value for key, value in recorded.items() if key in QuantizationSection.model_fields}
+    )
 
 
 def check_adapter_file(directory: Path, warn: Callable[[str], None]) -> None:

@@ -53,6 +53,18 @@ class QuantizationSection(_Strict):
     def _none_string(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.lower() == "none" else value
 
+    def describe(self, compute: bool = True) -> str:
+        """As the job prints it ("NF4 + double quant, compute bfloat16"); compute=False: the
+        weights' format alone ("4-bit nf4", "8-bit", "16-bit"), all an adapter's fit depends on."""
+        if not compute:
+            return {4: f"4-bit {self.quant_type}", 8: "8-bit"}.get(self.bits, "16-bit")
+        if self.bits == 4:
+            double = " + double quant" if self.double_quant else ""
+            return f"{self.quant_type.upper()}{double}, compute {self.compute_dtype}"
+        if self.bits == 8:
+            return f"LLM.int8, compute {self.compute_dtype}"
+        return f"unquantized {self.compute_dtype}"
+
 
 class LoraSection(_Strict):
     r: int = Field(16, gt=0)

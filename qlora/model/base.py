@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+from qlora.config import ModelSection, QuantizationSection
 from qlora.errors import ModelError
 from qlora.model.checkpointing import checkpoint_kwargs
 from qlora.model.host_memory import release_checkpoint_file
@@ -41,69 +42,62 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
 
 
 def load_base(
-    name_or_path: str,
+    source: ModelSection,
+    quantization: QuantizationSection,
     *,
-    bits: Optional[int],
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: str = "bfloat16",
-    gradient_checkpointing: Union[bool, str] = True,
-    revision: Optional[str] = None,
-    trust_remote_code: bool = False,
-    init: str = "pretrained",
+    gradient_checkpointing: Union[bool, str],
     seed: int = 0,
 ):
-    """Load the base quantized as asked, frozen, ready for adapters.
+    """The base of `source`, stored as `quantization` says, frozen, ready for adapters.
 
     Every weight is frozen; non-quantized layers (embeddings, norms, head) stay in the compute
     dtype. With gradient checkpointing (True, or "selective": qlora.model.checkpointing), the
     non-reentrant variant is used and input embeddings require grad, so the checkpointed blocks
-    see a graph even though the base is frozen.
+    see a graph even though the base is frozen. `seed` draws the weights of `init: random`.
     """
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
+    name_or_path = source.name_or_path
     check_source(name_or_path)
-    if init == "random":
+    if source.init == "random":
         from qlora.model.random_init import build_random_base
 
-        model = build_random_base(
-            name_or_path,
-            quant_type=quant_type,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            bits=bits,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-        )
+        model = build_random_base(name_or_path, quantization, seed=seed, trust_remote_code=source.trust_remote_code)
         return freeze_for_training(model, gradient_checkpointing)
-    dtype = getattr(torch, compute_dtype)
-    quantization_config = None
-    if bits == 4:
-        quantization_config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant_type,
-            bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    elif bits == 8:
-        quantization_config = BitsAndBytesConfig(load_in_8bit=True)
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            quantization_config=quantization_config,
-            dtype=dtype,
+            revision=source.revision,
+            trust_remote_code=source.trust_remote_code,
+            quantization_config=bitsandbytes_config(quantization),
+            dtype=getattr(torch, quantization.compute_dtype),
             device_map=device_map,
             use_safetensors=True,
         )
     except (OSError, ValueError) as error:
         raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {first_line(error)}") from None
-    if bits in (4, 8):
+    if quantization.bits in (4, 8):
         release_checkpoint_file(model)  # the unquantized rest pins the whole file's pages: qlora/model/host_memory.py
     return freeze_for_training(model, gradient_checkpointing)
+
+
+def bitsandbytes_config(quantization: QuantizationSection):
+    """transformers' BitsAndBytesConfig for a 4-bit or 8-bit base; None for a 16-bit one."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+        )
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
 
 
 def freeze_for_training(model, gradient_checkpointing: Union[bool, str]):

@@ -11,19 +11,16 @@ at most one 16-bit matrix is alive. transformers and bitsandbytes are imported l
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
+from qlora.config import QuantizationSection
 from qlora.errors import ModelError
 from qlora.plan.architecture import load_hf_config, resolve_config_dir
 
 
 def build_random_base(
     source: str,
+    quantization: QuantizationSection,
     *,
-    bits: Optional[int] = 4,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: str = "bfloat16",
     seed: int = 0,
     trust_remote_code: bool = False,
     device=None,
@@ -35,6 +32,7 @@ def build_random_base(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
+    bits, compute_dtype = quantization.bits, quantization.compute_dtype
     if bits not in (4, None):
         raise ModelError("model.init random: supports quantization.bits 4 or none")
     hf_config = load_hf_config(resolve_config_dir(source), trust_remote_code)
@@ -43,7 +41,11 @@ def build_random_base(
     # Parameters on meta (no memory); buffers (rotary tables) are computed for real, they are small.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
-    quantizer = four_bit_quantizer(model, quant_type, double_quant, dtype, device) if bits == 4 else None
+    quantizer = (
+        four_bit_quantizer(model, quantization.quant_type, quantization.double_quant, dtype, device)
+        if bits == 4
+        else None
+    )
 
     std = getattr(hf_config.get_text_config(), "initializer_range", None) or 0.02
     generator = torch.Generator(device=device).manual_seed(seed)

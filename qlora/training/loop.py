@@ -1,8 +1,9 @@
 """The training loop: one screenful, top to bottom.
 
-It receives built objects (a model with trainable adapters, a function giving each epoch's
-micro-batches, eval batches) and knows nothing of configs, files or where the model came
-from, so it runs on any tiny torch model. A batch is anything with `input_ids`,
+It receives built objects (a model with trainable adapters, its optimizer and schedule, the
+precision, a function giving each epoch's micro-batches, eval batches; qlora.training.builders
+makes them from the config) and knows nothing of configs, files or where the model came from,
+so it runs on any tiny torch model. A batch is anything with `input_ids`,
 `position_ids`, `targets` (next-token ids, -100 where unsupervised), `attention_mask` (or None)
 and `supervised_tokens`.
 """
@@ -23,24 +24,22 @@ from qlora.plan.flops import FlopMeter, mfu
 from qlora.training.checkpoint import TrainingState, capture_rng, restore_rng
 from qlora.training.loss import summed_cross_entropy
 from qlora.training.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
+from qlora.training.precision import Precision
 
 
 @dataclass(frozen=True)
 class LoopSettings:
+    """The loop's own numbers; built from the train section by qlora.training.builders, which
+    holds no defaults either: they live in the schema alone."""
+
     max_steps: int
     grad_accum_steps: int
-    learning_rate: float
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
-    eval_every: Optional[int] = None
-    save_every: Optional[int] = None
-    log_every: int = 1
-    mixed_precision: str = "no"  # "bf16" | "fp16" | "no", as accelerate names them
-    offload_activations: bool = False  # tensors saved for backward wait in host memory
-    loss_chunk_tokens: Union[int, str] = "auto"  # supervised positions per loss chunk (qlora.training.loss)
+    max_grad_norm: Optional[float]  # None: no clipping
+    eval_every: Optional[int]
+    save_every: Optional[int]
+    log_every: int
+    offload_activations: bool  # tensors saved for backward wait in host memory
+    loss_chunk_tokens: Union[int, str]  # supervised positions per loss chunk (qlora.training.loss)
 
 
 @dataclass
@@ -65,9 +64,12 @@ class LoopResult:
 
 def train(
     model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
     epoch_batches: Callable[[int], Sequence],
     eval_batches: Sequence = (),
     settings: LoopSettings = None,
+    precision: Optional[Precision] = None,
     metrics: Optional[MetricsLog] = None,
     save_checkpoint: Optional[Callable[[TrainingState], Path]] = None,
     resume: Optional[TrainingState] = None,
@@ -76,24 +78,22 @@ def train(
 ) -> LoopResult:
     """Run optimizer steps from `resume` (or the start) to settings.max_steps.
 
+    The optimizer holds the trainable parameters; `precision` (qlora.training.precision) says
+    what the forward autocasts to and scales the loss for float16; none: the model's own dtypes.
     `save_checkpoint(state)` is called every settings.save_every steps and when
     `stop_requested()` turns true (checked before each step); then the loop raises Interrupted.
     With a `flop_meter`, each metrics row and the result carry `mfu`.
     """
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available())
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = build_optimizer(parameters, settings)
-    scheduler = build_schedule(optimizer, settings)
-    # prepare() wraps forward in autocast for mixed precision (and a grad scaler for fp16).
-    model, optimizer = accelerator.prepare(model, optimizer)
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    device = parameters[0].device
+    precision = precision or Precision.none(device.type)
+    scaler = precision.scaler
     state = resume or TrainingState()
     if resume:
         optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
-        if accelerator.scaler is not None and resume.grad_scaler:
-            accelerator.scaler.load_state_dict(resume.grad_scaler)
+        schedule.load_state_dict(resume.scheduler)
+        if resume.grad_scaler:
+            scaler.load_state_dict(resume.grad_scaler)
     micro_batches = data_stream(epoch_batches, state.epoch, state.batch_index)
     position = (state.epoch, state.batch_index)
     model.train()
@@ -102,7 +102,7 @@ def train(
     # The untrained baseline, so every run shows how far the adapter moved the eval loss.
     eval_loss, eval_loss_before = nan_if_none(state.eval_loss), nan_if_none(state.eval_loss_before)
     if eval_batches and not resume:
-        eval_loss = eval_loss_before = evaluate(model, eval_batches, accelerator.device, settings.loss_chunk_tokens)
+        eval_loss = eval_loss_before = evaluate(model, eval_batches, device, settings.loss_chunk_tokens, precision)
         if metrics:
             metrics.write({"step": 0, "eval_loss": eval_loss, "eval_perplexity": safe_exp(eval_loss)})
     if resume:
@@ -122,8 +122,8 @@ def train(
             eval_loss=none_if_nan(eval_loss),
             eval_loss_before=none_if_nan(eval_loss_before),
             optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            grad_scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            scheduler=schedule.state_dict(),
+            grad_scaler=scaler.state_dict() if scaler.is_enabled() else None,
             rng=capture_rng(),
         )
 
@@ -150,20 +150,23 @@ def train(
                 window.append(batch)
                 position = (epoch, next_index)
             window_supervised = sum(batch.supervised_tokens for batch in window)
-            loss_sum = torch.zeros((), device=accelerator.device)
+            loss_sum = torch.zeros((), device=device)
             for batch in window:
                 with saved_for_backward_on_host(settings.offload_activations):
-                    batch_loss_sum = summed_loss(model, batch, accelerator.device, settings.loss_chunk_tokens)
-                    accelerator.backward(batch_loss_sum / max(window_supervised, 1))
+                    with precision.autocast():
+                        batch_loss_sum = summed_loss(model, batch, device, settings.loss_chunk_tokens)
+                    scaler.scale(batch_loss_sum / max(window_supervised, 1)).backward()
                 loss_sum += batch_loss_sum.detach()
                 total_tokens += batch.input_ids.numel()
                 useful_flops += flop_meter.of_batch(batch) if flop_meter else 0.0
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
+            lr = schedule.get_last_lr()[0]  # the rate this step uses; after schedule.step() it is the next one's
             grad_norm = None
             if settings.max_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+                scaler.unscale_(optimizer)  # clip the true gradients, not float16's scaled ones
+                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+            scaler.step(optimizer)  # skips the step when float16 gradients overflowed
+            scaler.update()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
 
             # One host sync per optimizer step (not per micro-batch), loss and grad norm in one
@@ -192,7 +195,7 @@ def train(
                 row["mfu"] = mfu(useful_flops, time.perf_counter() - flops_started, flop_meter.peak_flops_per_s)
             last_step = step == settings.max_steps
             if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last_step):
-                eval_loss = evaluate(model, eval_batches, accelerator.device, settings.loss_chunk_tokens)
+                eval_loss = evaluate(model, eval_batches, device, settings.loss_chunk_tokens, precision)
                 row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
             if metrics:
                 metrics.write(row)
@@ -257,14 +260,22 @@ def saved_for_backward_on_host(offload: bool):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence, device, chunk_tokens: Union[int, str] = "auto") -> float:
-    """Mean loss per supervised token over the eval batches (dropout off), then back to training."""
+def evaluate(
+    model: torch.nn.Module,
+    batches: Sequence,
+    device,
+    chunk_tokens: Union[int, str] = "auto",
+    precision: Optional[Precision] = None,
+) -> float:
+    """Mean loss per supervised token over the eval batches (dropout off, under the training
+    precision when given), then back to training."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     supervised = 0
     for batch in batches:
-        loss_sum += summed_loss(model, batch, device, chunk_tokens).double()
+        with precision.autocast() if precision else contextlib.nullcontext():
+            loss_sum += summed_loss(model, batch, device, chunk_tokens).double()
         supervised += batch.supervised_tokens
     model.train(was_training)
     return loss_sum.item() / max(supervised, 1)
@@ -280,34 +291,6 @@ def data_stream(epoch_batches: Callable[[int], Sequence], epoch: int = 0, index:
         for position in range(index, len(batches)):
             yield epoch, position + 1, batches[position]
         epoch, index = epoch + 1, 0
-
-
-def build_optimizer(parameters: list[torch.nn.Parameter], settings: LoopSettings) -> torch.optim.Optimizer:
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    import bitsandbytes as bnb
-
-    optimizer_class = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}[
-        settings.optimizer
-    ]
-    return optimizer_class(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-
-
-def build_schedule(optimizer: torch.optim.Optimizer, settings: LoopSettings) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the peak, then cosine/linear decay to zero at max_steps (or constant)."""
-    warmup, total = settings.warmup_steps, settings.max_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if settings.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if settings.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def safe_exp(value: float) -> float:

@@ -2,13 +2,15 @@
 positions at a time, never for the whole micro-batch.
 
 The model's own forward runs once, with `logits_to_keep` at the columns holding a supervised
-target (so its wrappers all apply: peft, gradient checkpointing, accelerate's autocast); a
+target (so its wrappers all apply: peft, gradient checkpointing); a
 pre-hook on its output head takes the head's input (the final hidden states at those columns)
 and hands the head an empty tensor instead. The loss then projects the supervised hidden states
 chunk by chunk: head -> float32 -> cross-entropy (sum), each chunk but the last inside a
 non-reentrant checkpoint, so its logits are freed after its forward and recomputed in backward
 (the last one's backward comes first, so keeping its logits costs no more). Under no_grad
-(eval) the chunks run without checkpointing.
+(eval) the chunks run without checkpointing. Mixed precision is the caller's: the loop runs the
+whole loss, forward and chunks, under its explicit autocast (qlora.training.precision), so the
+head computes each chunk in the dtype it would have inside the forward.
 
 Some models post-process logits inside their forward (Gemma 2's softcap, Cohere's logit scale):
 the head alone does not give their logits. A probe at a model's first loss (a few positions,
@@ -19,10 +21,8 @@ every supervised column at once), and it says so once on stderr.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import weakref
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -38,19 +38,6 @@ PROBE_TOKENS = 16  # positions the probe compares: enough to see a softcap, chea
 _head_reproduces_logits: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-@dataclass(frozen=True)
-class Autocast:
-    """The autocast state the model's forward ran its head under (accelerate's mixed precision)."""
-
-    enabled: bool
-    dtype: Optional[torch.dtype]
-
-    def context(self, device_type: str):
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device_type, dtype=self.dtype)
-
-
 def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the batch's supervised targets.
 
@@ -63,7 +50,7 @@ def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Un
     if chunk_tokens == "off" or head is None or not head_reproduces_logits(model, head, inputs):
         return whole_summed_loss(model, inputs, columns, batch.targets[:, columns].to(device))
     size = loss_chunk_tokens(head.weight.shape[0], chunk_tokens)
-    hidden, autocast = final_hidden_states(model, head, inputs, columns.to(device))
+    hidden = final_hidden_states(model, head, inputs, columns.to(device))
     # The supervised (row, column) pairs, found on the CPU batch: no host sync.
     kept_targets = batch.targets[:, columns].flatten()
     supervised = (kept_targets != IGNORE_INDEX).nonzero().flatten()
@@ -71,7 +58,7 @@ def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Un
     targets = kept_targets[supervised].to(device)
     total = hidden[:0].float().sum()  # zero, attached to the graph even without supervised tokens
     for start in range(0, len(supervised), size):
-        part = (head, hidden[start : start + size], targets[start : start + size], autocast)
+        part = (head, hidden[start : start + size], targets[start : start + size])
         # The last chunk's backward runs first, right after this forward: its logits would be
         # recomputed at once, so only the chunks before it are checkpointed (one chunk: none).
         if torch.is_grad_enabled() and start + size < len(supervised):
@@ -81,8 +68,10 @@ def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Un
     return total
 
 
-def chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, autocast: Autocast) -> torch.Tensor:
-    return F.cross_entropy(chunk_logits(head, hidden, autocast).float(), targets, reduction="sum")
+def chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Under the caller's autocast, as the forward was; a checkpointed chunk's recompute in
+    # backward restores that autocast state itself (torch.utils.checkpoint records it).
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def whole_summed_loss(
@@ -116,25 +105,21 @@ def output_head(model: torch.nn.Module) -> Optional[torch.nn.Module]:
 
 def final_hidden_states(
     model: torch.nn.Module, head: torch.nn.Module, inputs: dict, columns: torch.Tensor
-) -> tuple[Optional[torch.Tensor], Autocast]:
-    """The head's input at `columns` ([B, len(columns), hidden]) from the model's own forward, and
-    the autocast state it ran under; the head itself computes nothing (an empty input)."""
+) -> Optional[torch.Tensor]:
+    """The head's input at `columns` ([B, len(columns), hidden]) from the model's own forward;
+    the head itself computes nothing (an empty input)."""
     captured = {}
 
     def take_input(module, args):
-        hidden = args[0]
-        device_type = hidden.device.type
-        enabled = torch.is_autocast_enabled(device_type)
-        captured["hidden"] = hidden
-        captured["autocast"] = Autocast(enabled, torch.get_autocast_dtype(device_type) if enabled else None)
-        return (hidden[..., :0, :],) + tuple(args[1:])
+        captured["hidden"] = args[0]
+        return (args[0][..., :0, :],) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(take_input)
     try:
         model(**inputs, logits_to_keep=columns)
     finally:
         handle.remove()
-    return captured.get("hidden"), captured.get("autocast", Autocast(False, None))
+    return captured.get("hidden")
 
 
 def head_reproduces_logits(model: torch.nn.Module, head: torch.nn.Module, inputs: dict) -> bool:
@@ -151,8 +136,7 @@ def head_reproduces_logits(model: torch.nn.Module, head: torch.nn.Module, inputs
     try:
         with torch.no_grad():
             own = model(**probe, logits_to_keep=columns).logits
-            hidden, autocast = final_hidden_states(model, head, probe, columns)
-            ours = head_outside_forward(head, hidden, autocast)
+            ours = head_outside_forward(head, final_hidden_states(model, head, probe, columns))
     finally:
         model.train(was_training)
     verdict = ours is not None and logits_agree(own, ours)
@@ -166,22 +150,15 @@ def head_reproduces_logits(model: torch.nn.Module, head: torch.nn.Module, inputs
     return verdict
 
 
-def head_outside_forward(
-    head: torch.nn.Module, hidden: Optional[torch.Tensor], autocast: Autocast
-) -> Optional[torch.Tensor]:
+def head_outside_forward(head: torch.nn.Module, hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The head's logits called on its own, or None where it cannot be: the model's forward never
     called it, or its weight exists only inside that forward (FSDP sharding may do it; untested)."""
     if hidden is None:
         return None
     try:
-        return chunk_logits(head, hidden, autocast)
+        return head(hidden)
     except RuntimeError:
         return None
-
-
-def chunk_logits(head: torch.nn.Module, hidden: torch.Tensor, autocast: Autocast) -> torch.Tensor:
-    with autocast.context(hidden.device.type):
-        return head(hidden)
 
 
 def logits_agree(own: torch.Tensor, ours: torch.Tensor) -> bool:

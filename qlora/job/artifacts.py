@@ -1,0 +1,163 @@
+"""What a finished job leaves: the adapter, tokenizer and manifest moved in atomically, the loss
+plot, summary.json (written last: its presence marks a finished run) and the printed summary;
+and the loop's checkpoint hook. Exact match before/after training is run and reported here too."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from qlora.adapters import save_adapter, write_manifest
+from qlora.adapters.exact_match import ExactMatch, exact_match
+from qlora.config import JobConfig
+from qlora.output_dir import FINISHED_MARKER, apply_umask, write_atomically
+from qlora.sizes import file_size, format_bytes
+from qlora.training.checkpoint import TrainingState, save_checkpoint, save_training_state
+from qlora.training.loop import LoopResult
+from qlora.training.plot import write_loss_plot
+
+
+@dataclass
+class JobResult:
+    output_dir: Path
+    adapter_path: Path
+    adapter_bytes: int
+    trainable_parameters: int
+    total_parameters: int
+    loop: LoopResult
+    exact_match_before: Optional[ExactMatch]
+    exact_match_after: Optional[ExactMatch]
+
+
+def publish(
+    model,
+    tokenizer,
+    config: JobConfig,
+    data_stats: dict,
+    loop: LoopResult,
+    parameters: tuple[int, int],
+    exact: tuple[Optional[ExactMatch], Optional[ExactMatch]],
+    echo: Callable[[str], None],
+) -> JobResult:
+    """The artifacts, the loss plot, then summary.json last; prints the summary. `data_stats` is
+    {"train_data": stats, "eval_data": stats or None}; `parameters` (trainable, total);
+    `exact` the exact match (before, after) training."""
+    output_dir = Path(config.output.dir)
+    adapter_path = write_artifacts(model, tokenizer, output_dir, config)
+    result = JobResult(
+        output_dir=output_dir,
+        adapter_path=adapter_path,
+        adapter_bytes=file_size(adapter_path),
+        trainable_parameters=parameters[0],
+        total_parameters=parameters[1],
+        loop=loop,
+        exact_match_before=exact[0],
+        exact_match_after=exact[1],
+    )
+    metrics_rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    title = f"{'/'.join(Path(config.model.name_or_path).parts[-2:])} + LoRA r={config.lora.r}"
+    write_loss_plot(metrics_rows, output_dir / "loss.svg", title=title)
+    write_atomically(output_dir / FINISHED_MARKER, json.dumps(summary_record(result, data_stats), indent=2))
+    echo(describe_result(result))
+    return result
+
+
+def checkpoint_writer(model, output_dir: Path, keep: int, run: dict) -> Callable[[TrainingState], Path]:
+    """The loop's save hook: adapter + training state + run record, published atomically."""
+
+    def save(state: TrainingState) -> Path:
+        def write(folder: Path) -> None:
+            save_adapter(model, folder)
+            save_training_state(folder, state, run)
+
+        return save_checkpoint(output_dir / "checkpoints", state.step, write, keep)
+
+    return save
+
+
+def restore_exact_match(saved: Optional[dict]) -> Optional[ExactMatch]:
+    return ExactMatch(**{**saved, "samples": [tuple(sample) for sample in saved["samples"]]}) if saved else None
+
+
+def run_exact_match(model, tokenizer, rows, config: JobConfig, echo, when: str) -> Optional[ExactMatch]:
+    if not rows:
+        return None
+    result = exact_match(model, tokenizer, rows, config.train.eval_max_new_tokens)
+    echo(f"exact match {when}: {result.correct}/{result.total} = {100 * result.score:.1f}%")
+    for prompt, reference, answer in result.samples[:2]:
+        echo(f"  expected {reference!r}, got {answer!r}")
+    return result
+
+
+def write_artifacts(model, tokenizer, output_dir: Path, config: JobConfig) -> Path:
+    """Adapter + tokenizer written to a temp dir, then moved in file by file with atomic renames,
+    so a reader never sees a half-written adapter_model.safetensors."""
+    staging = Path(tempfile.mkdtemp(prefix=".artifacts-", dir=output_dir))
+    try:
+        save_adapter(model, staging)
+        write_manifest(
+            staging,
+            base_config=model.config.to_dict(),
+            name_or_path=config.model.name_or_path,
+            revision=config.model.revision,
+            quantization=config.quantization,
+            data_files=[source.path for source in config.data.sources()]
+            + ([config.data.eval] if config.data.eval else []),
+        )
+        tokenizer.save_pretrained(str(staging))
+        apply_umask(staging)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, output_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir / "adapter_model.safetensors"
+
+
+def summary_record(result: JobResult, data_stats: dict) -> dict:
+    loop = asdict(result.loop)
+    loop["tokens_per_s"] = result.loop.tokens_per_s
+    record = {
+        "adapter": str(result.adapter_path),
+        "adapter_bytes": result.adapter_bytes,
+        "trainable_parameters": result.trainable_parameters,
+        "total_parameters": result.total_parameters,
+        **data_stats,
+        **loop,
+    }
+    for name, value in (
+        ("exact_match_before", result.exact_match_before),
+        ("exact_match_after", result.exact_match_after),
+    ):
+        if value is not None:
+            record[name] = value.score
+    return record
+
+
+def describe_result(result: JobResult) -> str:
+    loop = result.loop
+    lines = [
+        "done.",
+        f"  steps            {loop.steps} ({loop.seconds:.1f} s)",
+        f"  tokens           {loop.supervised_tokens:,} supervised of {loop.tokens:,} ({loop.tokens_per_s:,.0f} supervised tokens/s)",
+        f"  peak memory      {format_bytes(loop.peak_memory_bytes)} ({loop.peak_memory_kind.replace('_', ' ')})",
+        f"  final train loss {loop.final_loss:.4f}",
+        f"  MFU              {loop.mfu:.1%} of a measured peak of {loop.peak_flops_per_s / 1e9:,.0f} GFLOP/s (useful FLOPs: qlora/plan/flops.py)",
+    ]
+    if loop.eval_loss is not None:
+        before = f" (before training {loop.eval_loss_before:.4f})" if loop.eval_loss_before is not None else ""
+        lines.append(
+            f"  final eval loss  {loop.eval_loss:.4f}, perplexity {math.exp(min(loop.eval_loss, 700)):.2f}{before}"
+        )
+    if result.exact_match_after is not None:
+        lines.append(
+            f"  exact match      {100 * result.exact_match_before.score:.1f}% -> {100 * result.exact_match_after.score:.1f}%"
+        )
+    lines.append(f"  trainable        {result.trainable_parameters:,} parameters")
+    lines.append(f"  adapter          {result.adapter_path} ({format_bytes(result.adapter_bytes)})")
+    return "\n".join(lines)

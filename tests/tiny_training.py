@@ -1,0 +1,79 @@
+"""The tiny model trained through the library's own pieces: load_base, attach_lora, the data
+batches, and the loop handed what qlora.training.builders make of a train section."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from qlora import data
+from qlora.adapters import attach_lora
+from qlora.config import ModelSection, QuantizationSection, TrainSection
+from qlora.model.base import load_base, load_tokenizer
+from qlora.training.builders import build_optimizer, build_schedule, loop_settings
+from qlora.training.loop import LoopResult, train
+from qlora.training.metrics import MetricsLog
+from qlora.training.precision import Precision
+from tests.tiny import write_chat_data
+
+# Plain AdamW at a rate three steps visibly move, clipping out of the way: the tests' optimizer.
+TEST_TRAIN = {"max_steps": 3, "optimizer": "adamw", "learning_rate": 1e-3, "max_grad_norm": 1e6}
+
+
+def tiny_base(model_dir, bits=4, compute_dtype="float32", gradient_checkpointing=True, **quantization):
+    """load_base exactly as a job calls it, on a local folder."""
+    return load_base(
+        ModelSection(name_or_path=str(model_dir)),
+        QuantizationSection(bits=bits, compute_dtype=compute_dtype, **quantization),
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def build_model(model_dir, dropout=0.0, bits=4, compute_dtype="float32", seed=0, gradient_checkpointing=True):
+    base = tiny_base(model_dir, bits, compute_dtype, gradient_checkpointing)
+    return attach_lora(base, r=8, alpha=16, dropout=dropout, target_modules="all-linear", seed=seed)
+
+
+def tokenized(model_dir, tmp_path, rows=24, seed=1):
+    tokenizer = load_tokenizer(str(model_dir))
+    path = write_chat_data(tmp_path / f"rows-{seed}.jsonl", rows, seed=seed)
+    rows = data.read_rows([(str(path), "auto")])
+    return tokenizer, data.tokenize_rows(rows, tokenizer, 64, "completions", "truncate").examples
+
+
+def batches_fn(examples, pad_id, micro_batch_size, packing=False):
+    return lambda epoch: data.epoch_batches(examples, micro_batch_size, packing, 64, pad_id, seed=0, epoch=epoch)
+
+
+def settings(**changes) -> TrainSection:
+    """The job's train section with TEST_TRAIN's values; every other default is the schema's."""
+    return TrainSection(**{**TEST_TRAIN, **changes})
+
+
+def train_tiny(
+    model,
+    epoch_batches,
+    eval_batches=(),
+    section: Optional[TrainSection] = None,
+    metrics: Optional[MetricsLog] = None,
+    precision: Optional[Precision] = None,
+    **loop_arguments,
+) -> LoopResult:
+    """The loop as a job runs it: optimizer, schedule and settings built from the train section."""
+    section = section or settings()
+    optimizer = build_optimizer(model, section)
+    schedule = build_schedule(optimizer, section, section.max_steps)
+    settings_ = loop_settings(section, section.max_steps)
+    return train(
+        model, optimizer, schedule, epoch_batches, eval_batches, settings_, precision, metrics, **loop_arguments
+    )
+
+
+def run_logged(model, batches, eval_batches, section: TrainSection, path, **loop_arguments) -> list[dict]:
+    """train_tiny's metrics.jsonl rows."""
+    metrics = MetricsLog(path)
+    try:
+        train_tiny(model, batches, eval_batches, section, metrics, **loop_arguments)
+    finally:
+        metrics.close()
+    return [json.loads(line) for line in path.read_text().splitlines()]

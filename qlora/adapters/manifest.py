@@ -180,7 +180,8 @@ def check_quantization(directory: Path, loaded: dict, warn: Callable[[str], None
     trained = manifest.get("quantization", {})
     if describe_bits(trained) != describe_bits(loaded):
         warn(
-            f"warning: adapter {directory} was trained on a {describe_bits(trained)} base, now loaded as {describe_bits(loaded)}; outputs will differ slightly"
+            f"warning: adapter {directory} was trained on a {describe_bits(trained)} base, "
+            f"now loaded as {describe_bits(loaded)}; outputs will differ slightly"
         )
 
 

@@ -16,9 +16,10 @@ Then each run trains in its OWN subprocess (so peak RSS / peak GPU memory is per
 
 Shared by every run: NF4 + double quant, compute dtype (float32 on CPU), LoRA r/alpha/dropout on
 all linear layers, AdamW (torch), lr, cosine schedule, warmup, grad-norm clip 1.0, gradient
-checkpointing (non-reentrant; ours: selective, which TRL does not offer), max_seq_len, effective batch in rows, optimizer steps, seed,
-completion-only loss, the same held-out rows for the eval loss (measured by the same function
-for all runs, after training). Prints one JSON line per run, then one ratio line.
+checkpointing (non-reentrant; ours: selective, which TRL does not offer), max_seq_len, effective
+batch in rows, optimizer steps, seed, completion-only loss, the same held-out rows for the eval
+loss (measured by the same function for all runs, after training). Prints one JSON line per run,
+then one ratio line.
 Needs `pip install .[bench]` (trl).
 """
 

@@ -29,13 +29,15 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.is_dir() and any(output_dir.iterdir()):
         if not (output_dir / OWNER_MARKER).exists():
             raise OutputError(
-                f"output.dir: {output_dir} holds files qlora did not write; choose another output.dir (--overwrite only replaces qlora output folders)"
+                f"output.dir: {output_dir} holds files qlora did not write; choose another output.dir "
+                "(--overwrite only replaces qlora output folders)"
             )
         if in_use(output_dir):
             raise OutputError(f"output.dir: {output_dir} is in use by another running qlora job")
         if (output_dir / FINISHED_MARKER).exists() and not overwrite:
             raise OutputError(
-                f"output.dir: {output_dir} already holds a finished run; pass --overwrite to replace it, or choose another output.dir"
+                f"output.dir: {output_dir} already holds a finished run; "
+                "pass --overwrite to replace it, or choose another output.dir"
             )
     existing = output_dir
     while not existing.exists():

@@ -22,7 +22,8 @@ class CheapMaskDropout(torch.nn.Dropout):
             return super().forward(x)
         dropped_levels = round(self.p * LEVELS)
         count = x.numel()
-        # Four int16 uniforms per int64 draw; a kept element is one whose uniform is not among the lowest dropped_levels.
+        # Four int16 uniforms per int64 draw; a kept element is one whose uniform is not among the
+        # lowest dropped_levels.
         bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + 3) // 4,), dtype=torch.int64, device=x.device)
         uniform = bits.view(torch.int16)[:count].view(x.shape)
         keep = uniform >= -(LEVELS // 2) + dropped_levels

@@ -229,7 +229,8 @@ def check_shapes(base, directory: Path) -> None:
         if expected != actual:
             side = "input" if match["which"] == "A" else "output"
             raise ModelError(
-                f"adapter {directory} expects {module_path} with {side} size {actual}, but this base's has {expected} (another base model?)"
+                f"adapter {directory} expects {module_path} with {side} size {actual}, "
+                f"but this base's has {expected} (another base model?)"
             )
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from qlora.adapters.loading import load_with_adapters, select_adapter, trained_quantization
+from qlora.adapters.loading import Quantization, load_with_adapters, select_adapter, trained_quantization
 from qlora.adapters.manifest import read_adapter_config, recorded_base
 from qlora.errors import ConfigError, ModelError, OutputError
 from qlora.output_dir import apply_umask
@@ -63,35 +63,18 @@ def merge_adapter(
     prompts: tuple[str, ...] = DEFAULT_PROMPTS,
     echo: Callable[[str], None] = print,
 ) -> MergeReport:
-    import torch
-
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    if dtype not in MERGE_DTYPES:
-        raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(MERGE_DTYPES)}")
-    check_output(output_dir)
-    check_shard_size(max_shard_size)
-    read_adapter_config(adapter_dir)
-    base = base or recorded_base(adapter_dir)
-    trained = trained_quantization(adapter_dir)
-    if through_nf4 and trained.bits == 8:
-        raise ConfigError("--through-nf4: this adapter was trained on an 8-bit base, not NF4")
+    base, trained = check_merge_request(adapter_dir, output_dir, dtype, base, through_nf4, max_shard_size)
 
     echo(f"loading {base} unquantized in {dtype}")
     model, tokenizer = load_with_adapters(
         [("merge", adapter_dir)], base=base, bits=16, compute_dtype=dtype, warn=lambda line: None
     )
-    input_ids = [torch.tensor([tokenizer(prompt)["input_ids"]]) for prompt in prompts]
+    input_ids = tokenize_prompts(tokenizer, prompts)
     reference_16bit = all_logits(model, input_ids)
-
     reference_nf4 = None
     if trained.bits == 4 or through_nf4:
-        echo(f"loading the {trained.quant_type.upper()} base the adapter was trained on, for comparison")
-        quantized, _ = load_with_adapters([("merge", adapter_dir)], base=base, bits=4, warn=lambda line: None)
-        reference_nf4 = all_logits(quantized, input_ids)
-        if through_nf4:
-            replaced = copy_dequantized_weights(quantized, model)
-            echo(f"replaced {replaced} base weights by their {trained.quant_type.upper()} round trip")
-        del quantized
+        reference_nf4 = quantized_reference(model, adapter_dir, base, trained, input_ids, through_nf4, echo)
 
     select_adapter(model, "merge")
     merged = model.merge_and_unload()
@@ -99,13 +82,10 @@ def merge_adapter(
     report_16 = max_difference(merged_logits, reference_16bit)
     report_nf4 = max_difference(merged_logits, reference_nf4) if reference_nf4 is not None else None
 
-    merged.config.use_cache = True
-    merged.config.dtype = getattr(torch, dtype)
+    # Written next to the output and renamed into place: a kill never leaves half a model at output_dir.
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        merged.save_pretrained(str(staging), max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(str(staging))
-        shards = sorted(staging.glob("*.safetensors"))
+        shards = save_merged(merged, tokenizer, staging, dtype, max_shard_size)
         report = MergeReport(
             output_dir=str(output_dir),
             dtype=dtype,
@@ -124,6 +104,56 @@ def merge_adapter(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def check_merge_request(
+    adapter_dir: Path, output_dir: Path, dtype: str, base: Optional[str], through_nf4: bool, max_shard_size: str
+) -> tuple[Optional[str], Quantization]:
+    """The base to merge into and the quantization the adapter was trained on. Every flag is
+    checked here, before a weight is loaded, so a typo costs seconds, not a model load."""
+    if dtype not in MERGE_DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(MERGE_DTYPES)}")
+    check_output(output_dir)
+    check_shard_size(max_shard_size)
+    read_adapter_config(adapter_dir)
+    base = base or recorded_base(adapter_dir)
+    trained = trained_quantization(adapter_dir)
+    if through_nf4 and trained.bits == 8:
+        raise ConfigError("--through-nf4: this adapter was trained on an 8-bit base, not NF4")
+    return base, trained
+
+
+def tokenize_prompts(tokenizer, prompts: tuple[str, ...]) -> list:
+    import torch
+
+    return [torch.tensor([tokenizer(prompt)["input_ids"]]) for prompt in prompts]
+
+
+def quantized_reference(
+    model16, adapter_dir: Path, base: Optional[str], trained: Quantization, input_ids: list, through_nf4: bool, echo
+) -> list:
+    """Logits of the 4-bit base + adapter that training saw. With through_nf4, `model16`'s base
+    weights also take their round trip through 4-bit, so the merge starts from training's base.
+    The quantized copy is freed on return, before the merge needs memory of its own."""
+    echo(f"loading the {trained.quant_type.upper()} base the adapter was trained on, for comparison")
+    quantized, _ = load_with_adapters([("merge", adapter_dir)], base=base, bits=4, warn=lambda line: None)
+    reference = all_logits(quantized, input_ids)
+    if through_nf4:
+        replaced = copy_dequantized_weights(quantized, model16)
+        echo(f"replaced {replaced} base weights by their {trained.quant_type.upper()} round trip")
+    return reference
+
+
+def save_merged(merged, tokenizer, staging: Path, dtype: str, max_shard_size: str) -> list[Path]:
+    """Write the merged model and tokenizer to `staging`; returns the safetensors shards."""
+    import torch
+
+    # The base loader turns the KV cache off for training; whoever loads the merged model generates.
+    merged.config.use_cache = True
+    merged.config.dtype = getattr(torch, dtype)
+    merged.save_pretrained(str(staging), max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(str(staging))
+    return sorted(staging.glob("*.safetensors"))
 
 
 def check_shard_size(max_shard_size: str) -> None:

@@ -206,7 +206,8 @@ def describe_report(report: AdapterReport, top: int = 4) -> str:
     lines.append(f"{'kind':<16} {'modules':>7} {'d x k':>13} {'r':>4} {'parameters':>12} {'vs full (dk/r(d+k))':>20}")
     for kind in report.kinds:
         lines.append(
-            f"{kind.kind:<16} {kind.modules:>7} {f'{kind.d}x{kind.k}':>13} {kind.rank:>4} {kind.parameters:>12,} {kind.reduction:>19.1f}x"
+            f"{kind.kind:<16} {kind.modules:>7} {f'{kind.d}x{kind.k}':>13} {kind.rank:>4} "
+            f"{kind.parameters:>12,} {kind.reduction:>19.1f}x"
         )
     lines.append("")
     lines.append(f"{'module':<44} {'norm':>9} {'rank90':>6} {'rank99':>6}  top singular values of delta W")
@@ -216,7 +217,8 @@ def describe_report(report: AdapterReport, top: int = 4) -> str:
             f"{layer.module:<44} {layer.norm:>9.4g} {layer.effective_rank_90:>6} {layer.effective_rank_99:>6}  {values}"
         )
     lines.append(
-        "(effective rank = singular values holding 90% / 99% of the energy, out of r; rank99 well below r: r could be smaller)"
+        "(effective rank = singular values holding 90% / 99% of the energy, out of r; "
+        "rank99 well below r: r could be smaller)"
     )
     return "\n".join(lines)
 

@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="override a config key, e.g. --set train.max_steps=20 (repeatable; wins over the QLORA_SET environment variable)",
+            help=(
+                "override a config key, e.g. --set train.max_steps=20 "
+                "(repeatable; wins over the QLORA_SET environment variable)"
+            ),
         )
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return command
@@ -133,7 +136,8 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(number).name
         print(
-            f"\n{self.signal_name}: stopping after the current step and writing a checkpoint (send it again to stop at once)",
+            f"\n{self.signal_name}: stopping after the current step and writing a checkpoint "
+            "(send it again to stop at once)",
             file=sys.stderr,
             flush=True,
         )

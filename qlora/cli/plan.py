@@ -108,7 +108,8 @@ def describe_plan(
     lines += [
         "",
         f"  peak allocated {format_bytes(plan.allocated_bytes)} (torch.cuda.max_memory_allocated), "
-        f"reserved {format_bytes(plan.reserved_bytes)}, total on the card {format_bytes(plan.total_bytes)} ({plan.total_bytes / 1e9:.1f} GB)",
+        f"reserved {format_bytes(plan.reserved_bytes)}, "
+        f"total on the card {format_bytes(plan.total_bytes)} ({plan.total_bytes / 1e9:.1f} GB)",
     ]
     if plan.budget_bytes is not None:
         verdict = "FITS" if plan.fits else "DOES NOT FIT"
@@ -128,7 +129,8 @@ def describe_plan(
                 lines.append("  gradient checkpointing is needed: without it this does not fit")
                 if tips.get("fits_with_selective_checkpointing") and settings["gradient_checkpointing"] is True:
                     lines.append(
-                        "  train.gradient_checkpointing: selective fits too (skips recomputing the 4-bit matmuls: less compute)"
+                        "  train.gradient_checkpointing: selective fits too "
+                        "(skips recomputing the 4-bit matmuls: less compute)"
                     )
     lines.append(f"  compute: {plan.flops_per_token / 1e9:.1f} GFLOP per training token")
     if tflops:

@@ -23,7 +23,9 @@ def reference_markdown() -> str:
                 if field.is_required()
                 else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
             )
-            lines.append(f"| `{prefix}{name}` | {default} | {field.description} |")
+            # Long docstrings wrap over several source lines; a table cell needs them on one.
+            description = " ".join(field.description.split())
+            lines.append(f"| `{prefix}{name}` | {default} | {description} |")
 
     walk(JobConfig, "")
     return "\n".join(lines)

@@ -33,9 +33,11 @@ class ModelSection(_Strict):
     trust_remote_code: bool = False
     """Run Python code shipped with the model. Off unless you trust its author."""
     init: Literal["pretrained", "random"] = "pretrained"
-    """pretrained: load the weights; random: only config.json is read and random weights are quantized one linear at a time (memory/speed proofs)."""
+    """pretrained: load the weights; random: only config.json is read and random weights are
+    quantized one linear at a time (memory/speed proofs)."""
     tokenizer: Optional[str] = None
-    """Tokenizer folder when name_or_path has none (e.g. init random with configs/arch/<name>); default: name_or_path."""
+    """Tokenizer folder when name_or_path has none (e.g. init random with configs/arch/<name>);
+    default: name_or_path."""
 
 
 class QuantizationSection(_Strict):
@@ -74,7 +76,8 @@ class LoraSection(_Strict):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-    """Which linear layers get adapters: all-linear (every linear layer but the output head) or a list of module names."""
+    """Which linear layers get adapters: all-linear (every linear layer but the output head) or a
+    list of module names."""
     use_rslora: bool = False
     """Rank-stabilized LoRA scaling alpha / sqrt(r)."""
     use_dora: bool = False
@@ -102,7 +105,8 @@ class DataSection(_Strict):
     packing: bool = False
     """Pack several rows into each sequence (no attention across rows; position ids restart per row)."""
     padding_free: bool = True
-    """Concatenate each micro-batch's rows into one sequence (no padding, no attention across rows, same rows per step): the padded loss, less compute; false pads each micro-batch instead."""
+    """Concatenate each micro-batch's rows into one sequence (no padding, no attention across rows,
+    same rows per step): the padded loss, less compute; false pads each micro-batch instead."""
     train_on: Literal["completions", "all"] = "completions"
     """completions: loss on answers only (prompts masked); all: loss on every token."""
     too_long: Literal["truncate", "drop"] = "truncate"
@@ -130,7 +134,8 @@ class TrainSection(_Strict):
     epochs: Optional[float] = Field(None, gt=0)
     """Passes over the training data (fractions allowed); default 1 when max_steps is not set."""
     micro_batch_size: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = 1
-    """Sequences per forward pass; auto: the largest that `qlora plan` says fits (grad_accum_steps then keeps effective_batch_size)."""
+    """Sequences per forward pass; auto: the largest that `qlora plan` says fits (grad_accum_steps
+    then keeps effective_batch_size)."""
     grad_accum_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step; effective batch = micro_batch_size * grad_accum_steps."""
     effective_batch_size: Optional[int] = Field(None, gt=0)
@@ -150,11 +155,16 @@ class TrainSection(_Strict):
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     """Clip the global gradient norm to this; none disables clipping."""
     gradient_checkpointing: Union[bool, Literal["selective"]] = True
-    """Recompute activations in the backward pass: far less memory, ~30% more compute; selective: keep the 4-bit matmuls' outputs and recompute only the rest (faster, more memory: see `qlora plan`; needs quantization.bits 4)."""
+    """Recompute activations in the backward pass: far less memory, ~30% more compute; selective:
+    keep the 4-bit matmuls' outputs and recompute only the rest (faster, more memory: see
+    `qlora plan`; needs quantization.bits 4)."""
     offload_activations: bool = False
-    """Keep the tensors saved for backward in host memory (CUDA: pinned, copied back in backward): less GPU memory for long sequences, more transfer time; no effect on CPU."""
+    """Keep the tensors saved for backward in host memory (CUDA: pinned, copied back in backward):
+    less GPU memory for long sequences, more transfer time; no effect on CPU."""
     loss_chunk_tokens: Union[Annotated[int, Field(gt=0)], Literal["auto", "off"]] = "auto"
-    """Supervised positions whose vocabulary-sized logits the loss computes at once (chunks recomputed in backward); auto: one chunk's float32 logits within 256 MiB (523 tokens for a 128k vocabulary); off: all of a micro-batch's at once."""
+    """Supervised positions whose vocabulary-sized logits the loss computes at once (chunks
+    recomputed in backward); auto: one chunk's float32 logits within 256 MiB (523 tokens for a 128k
+    vocabulary); off: all of a micro-batch's at once."""
     seed: int = 42
     """Seed for LoRA init, dropout and data order."""
     eval_every: Optional[int] = Field(None, gt=0)
@@ -231,6 +241,7 @@ class JobConfig(_Strict):
         # The selective policy recognises bitsandbytes' 4-bit matmul op; other bases never dispatch it.
         if self.train.gradient_checkpointing == "selective" and self.quantization.bits != 4:
             raise ValueError(
-                f"train.gradient_checkpointing: selective keeps the 4-bit matmuls' outputs; it needs quantization.bits: 4 (got {self.quantization.bits})"
+                "train.gradient_checkpointing: selective keeps the 4-bit matmuls' outputs; "
+                f"it needs quantization.bits: 4 (got {self.quantization.bits})"
             )
         return self

@@ -7,7 +7,8 @@
 
 Modules, one job each: sources (files and datasets -> validated rows), formats (format detection,
 validation, rendering to text + supervised character spans), tokenize (token ids, labels, length
-policy, stats), cache (tokenized sets reused across runs), batching (epoch order, packing, padding, shifted targets), report (what users see).
+policy, stats), cache (tokenized sets reused across runs), batching (epoch order, packing,
+padding, shifted targets), report (what users see).
 """
 
 from qlora.data.batching import Batch, batches_per_epoch, epoch_batches

@@ -27,7 +27,8 @@ class Batch:
     position_ids: torch.LongTensor
     """[B, T] 0, 1, 2 ... restarting at every row and at the padding tail."""
     targets: torch.LongTensor
-    """[B, T] the next token's label within the same row; -100 at each row's last token, on padding and where unsupervised."""
+    """[B, T] the next token's label within the same row; -100 at each row's last token, on padding
+    and where unsupervised."""
     attention_mask: torch.LongTensor | None
     """[B, T] 1 = real token, 0 = padding, for unpacked batches; None when packed (the model
     derives a block-diagonal causal mask from position_ids)."""

@@ -1,4 +1,5 @@
-"""What users see of the data: an example's text with the supervised spans marked, and a set's statistics in one line."""
+"""What users see of the data: an example's text with the supervised spans marked, and a set's
+statistics in one line."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def describe_data(name: str, stats: dict) -> str:
     parts = [
         f"{stats['kept']} rows kept of {stats['rows']}",
         f"{stats['supervised_tokens']:,} supervised / {stats['total_tokens']:,} tokens",
-        f"row length min/p50/p95/max {stats['length_min']}/{stats['length_p50']}/{stats['length_p95']}/{stats['length_max']}",
+        f"row length min/p50/p95/max {stats['length_min']}/{stats['length_p50']}/"
+        f"{stats['length_p95']}/{stats['length_max']}",
     ]
     if stats["rows_over_max_seq_len"]:
         dropped = stats["dropped_too_long"] + stats["dropped_no_supervision_after_truncation"]

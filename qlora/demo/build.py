@@ -84,7 +84,8 @@ def main() -> None:
     write_jsonl(args.out / "data" / "eval.jsonl", eval_rows)
     size_mb = sum(path.stat().st_size for path in model_dir.iterdir()) / 1e6
     print(
-        f"wrote {model_dir} ({size_mb:.1f} MB) and {args.out / 'data'} ({len(train_rows)} train, {len(eval_rows)} eval rows)"
+        f"wrote {model_dir} ({size_mb:.1f} MB) and {args.out / 'data'} "
+        f"({len(train_rows)} train, {len(eval_rows)} eval rows)"
     )
 
 
@@ -205,14 +206,17 @@ def model_card(args, parameters: int, minutes: float, scores: dict[str, float]) 
     if args.batch_size != 64 or args.learning_rate != 3e-3 or args.threads != 2:
         command += f" --batch-size {args.batch_size} --learning-rate {args.learning_rate} --threads {args.threads}"
     rows = "\n".join(example(task) for task in (*PRETRAIN_TASKS, NEW_TASK))
+    layers, hidden_size = ARCHITECTURE["num_hidden_layers"], ARCHITECTURE["hidden_size"]
+    mlp_size = ARCHITECTURE["intermediate_size"]
+    query_heads, key_value_heads = ARCHITECTURE["num_attention_heads"], ARCHITECTURE["num_key_value_heads"]
     return f"""# qlora demo base model
 
 A {parameters / 1e6:.1f}M-parameter Llama-architecture chat model, pre-trained from scratch by
 `qlora/demo/build.py` so that the qlora demo runs offline, on a CPU, through the same code path
 as a hub model. It is a toy: it knows three string skills and nothing else.
 
-- Architecture: `LlamaForCausalLM`, {ARCHITECTURE["num_hidden_layers"]} layers, hidden size {ARCHITECTURE["hidden_size"]},
-  MLP size {ARCHITECTURE["intermediate_size"]}, {ARCHITECTURE["num_attention_heads"]} query / {ARCHITECTURE["num_key_value_heads"]} key-value heads,
+- Architecture: `LlamaForCausalLM`, {layers} layers, hidden size {hidden_size},
+  MLP size {mlp_size}, {query_heads} query / {key_value_heads} key-value heads,
   untied output head, weights stored in bfloat16. Every linear input size is a multiple of 64,
   which the bitsandbytes CPU 4-bit kernels require.
 - Tokenizer: one token per byte plus `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` (EOS) and

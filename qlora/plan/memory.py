@@ -113,7 +113,10 @@ def base_weight_lines(arch: Architecture, settings: PlanSettings) -> list[Line]:
         quantized = sum(nf4_bytes(linear.weights, settings.double_quant) for linear in arch.linears)
         bits = 8 * quantized / max(arch.quantized_params, 1)
         what = f"NF4{' + double quant' if settings.double_quant else ''}"
-        why = f"{arch.quantized_params / 1e9:.2f}B linear weights x {bits:.3f} bits ({what}: 4-bit codes + absmax per {NF4_BLOCK})"
+        why = (
+            f"{arch.quantized_params / 1e9:.2f}B linear weights x {bits:.3f} bits "
+            f"({what}: 4-bit codes + absmax per {NF4_BLOCK})"
+        )
     elif settings.bits == 8:
         quantized = arch.quantized_params + sum(linear.out_features * 4 for linear in arch.linears)
         why = f"{arch.quantized_params / 1e9:.2f}B linear weights in int8 + a float32 scale per row (LLM.int8)"
@@ -312,7 +315,8 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
             Line(
                 "dequant_workspace",
                 biggest.weights * e,
-                f"the largest linear ({biggest.name.rsplit('.', 1)[-1]}, {biggest.out_features}x{biggest.in_features}) dequantized to {settings.compute_dtype} for its matmul",
+                f"the largest linear ({biggest.name.rsplit('.', 1)[-1]}, "
+                f"{biggest.out_features}x{biggest.in_features}) dequantized to {settings.compute_dtype} for its matmul",
             )
         )
     return [held], [loss], backward

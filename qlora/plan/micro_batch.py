@@ -58,7 +58,8 @@ def memory_budget(text) -> int:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     raise ConfigError(
-        "train.micro_batch_size: auto needs a memory budget without a CUDA GPU: set train.memory_budget (e.g. 16GiB) or a number"
+        "train.micro_batch_size: auto needs a memory budget without a CUDA GPU: "
+        "set train.memory_budget (e.g. 16GiB) or a number"
     )
 
 
@@ -83,16 +84,17 @@ def confirm_micro_batch(
         peak = dry_run_peak(model, micro, config.data.max_seq_len, vocab_size, config.quantization.compute_dtype)
         if peak is not None and peak + extra <= budget:
             echo(
-                f"micro_batch_size {micro} confirmed: dry-run peak {format_bytes(peak)} allocated (+{format_bytes(extra)} optimizer state and context) of {format_bytes(budget)}"
+                f"micro_batch_size {micro} confirmed: dry-run peak {format_bytes(peak)} allocated "
+                f"(+{format_bytes(extra)} optimizer state and context) of {format_bytes(budget)}"
             )
             return
         if micro == 1:
             raise ConfigError(
-                f"train.micro_batch_size auto: one sequence of {config.data.max_seq_len} tokens does not fit in {format_bytes(budget)} (dry run); lower data.max_seq_len"
+                f"train.micro_batch_size auto: one sequence of {config.data.max_seq_len} tokens "
+                f"does not fit in {format_bytes(budget)} (dry run); lower data.max_seq_len"
             )
-        echo(
-            f"micro_batch_size {micro}: dry run {'ran out of memory' if peak is None else f'peaked at {format_bytes(peak + extra)}'}; trying smaller"
-        )
+        outcome = "ran out of memory" if peak is None else f"peaked at {format_bytes(peak + extra)}"
+        echo(f"micro_batch_size {micro}: dry run {outcome}; trying smaller")
         set_micro_batch(config, micro - 1, effective)
 
 

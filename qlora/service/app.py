@@ -50,11 +50,29 @@ class JobSubmission(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     config: Union[dict, str]
-    """The job config: a mapping, or YAML text. Paths are relative to the service root; output.dir is set by the service."""
+    """The job config: a mapping, or YAML text. Paths are relative to the service root; output.dir
+    is set by the service."""
     priority: int = 0
     """Higher runs first; equal priorities run in submission order."""
     name: Optional[str] = None
     """A label shown in job lists."""
+
+
+# POST /v1/jobs reads its body itself (JSON or YAML), so the schema documents both by hand.
+SUBMIT_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": JobSubmission.model_json_schema()},
+            "application/yaml": {
+                "schema": {
+                    "type": "string",
+                    "description": "the job config; ?priority= and ?name= as query parameters",
+                }
+            },
+        },
+        "required": True,
+    }
+}
 
 
 def create_app(settings: Settings, echo=print) -> FastAPI:
@@ -69,20 +87,43 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
         store.close()
 
     app = FastAPI(title="qlora training service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    authorized = bearer_check(settings.token)
+    add_page_routes(app)
+    add_health_route(app, settings, store, runner, authorized)
+
+    # One router carries the token check, so no /v1 route can be added without it.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    add_submit_route(v1, settings, store, runner)
+    add_job_routes(v1, settings, store, runner)
+    add_adapter_routes(v1, settings, store)
+    add_file_routes(v1, settings)
+    app.include_router(v1)
+    return app
+
+
+def bearer_check(token: str):
+    """The dependency every data route needs: the request's bearer token must be `token`."""
     bearer = HTTPBearer(auto_error=False, description="the service token (QLORA_SERVICE_TOKEN or ROOT/service_token)")
 
     def authorized(request: Request, _: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         # HTTPBearer only documents the scheme in the OpenAPI schema; the check is ours, in constant time.
-        if not token_matches(request.headers.get("authorization"), settings.token):
+        if not token_matches(request.headers.get("authorization"), token):
             raise HTTPException(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="qlora"'}
             )
 
-    def known_job(job_id: str):
-        job = store.get(job_id) if JOB_ID.match(job_id) else None
-        if job is None:
-            raise HTTPException(404, f"no job {job_id}")
-        return job
+    return authorized
+
+
+def known_job(store: Store, job_id: str):
+    job = store.get(job_id) if JOB_ID.match(job_id) else None
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return job
+
+
+def add_page_routes(app: FastAPI) -> None:
+    """The public page shell (/ and /static/*) and the headers every response carries."""
 
     @app.middleware("http")
     async def page_headers(request: Request, call_next):
@@ -98,6 +139,8 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+
+def add_health_route(app: FastAPI, settings: Settings, store: Store, runner: Runner, authorized) -> None:
     @app.get("/healthz", dependencies=[Depends(authorized)])
     def healthz() -> dict:
         busy = len(settings.slots) - len(runner.free_slots())
@@ -108,26 +151,9 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
             "waiting": len(store.waiting()),
         }
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
-    @v1.post(
-        "/jobs",
-        status_code=201,
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "application/json": {"schema": JobSubmission.model_json_schema()},
-                    "application/yaml": {
-                        "schema": {
-                            "type": "string",
-                            "description": "the job config; ?priority= and ?name= as query parameters",
-                        }
-                    },
-                },
-                "required": True,
-            }
-        },
-    )
+def add_submit_route(v1: APIRouter, settings: Settings, store: Store, runner: Runner) -> None:
+    @v1.post("/jobs", status_code=201, openapi_extra=SUBMIT_BODY)
     async def submit(request: Request, priority: int = Query(0), name: Optional[str] = Query(None)) -> dict:
         """Queue a job; 400 with the CLI's one-line error if its config, paths or data are wrong."""
         body = await read_capped(request, settings.max_config_bytes)
@@ -148,6 +174,10 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
         runner.wake.set()
         return {"id": job.id, "state": job.state}
 
+
+def add_job_routes(v1: APIRouter, settings: Settings, store: Store, runner: Runner) -> None:
+    """List, read, follow and cancel jobs."""
+
     @v1.get("/jobs")
     def list_jobs(state: Optional[str] = Query(None, description="only jobs in this state")) -> dict:
         if state is not None and state not in STATES:
@@ -157,7 +187,7 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
 
     @v1.get("/jobs/{job_id}")
     def get_job(job_id: str) -> dict:
-        return job_view(known_job(job_id), job_folder(settings.root, job_id))
+        return job_view(known_job(store, job_id), job_folder(settings.root, job_id))
 
     @v1.get(
         "/jobs/{job_id}/events",
@@ -167,7 +197,7 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Server-sent events: `metrics` (a metrics.jsonl row), `log` (a line), `state`, and `end`
         when the job is finished; reconnect with Last-Event-ID to continue where it stopped."""
-        known_job(job_id)
+        known_job(store, job_id)
         stream = event_stream(
             lambda: store.get(job_id),
             job_folder(settings.root, job_id),
@@ -181,8 +211,12 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
     @v1.post("/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict:
         """A waiting job is cancelled at once; a running one checkpoints its current step and stops."""
-        known_job(job_id)
+        known_job(store, job_id)
         return {"id": job_id, "state": runner.cancel(job_id)}
+
+
+def add_adapter_routes(v1: APIRouter, settings: Settings, store: Store) -> None:
+    """Download one succeeded job's adapter; list them all."""
 
     @v1.get(
         "/jobs/{job_id}/adapter",
@@ -190,7 +224,7 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
         responses={200: {"content": {"application/gzip": {}}, "description": "the adapter folder as .tar.gz"}},
     )
     def download_adapter(job_id: str) -> FileResponse:
-        job = known_job(job_id)
+        job = known_job(store, job_id)
         if job.state != "succeeded":
             raise HTTPException(409, f"job {job_id} is {job.state}: an adapter exists once it succeeded")
         archive = adapter_archive(job_folder(settings.root, job_id), job_id)
@@ -200,6 +234,10 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
     def list_adapters() -> dict:
         folders = [(job_folder(settings.root, job.id), job) for job in store.list(("succeeded",))]
         return {"adapters": [adapter_record(folder, job_view(job, folder)) for folder, job in folders]}
+
+
+def add_file_routes(v1: APIRouter, settings: Settings) -> None:
+    """Uploads under ROOT/files, which job configs name as files/<path>."""
 
     @v1.put(
         "/files/{path:path}",
@@ -224,9 +262,6 @@ def create_app(settings: Settings, echo=print) -> FastAPI:
     def uploaded_files() -> dict:
         return {"files": list_files(settings.root)}
 
-    app.include_router(v1)
-    return app
-
 
 async def read_capped(request: Request, limit: int) -> bytes:
     body = bytearray()
@@ -247,5 +282,6 @@ def parse_submission(body: bytes, content_type: str, priority: int, name: Option
         where = ".".join(str(part) for part in problem["loc"]) or "body"
         raise HTTPException(
             400,
-            f'{where}: {problem["msg"]} (send JSON {{"config": ..., "priority": 0}} or a YAML body with Content-Type application/yaml)',
+            f'{where}: {problem["msg"]} (send JSON {{"config": ..., "priority": 0}} '
+            "or a YAML body with Content-Type application/yaml)",
         ) from None

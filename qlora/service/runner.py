@@ -149,9 +149,8 @@ class Runner:
             return False  # cancelled between the listing and now
         try:
             log = open(folder / "log.txt", "ab")
-            log.write(
-                f"== qlora serve: attempt {attempt} on slot {slot}{' (resumes from its checkpoint)' if attempt > 1 else ''}\n".encode()
-            )
+            resumes = " (resumes from its checkpoint)" if attempt > 1 else ""
+            log.write(f"== qlora serve: attempt {attempt} on slot {slot}{resumes}\n".encode())
             log.flush()
             process = subprocess.Popen(
                 shepherded(qlora_command("train", str(folder / "job.yaml"))),

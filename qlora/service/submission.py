@@ -66,7 +66,8 @@ def prepare_job(root: Path, raw, allow_remote_code: bool, device: Optional[str])
             raise Rejected(relative_to_root(str(error), root)) from None
         if config.model.trust_remote_code and not allow_remote_code:
             raise Rejected(
-                "model.trust_remote_code: refused; this service runs no code shipped with a model (start it with --allow-remote-code to allow)"
+                "model.trust_remote_code: refused; this service runs no code shipped with a model "
+                "(start it with --allow-remote-code to allow)"
             )
         report = validate_data(job_file, folder, device)
         return Submission(job_id, folder, report.get("optimizer_steps"))

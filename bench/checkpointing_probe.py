@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     from bench.fixture import build_model
     from qlora.adapters import attach_lora
-    from qlora.config import ModelSection, QuantizationSection
+    from qlora.config import LoraSection, ModelSection, QuantizationSection
     from qlora.model.base import load_base
 
     folder = Path(args.work)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     mode = {"true": True, "false": False, "selective": "selective"}[args.mode]
     source, quantization = ModelSection(name_or_path=str(folder)), QuantizationSection(compute_dtype="float32")
     base = load_base(source, quantization, gradient_checkpointing=mode)
-    model = attach_lora(base, r=16, alpha=32, dropout=0.05, target_modules="all-linear", seed=0).train()
+    model = attach_lora(base, LoraSection(r=16, alpha=32, dropout=0.05), seed=0).train()
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 250, (1, sum(ROWS)), generator=generator)
     positions = torch.cat([torch.arange(length) for length in ROWS])[None]

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from qlora.adapters import attach_lora  # noqa: E402
-from qlora.config import ModelSection, QuantizationSection  # noqa: E402
+from qlora.config import LoraSection, ModelSection, QuantizationSection  # noqa: E402
 from qlora.data import Batch  # noqa: E402
 from qlora.model.base import load_base  # noqa: E402
 from qlora.training.loss import summed_cross_entropy  # noqa: E402
@@ -44,7 +44,7 @@ def main(setting: str) -> None:
         build_tiny_model(Path(folder), hidden=256, vocab=VOCAB)
         quantization = QuantizationSection(compute_dtype="float32")
         base = load_base(ModelSection(name_or_path=folder), quantization, gradient_checkpointing=True)
-    model = attach_lora(base, r=16, alpha=32, dropout=0.0, target_modules="all-linear", seed=0).train()
+    model = attach_lora(base, LoraSection(r=16, alpha=32, dropout=0.0), seed=0).train()
     tokens = ROWS * ROW_TOKENS
     ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(0))
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qlora.adapters.lora import attach_lora
+from qlora.config import LoraSection
 from qlora.training.loop import summed_loss
 from tests.tiny_training import batches_fn, run_logged, settings, tiny_base, tokenized
 
@@ -17,7 +18,7 @@ MODES = (True, "selective", False)
 
 def build(model_dir, mode):
     base = tiny_base(model_dir, gradient_checkpointing=mode)
-    return attach_lora(base, r=8, alpha=16, dropout=0.1, target_modules="all-linear", seed=0)
+    return attach_lora(base, LoraSection(r=8, alpha=16, dropout=0.1), seed=0)
 
 
 def matmuls_4bit_per_step(model, batch) -> int:

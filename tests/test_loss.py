@@ -13,6 +13,7 @@ import torch
 
 from qlora import data
 from qlora.adapters import attach_lora
+from qlora.config import LoraSection
 from qlora.model.base import load_tokenizer
 from qlora.training.loss import summed_cross_entropy
 from tests.tiny import build_tiny_model, write_chat_data, write_job
@@ -32,7 +33,7 @@ def wide_vocab_dir(tmp_path_factory):
 def model(wide_vocab_dir):
     """NF4 base + LoRA whose B is not zero, so every A and B gets a gradient."""
     base = tiny_base(wide_vocab_dir)
-    model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
+    model = attach_lora(base, LoraSection(r=8, alpha=16, dropout=0.0), seed=0).train()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -172,7 +173,7 @@ def test_a_softcapped_head_takes_the_whole_path_and_says_so(tmp_path, capfd, sof
     own; the same model without the softcap is chunked."""
     directory = build_tiny_gemma2(tmp_path / "gemma2", softcap)
     base = tiny_base(directory)
-    model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
+    model = attach_lora(base, LoraSection(r=8, alpha=16, dropout=0.0), seed=0).train()
     batch = random_batch(rows=2, length=40, vocab=1024)
     capfd.readouterr()
     with VocabSizedTensors(1024) as recorder:
@@ -250,7 +251,7 @@ def test_under_the_loops_bf16_autocast_the_head_is_chunked_in_bf16_with_the_same
 
     # A float32 head: only the autocast makes its logits bf16 (a bf16 head would be bf16 anyway).
     base = tiny_base(wide_vocab_dir)
-    model = attach_lora(base, r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=0).train()
+    model = attach_lora(base, LoraSection(r=8, alpha=16, dropout=0.0), seed=0).train()
     bf16 = Precision("cpu", torch.bfloat16, torch.amp.GradScaler("cpu", enabled=False))
     losses, head_dtypes, note = bf16_losses(model, bf16, capfd)
     assert note == ""

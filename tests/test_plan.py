@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora.config import LoraSection
 from qlora.plan.architecture import load_architecture, shipped_architectures
 from qlora.plan.memory import PlanSettings, largest_micro_batch, make_plan
 from tests.tiny import build_tiny_model, write_job
@@ -97,16 +98,10 @@ def test_planned_weight_bytes_equal_the_loaded_4bit_model(tiny256, compute_dtype
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_lora_and_optimizer_bytes_equal_the_real_tensors(tiny256, optimizer):
     from qlora.adapters import attach_lora
-    from qlora.config import TrainSection
+    from qlora.config import LoraSection, TrainSection
     from qlora.training.builders import build_optimizer
 
-    model = attach_lora(
-        tiny_base(tiny256),
-        r=16,
-        alpha=32,
-        dropout=0.0,
-        target_modules="all-linear",
-    )
+    model = attach_lora(tiny_base(tiny256), LoraSection(r=16, alpha=32, dropout=0.0), seed=0)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer_object = build_optimizer(model, TrainSection(optimizer=optimizer))
     input_ids = torch.randint(0, 320, (2, 32))
@@ -152,7 +147,7 @@ def test_activation_formula_matches_the_tensors_autograd_saves(tiny256, checkpoi
     base = tiny_base(tiny256, gradient_checkpointing=True)
     if not checkpointing:
         base.gradient_checkpointing_disable()  # input grads stay on, as in training
-    model = attach_lora(base, r=8, alpha=16, dropout=dropout, target_modules="all-linear")
+    model = attach_lora(base, LoraSection(r=8, alpha=16, dropout=dropout), seed=0)
     model.train()
     batch, seq_len = 2, 96
     measured = saved_activation_bytes(model, torch.randint(0, 320, (batch, seq_len)))

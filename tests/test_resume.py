@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from qlora import data
 from qlora.adapters import attach_lora, load_adapter_weights, save_adapter
 from qlora.cli.main import main
-from qlora.config import load_config
+from qlora.config import LoraSection, load_config
 from qlora.errors import EXIT_ABORTED, EXIT_CHECKPOINT, EXIT_INTERRUPTED, EXIT_TRAINING, CheckpointError
 from qlora.job.run import run_job
 from qlora.model.base import load_tokenizer
@@ -148,13 +148,7 @@ def test_data_order_after_resume_is_the_uninterrupted_order(tiny_model_dir, tmp_
         )
 
     def model():
-        return attach_lora(
-            tiny_base(tiny_model_dir),
-            r=8,
-            alpha=16,
-            dropout=0.1,
-            target_modules="all-linear",
-        )
+        return attach_lora(tiny_base(tiny_model_dir), LoraSection(r=8, alpha=16, dropout=0.1), seed=0)
 
     section = settings(max_steps=9, grad_accum_steps=2, save_every=3, max_grad_norm=1.0)  # 7 micro-batches per epoch
     uninterrupted = []
@@ -402,11 +396,7 @@ def test_missing_incomplete_and_damaged_checkpoints_are_named(interrupted_job, c
 def test_strict_adapter_reload_refuses_missing_and_unexpected_keys(tiny_model_dir, tmp_path):
     def model(targets):
         return attach_lora(
-            tiny_base(tiny_model_dir),
-            r=8,
-            alpha=16,
-            dropout=0.0,
-            target_modules=targets,
+            tiny_base(tiny_model_dir), LoraSection(r=8, alpha=16, dropout=0.0, target_modules=targets), seed=0
         )
 
     saved = tmp_path / "attention-only"

@@ -83,13 +83,14 @@ def test_cheap_mask_dropout_drops_at_rate_p_and_keeps_the_expectation():
 
 def test_lora_dropout_is_cheap_mask_and_replayed_under_gradient_checkpointing(tiny_model_dir, tmp_path):
     from qlora.adapters import attach_lora
+    from qlora.config import LoraSection
 
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=4)
     batch = data.epoch_batches(examples, 4, False, 64, tokenizer.pad_token_id, seed=0, epoch=0)[0]
     grads = []
     for checkpointing in (False, True):
         base = tiny_base(tiny_model_dir, gradient_checkpointing=checkpointing)
-        model = attach_lora(base, r=8, alpha=16, dropout=0.3, target_modules="all-linear", seed=0).train()
+        model = attach_lora(base, LoraSection(r=8, alpha=16, dropout=0.3), seed=0).train()
         assert sum(isinstance(module, CheapMaskDropout) for module in model.modules()) == 14  # 7 linears x 2 layers
         torch.manual_seed(5)
         summed_loss(model, batch, torch.device("cpu")).backward()

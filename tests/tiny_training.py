@@ -8,7 +8,7 @@ from typing import Optional
 
 from qlora import data
 from qlora.adapters import attach_lora
-from qlora.config import ModelSection, QuantizationSection, TrainSection
+from qlora.config import LoraSection, ModelSection, QuantizationSection, TrainSection
 from qlora.model.base import load_base, load_tokenizer
 from qlora.training.builders import build_optimizer, build_schedule, loop_settings
 from qlora.training.loop import LoopResult, train
@@ -31,7 +31,7 @@ def tiny_base(model_dir, bits=4, compute_dtype="float32", gradient_checkpointing
 
 def build_model(model_dir, dropout=0.0, bits=4, compute_dtype="float32", seed=0, gradient_checkpointing=True):
     base = tiny_base(model_dir, bits, compute_dtype, gradient_checkpointing)
-    return attach_lora(base, r=8, alpha=16, dropout=dropout, target_modules="all-linear", seed=seed)
+    return attach_lora(base, LoraSection(r=8, alpha=16, dropout=dropout), seed=seed)
 
 
 def tokenized(model_dir, tmp_path, rows=24, seed=1):

@@ -9,19 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from qlora.config import LoraSection
 
-def attach_lora(
-    model,
-    *,
-    r: int,
-    alpha: float,
-    dropout: float,
-    target_modules: Union[str, list[str]],
-    use_rslora: bool = False,
-    use_dora: bool = False,
-    seed: int = 0,
-):
-    """Wrap the frozen base with trainable LoRA weights kept in float32.
+
+def attach_lora(model, lora: LoraSection, *, seed: int):
+    """Wrap the frozen base with trainable LoRA weights kept in float32, as the lora section says.
 
     "all-linear" is peft's own rule: every linear layer except the output head. The seed makes
     the A-matrix init reproducible regardless of what ran before.
@@ -31,12 +23,12 @@ def attach_lora(
 
     lora_config = LoraConfig(
         task_type="CAUSAL_LM",
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        use_rslora=use_rslora,
-        use_dora=use_dora,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         bias="none",
     )
     with torch.random.fork_rng(devices=[]):

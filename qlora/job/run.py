@@ -213,7 +213,7 @@ def load_model(config: JobConfig, echo: Callable[[str], None]) -> tuple[object, 
     memory = format_bytes(weight_bytes(base))
     echo(f"base: {config.model.name_or_path} ({config.quantization.describe()}), {memory} in memory")
     lora = config.lora
-    model = attach_lora(base, **lora.model_dump(), seed=config.train.seed)
+    model = attach_lora(base, lora, seed=config.train.seed)
     trainable, total = parameter_counts(model)
     share = f"{100 * trainable / total:.3f}%"
     echo(f"trainable parameters: {trainable:,} of {total:,} ({share}), LoRA r={lora.r} alpha={lora.alpha:g}")

@@ -103,7 +103,8 @@ def prove(model: str, args) -> dict:
     from qlora.errors import QloraError
     from qlora.job.run import run_job
     from qlora.plan.architecture import load_architecture
-    from qlora.plan.memory import make_plan, settings_from_job
+    from qlora.plan.memory import make_plan
+    from qlora.plan.settings import settings_from_job
 
     with tempfile.TemporaryDirectory(prefix="plan-proof-") as folder:
         config = load_config(write_job(Path(folder), model, args), args.overrides)

@@ -107,8 +107,10 @@ def test_selective_needs_a_4bit_base(tmp_path):
 def test_plan_puts_selective_between_full_checkpointing_and_none():
     from dataclasses import replace
 
+    from qlora.plan.activations import activation_lines, layer_linears
     from qlora.plan.architecture import load_architecture
-    from qlora.plan.memory import PlanSettings, activation_lines, flops_per_token, layer_linears
+    from qlora.plan.memory import flops_per_token
+    from qlora.plan.settings import PlanSettings
 
     arch = load_architecture("llama-3.1-8b")
     full = PlanSettings(seq_len=2048)

@@ -218,7 +218,9 @@ def test_a_bad_chunk_size_is_a_one_line_error_naming_the_key(tiny_model_dir, tmp
 
 def test_plan_counts_one_chunk_of_logits_by_the_loops_rule():
     from qlora.plan.architecture import load_architecture
-    from qlora.plan.memory import PlanSettings, loss_chunk_tokens, make_plan
+    from qlora.plan.loss_chunks import loss_chunk_tokens
+    from qlora.plan.memory import make_plan
+    from qlora.plan.settings import PlanSettings
 
     llama3 = load_architecture("llama-3.1-8b")
     assert loss_chunk_tokens(llama3.vocab) == 523 == 256 * 2**20 // (4 * 128256)

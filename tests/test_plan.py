@@ -12,7 +12,8 @@ import torch
 
 from qlora.config import LoraSection
 from qlora.plan.architecture import load_architecture, shipped_architectures
-from qlora.plan.memory import PlanSettings, largest_micro_batch, make_plan
+from qlora.plan.memory import largest_micro_batch, make_plan
+from qlora.plan.settings import PlanSettings
 from tests.tiny import build_tiny_model, write_job
 from tests.tiny_training import tiny_base
 
@@ -212,7 +213,7 @@ def test_auto_micro_batch_takes_the_largest_that_fits_and_keeps_the_effective_ba
     from qlora.config import load_config
     from qlora.errors import ConfigError
     from qlora.job.run import validate_job
-    from qlora.plan.memory import settings_from_job
+    from qlora.plan.settings import settings_from_job
 
     job = write_job(
         tmp_path, tiny_model_dir, train={"micro_batch_size": "auto", "grad_accum_steps": 1, "effective_batch_size": 12}

@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from qlora.plan.architecture import load_architecture
-from qlora.plan.memory import PlanSettings, make_plan
+from qlora.plan.memory import make_plan
+from qlora.plan.settings import PlanSettings
 from tests.tiny import write_job
 
 

@@ -50,7 +50,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from qlora.errors import ConfigError
     from qlora.plan.architecture import load_architecture
     from qlora.plan.hardware import find_gpu
-    from qlora.plan.memory import make_plan, seconds_per_token, settings_from_job
+    from qlora.plan.memory import make_plan, seconds_per_token
+    from qlora.plan.settings import settings_from_job
     from qlora.sizes import parse_bytes
 
     if args.config.endswith((".yaml", ".yml")):

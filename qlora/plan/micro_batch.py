@@ -14,7 +14,8 @@ from typing import Callable, Optional
 from qlora.config import JobConfig
 from qlora.errors import ConfigError
 from qlora.plan.architecture import load_architecture
-from qlora.plan.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan, settings_from_job
+from qlora.plan.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan
+from qlora.plan.settings import settings_from_job
 from qlora.sizes import format_bytes, parse_bytes
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from qlora.labels import IGNORE_INDEX
-from qlora.plan.memory import loss_chunk_tokens
+from qlora.plan.loss_chunks import loss_chunk_tokens
 
 PROBE_TOKENS = 16  # positions the probe compares: enough to see a softcap, cheap next to a step
 

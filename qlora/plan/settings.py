@@ -1,0 +1,71 @@
+"""What the arithmetic takes (PlanSettings, from a job config at the edge) and gives back per
+line of the breakdown (Line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from qlora.config import DataSection, LoraSection, QuantizationSection, TrainSection
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def default(section, key: str):
+    """The schema's default of `key`: written once, there."""
+    return section.model_fields[key].default
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Plain arguments the arithmetic needs (built from a JobConfig at the edge); each default is
+    the job schema's, read from it, so a plan of a bare setting is a plan of the default job."""
+
+    micro_batch: int = default(TrainSection, "micro_batch_size")  # a number: auto is planned one size at a time
+    seq_len: int = default(DataSection, "max_seq_len")
+    gradient_checkpointing: Union[bool, str] = default(TrainSection, "gradient_checkpointing")  # or "selective"
+    grad_accum_steps: int = default(TrainSection, "grad_accum_steps")
+    bits: Optional[int] = default(QuantizationSection, "bits")
+    double_quant: bool = default(QuantizationSection, "double_quant")
+    compute_dtype: str = default(QuantizationSection, "compute_dtype")
+    lora_r: int = default(LoraSection, "r")
+    target_modules: Union[str, tuple[str, ...]] = default(LoraSection, "target_modules")
+    lora_dropout: float = default(LoraSection, "dropout")
+    use_dora: bool = default(LoraSection, "use_dora")
+    optimizer: str = default(TrainSection, "optimizer")
+    # A CUDA dropout mask is one byte per element; on CPU it has the activation's dtype.
+    dropout_mask_bytes: int = 1
+    loss_chunk_tokens: Union[int, str] = default(TrainSection, "loss_chunk_tokens")  # a number, auto or off
+
+
+@dataclass
+class Line:
+    name: str
+    bytes: int
+    why: str
+    counted: bool = True  # False: shown for comparison, not part of the peak (the smaller phase)
+
+
+def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings:
+    """PlanSettings from a JobConfig (micro_batch overrides train.micro_batch_size, e.g. when it is auto)."""
+    train, lora, quant = config.train, config.lora, config.quantization
+    batch = (
+        micro_batch
+        if micro_batch is not None
+        else (train.micro_batch_size if isinstance(train.micro_batch_size, int) else 1)
+    )
+    return PlanSettings(
+        micro_batch=batch,
+        seq_len=config.data.max_seq_len,
+        gradient_checkpointing=train.gradient_checkpointing,
+        grad_accum_steps=train.grad_accum_steps,
+        bits=quant.bits,
+        double_quant=quant.double_quant,
+        compute_dtype=quant.compute_dtype,
+        lora_r=lora.r,
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules),
+        lora_dropout=lora.dropout,
+        use_dora=lora.use_dora,
+        optimizer=train.optimizer,
+        loss_chunk_tokens=train.loss_chunk_tokens,
+    )

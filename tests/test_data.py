@@ -10,7 +10,6 @@ from itertools import groupby
 import pytest
 
 from qlora.data import (
-    IGNORE_INDEX,
     batches_per_epoch,
     epoch_batches,
     prompt_and_answer,
@@ -22,6 +21,7 @@ from qlora.data import (
 from qlora.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from qlora.demo.tokenizer import build_tokenizer
 from qlora.errors import DataError
+from qlora.labels import IGNORE_INDEX
 
 EOS = "<|im_end|>"
 CHAT = {

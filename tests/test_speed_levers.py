@@ -14,7 +14,7 @@ import torch
 
 from qlora import data
 from qlora.adapters.dropout import CheapMaskDropout
-from qlora.data import IGNORE_INDEX
+from qlora.labels import IGNORE_INDEX
 from qlora.model.row_attention import ROW_ATTENTION, row_bounds
 from qlora.training.loop import summed_loss
 from tests.tiny_training import build_model, tiny_base, tokenized

@@ -25,6 +25,7 @@ from qlora.adapters.loading import (
 )
 from qlora.data.sources import read_records
 from qlora.errors import DataError
+from qlora.labels import IGNORE_INDEX
 from qlora.training.loop import evaluate, safe_exp
 
 
@@ -93,8 +94,8 @@ def prompt_examples(path: str, tokenizer, chat: bool, max_seq_len: int) -> tuple
         context = prompt_ids(tokenizer, prompt.text, chat, prompt.where)
         answer = tokenizer(prompt.expected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         input_ids = (context + answer)[:max_seq_len]
-        labels = ([data.IGNORE_INDEX] * len(context) + answer)[:max_seq_len]
-        if all(label == data.IGNORE_INDEX for label in labels[1:]):
+        labels = ([IGNORE_INDEX] * len(context) + answer)[:max_seq_len]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
             raise DataError(f"{prompt.where}: the prompt alone fills --max-seq-len={max_seq_len}, so nothing is scored")
         row = data.Row(source=prompt.source, line=prompt.line, format="prompt", fields={})
         examples.append(

@@ -15,10 +15,9 @@ from qlora.data.batching import Batch, batches_per_epoch, epoch_batches
 from qlora.data.cache import tokenize_rows_cached
 from qlora.data.report import describe_data, render_supervision
 from qlora.data.sources import Row, read_rows, split_eval
-from qlora.data.tokenize import IGNORE_INDEX, Example, TokenizedSet, prompt_and_answer, tokenize_rows, turn_terminators
+from qlora.data.tokenize import Example, TokenizedSet, prompt_and_answer, tokenize_rows, turn_terminators
 
 __all__ = [
-    "IGNORE_INDEX",
     "Batch",
     "Example",
     "Row",

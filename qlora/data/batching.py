@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qlora.data.tokenize import IGNORE_INDEX, Example
+from qlora.data.tokenize import Example
+from qlora.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from itertools import groupby
 
-from qlora.data.tokenize import IGNORE_INDEX, Example
+from qlora.data.tokenize import Example
+from qlora.labels import IGNORE_INDEX
 
 SUPERVISED_OPEN = "⟦"
 SUPERVISED_CLOSE = "⟧"

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from qlora.adapters.exact_match import exact_match
-from qlora.data import IGNORE_INDEX, Row
+from qlora.data import Row
 from qlora.demo.tasks import MAX_LETTERS, MIN_LETTERS, NEW_TASK, PRETRAIN_TASKS, Task, new_task_splits, pretrain_rows
 from qlora.demo.tokenizer import build_tokenizer
+from qlora.labels import IGNORE_INDEX
 
 # bitsandbytes' CPU 4-bit kernels fail unless every linear layer's input size (hidden and MLP
 # size) is a multiple of 64; the vocabulary is padded to it as well.

@@ -144,10 +144,12 @@ def describe_result(result: JobResult) -> str:
     lines = [
         "done.",
         f"  steps            {loop.steps} ({loop.seconds:.1f} s)",
-        f"  tokens           {loop.supervised_tokens:,} supervised of {loop.tokens:,} ({loop.tokens_per_s:,.0f} supervised tokens/s)",
+        f"  tokens           {loop.supervised_tokens:,} supervised of {loop.tokens:,} "
+        f"({loop.tokens_per_s:,.0f} supervised tokens/s)",
         f"  peak memory      {format_bytes(loop.peak_memory_bytes)} ({loop.peak_memory_kind.replace('_', ' ')})",
         f"  final train loss {loop.final_loss:.4f}",
-        f"  MFU              {loop.mfu:.1%} of a measured peak of {loop.peak_flops_per_s / 1e9:,.0f} GFLOP/s (useful FLOPs: qlora/plan/flops.py)",
+        f"  MFU              {loop.mfu:.1%} of a measured peak of {loop.peak_flops_per_s / 1e9:,.0f} GFLOP/s "
+        "(useful FLOPs: qlora/plan/flops.py)",
     ]
     if loop.eval_loss is not None:
         before = f" (before training {loop.eval_loss_before:.4f})" if loop.eval_loss_before is not None else ""
@@ -156,7 +158,8 @@ def describe_result(result: JobResult) -> str:
         )
     if result.exact_match_after is not None:
         lines.append(
-            f"  exact match      {100 * result.exact_match_before.score:.1f}% -> {100 * result.exact_match_after.score:.1f}%"
+            f"  exact match      {100 * result.exact_match_before.score:.1f}% -> "
+            f"{100 * result.exact_match_after.score:.1f}%"
         )
     lines.append(f"  trainable        {result.trainable_parameters:,} parameters")
     lines.append(f"  adapter          {result.adapter_path} ({format_bytes(result.adapter_bytes)})")

@@ -93,7 +93,8 @@ def check_same_run(
     ]
     if moved:
         echo(
-            f"warning: library versions changed since the checkpoint ({', '.join(moved)}); results may differ in the last digits"
+            f"warning: library versions changed since the checkpoint ({', '.join(moved)}); "
+            "results may differ in the last digits"
         )
 
 

@@ -89,7 +89,8 @@ def build_random_base(
 
 
 def materialize(parameter, dtype, device, std: float, generator):
-    """A meta parameter made real: 4-bit weights drawn ~N(0, std) then quantized at once; others left for _init_weights."""
+    """A meta parameter made real: 4-bit weights drawn ~N(0, std) then quantized at once; others
+    left for _init_weights."""
     import torch
 
     if is_4bit(parameter):

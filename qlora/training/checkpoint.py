@@ -119,7 +119,8 @@ def verify_checkpoint(folder: Path) -> None:
             raise CheckpointError(f"{path}: missing from the checkpoint; resume from an older one with --resume-from")
         if sha256_file(path) != digest:
             raise CheckpointError(
-                f"{path}: damaged (sha256 differs from when it was written); resume from an older one with --resume-from"
+                f"{path}: damaged (sha256 differs from when it was written); "
+                "resume from an older one with --resume-from"
             )
 
 

@@ -229,7 +229,10 @@ def stop_message(done: int, max_steps: int, saved_step: int, saved_path: Optiona
     if saved_path is not None:
         return f"stopped on request {where}; checkpoint {saved_path}; rerun the same command to resume"
     if saved_step:
-        return f"stopped on request {where}; nothing new since the step-{saved_step} checkpoint; rerun the same command to resume"
+        return (
+            f"stopped on request {where}; nothing new since the step-{saved_step} checkpoint; "
+            "rerun the same command to resume"
+        )
     return f"stopped on request {where}; nothing trained yet; rerun the same command to start"
 
 

@@ -142,7 +142,8 @@ def head_reproduces_logits(model: torch.nn.Module, head: torch.nn.Module, inputs
     verdict = ours is not None and logits_agree(own, ours)
     if not verdict:
         print(
-            f"note: {type(unwrapped(model)).__name__}'s logits are not its output head's alone (a softcap or logit scale?): "
+            f"note: {type(unwrapped(model)).__name__}'s logits are not its output head's alone "
+            "(a softcap or logit scale?): "
             "its loss computes the logits of all supervised positions at once, not in chunks",
             file=sys.stderr,
         )

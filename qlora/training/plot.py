@@ -32,12 +32,14 @@ def write_loss_plot(rows: list[dict], path: Path, title: str = "") -> None:
         return HEIGHT - MARGIN - (HEIGHT - 2 * MARGIN) * (scale(value) - low) / (high - low)
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+        'font-family="sans-serif" font-size="12">',
         f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
         f'<text x="{WIDTH / 2}" y="20" text-anchor="middle">{html.escape(title)}</text>',
         f'<line x1="{MARGIN}" y1="{HEIGHT - MARGIN}" x2="{WIDTH - MARGIN}" y2="{HEIGHT - MARGIN}" stroke="black"/>',
         f'<line x1="{MARGIN}" y1="{MARGIN}" x2="{MARGIN}" y2="{HEIGHT - MARGIN}" stroke="black"/>',
-        f'<text x="{WIDTH / 2}" y="{HEIGHT - 12}" text-anchor="middle">optimizer step (0 .. {last_step}); loss{" (log scale)" if log_axis else ""}</text>',
+        f'<text x="{WIDTH / 2}" y="{HEIGHT - 12}" text-anchor="middle">'
+        f"optimizer step (0 .. {last_step}); loss{' (log scale)' if log_axis else ''}</text>",
     ]
     for tick in ticks(min(values), max(values), log_axis):
         parts.append(

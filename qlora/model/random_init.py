@@ -29,7 +29,6 @@ def build_random_base(
     all weights in the compute dtype (bits None); embeddings, norms and head in the compute dtype."""
     import torch
     from accelerate import init_empty_weights
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     bits, compute_dtype = quantization.bits, quantization.compute_dtype
@@ -48,44 +47,46 @@ def build_random_base(
     )
 
     std = getattr(hf_config.get_text_config(), "initializer_range", None) or 0.02
-    generator = torch.Generator(device=device).manual_seed(seed)
-    materialized: dict[int, torch.nn.Parameter] = {}  # tied weights are one tensor: build it once
+    with torch.no_grad():
+        materialize_modules(model, dtype, device, std, torch.Generator(device=device).manual_seed(seed))
+    leftover = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if leftover:
+        raise ModelError(f"model.init random: could not build {leftover[0]} for {source}")
+    if device.type == "cuda":
+        # As from_pretrained(device_map={"": index}) leaves it: accelerate then keeps it in place.
+        model.hf_device_map = {"": device.index}
+    if quantizer is not None:
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)
+    model.eval()  # as from_pretrained leaves it; the loop switches to train()
+    return model
+
+
+def materialize_modules(model, dtype, device, std: float, generator) -> None:
+    """Every meta parameter and buffer made real on `device`, module by module (at most one
+    16-bit linear weight alive); what is not a 4-bit weight gets the architecture's own init."""
+    from tqdm.auto import tqdm
+
+    materialized = {}  # tied weights are one tensor: build it once
     modules = [
         module
         for module in model.modules()
         if next(module.parameters(recurse=False), None) is not None
         or next(module.buffers(recurse=False), None) is not None
     ]
-    with torch.no_grad():
-        for module in tqdm(
-            modules, desc="random base", unit="module", file=sys.stderr, dynamic_ncols=True, leave=False
-        ):
-            for name, buffer in list(module.named_buffers(recurse=False)):
-                module._buffers[name] = buffer.to(device)
-            fresh = False
-            for name, parameter in list(module.named_parameters(recurse=False)):
-                if id(parameter) not in materialized:
-                    materialized[id(parameter)] = materialize(parameter, dtype, device, std, generator)
-                    fresh = fresh or not is_4bit(parameter)
-                module._parameters[name] = materialized[id(parameter)]
-            if fresh and not is_4bit_linear(module):
-                model._init_weights(
-                    module
-                )  # the architecture's own init: norms to 1 (0 for Gemma), embeddings ~N(0, std)
-            elif fresh and module.bias is not None:
-                module.bias.zero_()
-    leftover = [name for name, parameter in model.named_parameters() if parameter.is_meta]
-    if leftover:
-        raise ModelError(f"model.init random: could not build {leftover[0]} for {source}")
-    if device.type == "cuda":
-        model.hf_device_map = {
-            "": device.index
-        }  # as from_pretrained(device_map={"": index}): accelerate then leaves it in place
-    if quantizer is not None:
-        model.hf_quantizer = quantizer
-        quantizer.postprocess_model(model)
-    model.eval()  # as from_pretrained leaves it; the loop switches to train()
-    return model
+    for module in tqdm(modules, desc="random base", unit="module", file=sys.stderr, dynamic_ncols=True, leave=False):
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buffer.to(device)
+        fresh = False
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            if id(parameter) not in materialized:
+                materialized[id(parameter)] = materialize(parameter, dtype, device, std, generator)
+                fresh = fresh or not is_4bit(parameter)
+            module._parameters[name] = materialized[id(parameter)]
+        if fresh and not is_4bit_linear(module):
+            model._init_weights(module)  # the architecture's own init: norms to 1 (0 for Gemma), embeddings ~N(0, std)
+        elif fresh and module.bias is not None:
+            module.bias.zero_()
 
 
 def materialize(parameter, dtype, device, std: float, generator):

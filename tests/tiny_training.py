@@ -65,7 +65,15 @@ def train_tiny(
     schedule = build_schedule(optimizer, section, section.max_steps)
     settings_ = loop_settings(section, section.max_steps)
     return train(
-        model, optimizer, schedule, epoch_batches, eval_batches, settings_, precision, metrics, **loop_arguments
+        model,
+        optimizer,
+        schedule,
+        settings_,
+        epoch_batches,
+        eval_batches,
+        precision=precision,
+        metrics=metrics,
+        **loop_arguments,
     )
 
 

@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from qlora.adapters.loading import Quantization, load_with_adapters, select_adapter, trained_quantization
+from qlora.adapters.loading import load_with_adapters, select_adapter, trained_quantization
 from qlora.adapters.manifest import read_adapter_config, recorded_base
+from qlora.config import QuantizationSection
 from qlora.errors import ConfigError, ModelError, OutputError
 from qlora.output_dir import apply_umask
 from qlora.sizes import format_bytes
@@ -108,7 +109,7 @@ def merge_adapter(
 
 def check_merge_request(
     adapter_dir: Path, output_dir: Path, dtype: str, base: Optional[str], through_nf4: bool, max_shard_size: str
-) -> tuple[Optional[str], Quantization]:
+) -> tuple[Optional[str], QuantizationSection]:
     """The base to merge into and the quantization the adapter was trained on. Every flag is
     checked here, before a weight is loaded, so a typo costs seconds, not a model load."""
     if dtype not in MERGE_DTYPES:
@@ -130,7 +131,13 @@ def tokenize_prompts(tokenizer, prompts: tuple[str, ...]) -> list:
 
 
 def quantized_reference(
-    model16, adapter_dir: Path, base: Optional[str], trained: Quantization, input_ids: list, through_nf4: bool, echo
+    model16,
+    adapter_dir: Path,
+    base: Optional[str],
+    trained: QuantizationSection,
+    input_ids: list,
+    through_nf4: bool,
+    echo,
 ) -> list:
     """Logits of the 4-bit base + adapter that training saw. With through_nf4, `model16`'s base
     weights also take their round trip through 4-bit, so the merge starts from training's base.

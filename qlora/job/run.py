@@ -61,9 +61,8 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
     else:
         eval_rows = []
     shape = dict(max_seq_len=config.data.max_seq_len, train_on=config.data.train_on, too_long=config.data.too_long)
-    train_set, cache_hit = data.tokenize_rows_cached(
-        rows, tokenizer, **shape
-    )  # reused across runs: qlora/data/cache.py
+    # Tokenized sets are reused across runs (qlora/data/cache.py).
+    train_set, cache_hit = data.tokenize_rows_cached(rows, tokenizer, **shape)
     eval_set = data.tokenize_rows_cached(eval_rows, tokenizer, **shape)[0] if eval_rows else None
     echo(data.describe_data("train", train_set.stats) + (" (tokenized earlier: from the cache)" if cache_hit else ""))
     if eval_set:

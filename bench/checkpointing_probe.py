@@ -28,33 +28,14 @@ ROWS = (61, 107, 160, 300)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["true", "selective", "false"], help="train.gradient_checkpointing")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps, after one warm-up step")
-    parser.add_argument(
-        "--work", default=os.path.join(tempfile.gettempdir(), "qlora-bench-checkpointing"), help="fixture model folder"
-    )
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
     import torch.nn.functional as F
 
-    from bench.fixture import build_model
-    from qlora.adapters import attach_lora
-    from qlora.config import LoraSection, ModelSection, QuantizationSection
-    from qlora.model.base import load_base
-
-    folder = Path(args.work)
-    if not (folder / "config.json").is_file():
-        build_model(folder)
-    mode = {"true": True, "false": False, "selective": "selective"}[args.mode]
-    source, quantization = ModelSection(name_or_path=str(folder)), QuantizationSection(compute_dtype="float32")
-    base = load_base(source, quantization, gradient_checkpointing=mode)
-    model = attach_lora(base, LoraSection(r=16, alpha=32, dropout=0.05), seed=0).train()
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 250, (1, sum(ROWS)), generator=generator)
-    positions = torch.cat([torch.arange(length) for length in ROWS])[None]
+    model = probe_model(Path(args.work), {"true": True, "false": False, "selective": "selective"}[args.mode])
+    ids, positions = probe_batch()
     targets = torch.roll(ids, -1, 1)
     lora = [parameter for parameter in model.parameters() if parameter.requires_grad]
 
@@ -89,6 +70,40 @@ def main(argv=None) -> int:
         )
     )
     return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["true", "selective", "false"], help="train.gradient_checkpointing")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps, after one warm-up step")
+    parser.add_argument(
+        "--work", default=os.path.join(tempfile.gettempdir(), "qlora-bench-checkpointing"), help="fixture model folder"
+    )
+    return parser.parse_args(argv)
+
+
+def probe_model(folder: Path, mode):
+    """The fixture model (built on first use) in NF4 with LoRA r=16 on all linears, in train mode."""
+    from bench.fixture import build_model
+    from qlora.adapters import attach_lora
+    from qlora.config import LoraSection, ModelSection, QuantizationSection
+    from qlora.model.base import load_base
+
+    if not (folder / "config.json").is_file():
+        build_model(folder)
+    source, quantization = ModelSection(name_or_path=str(folder)), QuantizationSection(compute_dtype="float32")
+    base = load_base(source, quantization, gradient_checkpointing=mode)
+    return attach_lora(base, LoraSection(r=16, alpha=32, dropout=0.05), seed=0).train()
+
+
+def probe_batch():
+    """(ids, positions): the ROWS as one padding-free micro-batch of fixed random ids."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 250, (1, sum(ROWS)), generator=generator)
+    positions = torch.cat([torch.arange(length) for length in ROWS])[None]
+    return ids, positions
 
 
 if __name__ == "__main__":

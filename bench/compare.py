@@ -214,7 +214,32 @@ def run_ours(settings: dict, fixture: dict, padding_free: bool, checkpointing) -
     from qlora.training.metrics import peak_memory
 
     folder = Path(tempfile.mkdtemp(prefix="bench-ours-"))
-    job = {
+    job = ours_job(settings, fixture, padding_free, checkpointing, folder / "out")
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    result = run_job(load_config(folder / "job.yaml"), echo=lambda line: print(line, file=sys.stderr))
+    peak = peak_memory()[1]  # before the eval below loads a second base
+    model, tokenizer = load_trained_adapter(settings, fixture, folder / "out")
+    loop = result.loop
+    steps = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in steps if "loss" in row]
+    return {
+        "train_s": loop.seconds,
+        "supervised_tokens": loop.supervised_tokens,
+        "tokens": loop.tokens,
+        "final_train_loss": loop.final_loss,
+        "train_loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+        "eval_loss": held_out_loss(model, tokenizer, settings, fixture),
+        "adapter_dtype": "float32",
+        "peak_memory_bytes": peak,
+        "useful_flops": loop.useful_flops,
+        "mfu": round(loop.mfu, 5),
+        "peak_flops_per_s": loop.peak_flops_per_s,
+    }
+
+
+def ours_job(settings: dict, fixture: dict, padding_free: bool, checkpointing, output_dir: Path) -> dict:
+    """The job file's content: the shared settings in qlora's schema."""
+    return {
         "model": {"name_or_path": fixture["model"]},
         "quantization": {
             "bits": 4,
@@ -252,38 +277,24 @@ def run_ours(settings: dict, fixture: dict, padding_free: bool, checkpointing) -
             "seed": settings["seed"],
             "log_every": 1,
         },
-        "output": {"dir": str(folder / "out")},
+        "output": {"dir": str(output_dir)},
     }
-    (folder / "job.yaml").write_text(yaml.safe_dump(job))
-    result = run_job(load_config(folder / "job.yaml"), echo=lambda line: print(line, file=sys.stderr))
-    peak = peak_memory()[1]  # before the eval below loads a second base
+
+
+def load_trained_adapter(settings: dict, fixture: dict, adapter_dir: Path):
+    """(model, tokenizer): the trained adapter as written, on a freshly loaded base, so what is
+    evaluated is the artifact users get."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from qlora.config import ModelSection, QuantizationSection
     from qlora.model.base import load_base
 
-    # The trained adapter as written, on a freshly loaded base: the artifact users get is what is evaluated.
     tokenizer = AutoTokenizer.from_pretrained(fixture["model"])
     quantization = QuantizationSection(compute_dtype=settings["compute_dtype"])
     base = load_base(ModelSection(name_or_path=fixture["model"]), quantization, gradient_checkpointing=False)
-    model = PeftModel.from_pretrained(base, str(folder / "out"))
-    loop = result.loop
-    steps = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
-    losses = [row["loss"] for row in steps if "loss" in row]
-    return {
-        "train_s": loop.seconds,
-        "supervised_tokens": loop.supervised_tokens,
-        "tokens": loop.tokens,
-        "final_train_loss": loop.final_loss,
-        "train_loss_last5": sum(losses[-5:]) / len(losses[-5:]),
-        "eval_loss": held_out_loss(model, tokenizer, settings, fixture),
-        "adapter_dtype": "float32",
-        "peak_memory_bytes": peak,
-        "useful_flops": loop.useful_flops,
-        "mfu": round(loop.mfu, 5),
-        "peak_flops_per_s": loop.peak_flops_per_s,
-    }
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model, tokenizer
 
 
 def held_out_loss(model, tokenizer, settings: dict, fixture: dict) -> float:

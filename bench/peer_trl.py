@@ -42,23 +42,12 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    from qlora.model.base import disable_cpu_weight_repacking
     from qlora.training.metrics import peak_memory
 
     torch.manual_seed(settings["seed"])
-    tokenizer = AutoTokenizer.from_pretrained(fixture["model"])
-    dtype = getattr(torch, settings["compute_dtype"])
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-    )
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-    model = AutoModelForCausalLM.from_pretrained(
-        fixture["model"], quantization_config=quantization, dtype=dtype, device_map=device_map
-    )
-    disable_cpu_weight_repacking(model)  # the AVX512-BF16 trap (see qlora.model.base)
+    model, tokenizer = load_quantized(settings, fixture)
     lora = LoraConfig(
         r=settings["lora_r"],
         lora_alpha=settings["lora_alpha"],
@@ -67,34 +56,7 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
         task_type="CAUSAL_LM",
     )
     padding_free = mode == "best"
-    output_dir = tempfile.mkdtemp(prefix="bench-trl-")
-    config = SFTConfig(
-        output_dir=output_dir,
-        max_steps=settings["steps"],
-        per_device_train_batch_size=settings["micro_batch"],
-        gradient_accumulation_steps=settings["batch"] // settings["micro_batch"],
-        learning_rate=settings["learning_rate"],
-        lr_scheduler_type="cosine",
-        warmup_steps=settings["warmup_steps"],
-        optim="adamw_torch",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        seed=settings["seed"],
-        bf16=settings["compute_dtype"] == "bfloat16" and torch.cuda.is_available(),
-        fp16=False,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        # Padding-free without packing keeps the rows per step equal to ours; it needs max_length
-        # None (the fixture's rows all fit in max_seq_len, checked by our run's tokenization).
-        max_length=None if padding_free else settings["max_seq_len"],
-        padding_free=padding_free,
-        completion_only_loss=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    config = sft_config(settings, padding_free, output_dir=tempfile.mkdtemp(prefix="bench-trl-"))
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -128,3 +90,57 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
             "torch."
         ),
     }
+
+
+def load_quantized(settings: dict, fixture: dict):
+    """(model, tokenizer): the fixture's base in NF4 + double quant, loaded the transformers way."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from qlora.model.base import disable_cpu_weight_repacking
+
+    tokenizer = AutoTokenizer.from_pretrained(fixture["model"])
+    dtype = getattr(torch, settings["compute_dtype"])
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    model = AutoModelForCausalLM.from_pretrained(
+        fixture["model"], quantization_config=quantization, dtype=dtype, device_map=device_map
+    )
+    disable_cpu_weight_repacking(model)  # the AVX512-BF16 trap (see qlora.model.base)
+    return model, tokenizer
+
+
+def sft_config(settings: dict, padding_free: bool, output_dir: str):
+    """TRL's training arguments carrying the shared settings."""
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=settings["steps"],
+        per_device_train_batch_size=settings["micro_batch"],
+        gradient_accumulation_steps=settings["batch"] // settings["micro_batch"],
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=settings["warmup_steps"],
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=settings["seed"],
+        bf16=settings["compute_dtype"] == "bfloat16" and torch.cuda.is_available(),
+        fp16=False,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Padding-free without packing keeps the rows per step equal to ours; it needs max_length
+        # None (the fixture's rows all fit in max_seq_len, checked by our run's tokenization).
+        max_length=None if padding_free else settings["max_seq_len"],
+        padding_free=padding_free,
+        completion_only_loss=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )

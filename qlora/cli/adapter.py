@@ -15,32 +15,43 @@ ADAPTER_COMMANDS = ("generate", "eval", "merge", "inspect")
 
 
 def add_adapter_commands(commands) -> None:
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        parser = commands.add_parser(name, help=help_text)
-        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        return parser
+    add_generate_parser(commands)
+    add_eval_parser(commands)
+    add_merge_parser(commands)
+    add_inspect_parser(commands)
 
-    def loading_flags(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--adapter",
-            action="append",
-            required=True,
-            metavar="[NAME=]DIR",
-            help="adapter folder (repeatable; the name defaults to the folder's name)",
-        )
-        parser.add_argument("--base", help="base model folder or hub id (default: the one the adapter records)")
-        parser.add_argument(
-            "--bits",
-            type=int,
-            choices=(4, 8, 16),
-            help="load the base in 4/8/16 bits (default: as trained, else 4 = NF4)",
-        )
-        parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
-        parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
 
-    generate = command("generate", "generate text with the base + adapter(s)")
+def command_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text)
+    # Accepted after the sub-command too; SUPPRESS leaves the top-level --debug's value when absent.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def add_loading_flags(parser: argparse.ArgumentParser) -> None:
+    """Shared by generate and eval: both load the base and its adapters the same way."""
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="adapter folder (repeatable; the name defaults to the folder's name)",
+    )
+    parser.add_argument("--base", help="base model folder or hub id (default: the one the adapter records)")
+    parser.add_argument(
+        "--bits",
+        type=int,
+        choices=(4, 8, 16),
+        help="load the base in 4/8/16 bits (default: as trained, else 4 = NF4)",
+    )
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+
+
+def add_generate_parser(commands) -> None:
+    generate = command_parser(commands, "generate", "generate text with the base + adapter(s)")
     generate.add_argument("prompt", nargs="?", help="the prompt (or --file)")
-    loading_flags(generate)
+    add_loading_flags(generate)
     generate.add_argument(
         "--use", metavar="NAME", help="which loaded adapter answers ('base' = none; default: the first)"
     )
@@ -52,8 +63,12 @@ def add_adapter_commands(commands) -> None:
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
     generate.add_argument("--seed", type=int, default=0, help="seed set before every prompt (default 0)")
 
-    evaluate = command("eval", "eval loss and exact match: base alone vs base + adapter(s) on the same rows")
-    loading_flags(evaluate)
+
+def add_eval_parser(commands) -> None:
+    evaluate = command_parser(
+        commands, "eval", "eval loss and exact match: base alone vs base + adapter(s) on the same rows"
+    )
+    add_loading_flags(evaluate)
     evaluate.add_argument(
         "--data", required=True, help='training-format rows (chat/alpaca/text) or {"prompt", "expected"} rows'
     )
@@ -63,7 +78,11 @@ def add_adapter_commands(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
-    merge = command("merge", "merge an adapter into a 16-bit copy of its base (plain transformers model)")
+
+def add_merge_parser(commands) -> None:
+    merge = command_parser(
+        commands, "merge", "merge an adapter into a 16-bit copy of its base (plain transformers model)"
+    )
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--out", required=True, help="new folder for the merged model")
     merge.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
@@ -77,7 +96,11 @@ def add_adapter_commands(commands) -> None:
     merge.add_argument("--prompt", action="append", help="prompt to measure the logit difference on (repeatable)")
     merge.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
-    inspect = command("inspect", "what an adapter learned: parameter budget and delta-W spectra per layer")
+
+def add_inspect_parser(commands) -> None:
+    inspect = command_parser(
+        commands, "inspect", "what an adapter learned: parameter budget and delta-W spectra per layer"
+    )
     inspect.add_argument("adapter", help="adapter folder")
     inspect.add_argument("--plot", metavar="FILE.png", help="draw the singular value spectra (needs matplotlib)")
     inspect.add_argument("--json", action="store_true", help="print the full report as JSON")

@@ -113,39 +113,46 @@ def describe_plan(
         f"total on the card {format_bytes(plan.total_bytes)} ({plan.total_bytes / 1e9:.1f} GB)",
     ]
     if plan.budget_bytes is not None:
-        verdict = "FITS" if plan.fits else "DOES NOT FIT"
-        lines.append(f"  {verdict} in {format_bytes(plan.budget_bytes)}{f' ({gpu_name})' if gpu_name else ''}")
-        tips = plan.suggestions
-        if tips:
-            lines.append(
-                f"  largest micro_batch at seq_len {settings['seq_len']}: {tips['largest_micro_batch']}"
-                f"; largest seq_len at micro_batch {settings['micro_batch']}: {tips['largest_seq_len']}"
-            )
-            if tips["fits_without_checkpointing"]:
-                lines.append(
-                    f"  gradient checkpointing is not needed here (fits without it up to micro_batch "
-                    f"{tips['largest_micro_batch_without_checkpointing']}; ~30% less compute)"
-                )
-            else:
-                lines.append("  gradient checkpointing is needed: without it this does not fit")
-                if tips.get("fits_with_selective_checkpointing") and settings["gradient_checkpointing"] is True:
-                    lines.append(
-                        "  train.gradient_checkpointing: selective fits too "
-                        "(skips recomputing the 4-bit matmuls: less compute)"
-                    )
+        lines += fit_lines(plan, gpu_name)
     lines.append(f"  compute: {plan.flops_per_token / 1e9:.1f} GFLOP per training token")
     if tflops:
-        per_token = seconds_per_token(plan.flops_per_token, tflops, utilization)
-        lines.append(
-            f"  time at {utilization:.0%} of {tflops:g} TFLOP/s: {1 / per_token:,.0f} tokens/s, "
-            f"{per_token * 1e6 / 3600:.2f} h per million tokens"
-            + (
-                f", {per_token * epoch_tokens / 3600:.2f} h per epoch of {epoch_tokens:,} tokens"
-                if epoch_tokens
-                else ""
-            )
-        )
+        lines.append(time_line(plan.flops_per_token, tflops, utilization, epoch_tokens))
     return "\n".join(lines)
+
+
+def fit_lines(plan: Plan, gpu_name: Optional[str]) -> list[str]:
+    """The verdict against the budget, then how far the shape and checkpointing can move."""
+    settings = plan.settings
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines = [f"  {verdict} in {format_bytes(plan.budget_bytes)}{f' ({gpu_name})' if gpu_name else ''}"]
+    tips = plan.suggestions
+    if not tips:
+        return lines
+    lines.append(
+        f"  largest micro_batch at seq_len {settings['seq_len']}: {tips['largest_micro_batch']}"
+        f"; largest seq_len at micro_batch {settings['micro_batch']}: {tips['largest_seq_len']}"
+    )
+    if tips["fits_without_checkpointing"]:
+        lines.append(
+            f"  gradient checkpointing is not needed here (fits without it up to micro_batch "
+            f"{tips['largest_micro_batch_without_checkpointing']}; ~30% less compute)"
+        )
+    else:
+        lines.append("  gradient checkpointing is needed: without it this does not fit")
+        if tips.get("fits_with_selective_checkpointing") and settings["gradient_checkpointing"] is True:
+            lines.append(
+                "  train.gradient_checkpointing: selective fits too (skips recomputing the 4-bit matmuls: less compute)"
+            )
+    return lines
+
+
+def time_line(flops_per_token: float, tflops: float, utilization: float, epoch_tokens: Optional[int]) -> str:
+    per_token = seconds_per_token(flops_per_token, tflops, utilization)
+    return (
+        f"  time at {utilization:.0%} of {tflops:g} TFLOP/s: {1 / per_token:,.0f} tokens/s, "
+        f"{per_token * 1e6 / 3600:.2f} h per million tokens"
+        + (f", {per_token * epoch_tokens / 3600:.2f} h per epoch of {epoch_tokens:,} tokens" if epoch_tokens else "")
+    )
 
 
 def checkpointing_word(mode) -> str:

@@ -57,51 +57,70 @@ def layer_linears(arch: Architecture) -> list[Linear]:
 
 def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[Line], list[Line], list[Line]]:
     """(always held during the step, loss phase, backward phase)."""
-    e = DTYPE_BYTES[settings.compute_dtype]
     tokens = settings.micro_batch * settings.seq_len
     per_layer = layer_activation_bytes_per_token(arch, settings)
+    held = held_activations_line(arch, settings, per_layer, tokens)
+    loss = loss_line(arch, settings, tokens)
+    return [held], [loss], backward_lines(arch, settings, per_layer, tokens)
+
+
+def batch_shape(settings: PlanSettings) -> str:
+    return f"{settings.micro_batch} x {settings.seq_len} tokens"
+
+
+def held_activations_line(arch: Architecture, settings: PlanSettings, per_layer: int, tokens: int) -> Line:
+    """What every layer keeps from its forward until its backward, per checkpointing mode."""
+    e = DTYPE_BYTES[settings.compute_dtype]
     final_norm = 4 * arch.hidden + 4
     rope = 2 * e * arch.head_dim  # cos and sin per position, shared by every layer
-    shape = f"{settings.micro_batch} x {settings.seq_len} tokens"
+    shape = batch_shape(settings)
     if settings.gradient_checkpointing == "selective":
         kept = arch.hidden + sum(linear.out_features for linear in layer_linears(arch))
-        held = Line(
+        return Line(
             "activations",
             (arch.layers * e * kept + final_norm) * tokens,
             f"selective checkpointing: each of {arch.layers} layers keeps its input and its 4-bit linears' outputs, "
             f"{e}*{kept:,} B/token ({shape})",
         )
-    elif settings.gradient_checkpointing:
+    if settings.gradient_checkpointing:
         # The rotary tables the checkpoints hold as inputs are ignored here: 2*e*head_dim per position.
-        held = Line(
+        return Line(
             "activations",
             (arch.layers * e * arch.hidden + final_norm) * tokens,
             f"checkpointing: each of {arch.layers} layers keeps only its input, {e}*hidden B/token ({shape})",
         )
-    else:
-        held = Line(
-            "activations",
-            (arch.layers * per_layer + final_norm + rope) * tokens,
-            f"no checkpointing: {arch.layers} layers x {per_layer / 1024:.0f} KiB/token saved for backward ({shape})",
-        )
+    return Line(
+        "activations",
+        (arch.layers * per_layer + final_norm + rope) * tokens,
+        f"no checkpointing: {arch.layers} layers x {per_layer / 1024:.0f} KiB/token saved for backward ({shape})",
+    )
+
+
+def loss_line(arch: Architecture, settings: PlanSettings, tokens: int) -> Line:
     # Loss: bf16 logits -> float32 copy -> log-softmax (saved) -> in backward its gradient and the
     # NLL gradient: three float32 vocab-sized tensors at once, for one chunk of supervised
     # positions (qlora.training.loss); a softcapped head's logits are the model's own, all at once.
+    e = DTYPE_BYTES[settings.compute_dtype]
     logits_per_token = 12 * arch.vocab + (2 * e * arch.vocab if arch.logit_softcap else 0)
     chunk = None if arch.logit_softcap else loss_chunk_tokens(arch.vocab, settings.loss_chunk_tokens)
     logit_tokens = tokens if chunk is None else min(tokens, chunk)
+    shape = batch_shape(settings)
     where = (
         f"a chunk of {logit_tokens:,} supervised positions"
         if logit_tokens < tokens
         else f"{shape}; the loop computes logits only at supervised positions, so this is the bound for train_on: all"
     )
-    loss = Line(
+    return Line(
         "logits_and_loss",
         logits_per_token * logit_tokens,
         f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({where})",
     )
+
+
+def backward_lines(arch: Architecture, settings: PlanSettings, per_layer: int, tokens: int) -> list[Line]:
     # Backward through one layer: its recomputed activations (with checkpointing) + gradients of
     # the hidden states in and out and of the two MLP intermediates.
+    e = DTYPE_BYTES[settings.compute_dtype]
     temporaries = e * (2 * arch.hidden + 2 * arch.intermediate)
     recompute = per_layer if settings.gradient_checkpointing else 0
     backward = [
@@ -122,4 +141,4 @@ def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[L
                 f"{biggest.out_features}x{biggest.in_features}) dequantized to {settings.compute_dtype} for its matmul",
             )
         )
-    return [held], [loss], backward
+    return backward

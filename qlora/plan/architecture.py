@@ -147,9 +147,35 @@ def load_architecture(source: str, trust_remote_code: bool = False) -> Architect
 
 
 def describe_skeleton(model, source: str) -> Architecture:
+    text = model.config.get_text_config()
+    linears, counts = count_parameters(model)
+    buffer_bytes = sum(
+        buffer.numel() * buffer.element_size() for buffer in {id(b): b for b in model.buffers()}.values()
+    )
+    heads = text.num_attention_heads
+    return Architecture(
+        source=source,
+        model_type=text.model_type,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        layers=text.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab=text.vocab_size,
+        max_positions=getattr(text, "max_position_embeddings", 4096),
+        linears=tuple(linears),
+        **counts,
+        buffer_bytes=buffer_bytes,
+        norms_per_layer=hidden_norms(find_decoder_layers(model)[0], text.hidden_size),
+        logit_softcap=bool(getattr(text, "final_logit_softcapping", None)),
+    )
+
+
+def count_parameters(model) -> tuple[list[Linear], dict[str, int]]:
+    """The linears, and the parameter counts of everything else by kind (Architecture's field names)."""
     import torch
 
-    text = model.config.get_text_config()
     head = model.get_output_embeddings()
     embeddings = model.get_input_embeddings()
     linears, seen = [], set()
@@ -172,38 +198,23 @@ def describe_skeleton(model, source: str) -> Architecture:
                 norm_params += count
             else:
                 other_params += count
-    buffer_bytes = sum(
-        buffer.numel() * buffer.element_size() for buffer in {id(b): b for b in model.buffers()}.values()
-    )
-    first_layer = find_decoder_layers(model)[0]
-    norms_per_layer = sum(
+    return linears, {
+        "embedding_params": embedding_params,
+        "head_params": head_params,
+        "norm_params": norm_params,
+        "bias_params": bias_params,
+        "other_params": other_params,
+    }
+
+
+def hidden_norms(layer, hidden: int) -> int:
+    """The norms of one decoder layer over the hidden states (not per-head q/k norms)."""
+    return sum(
         1
-        for module in first_layer.modules()
+        for module in layer.modules()
         if "norm" in module.__class__.__name__.lower()
         and getattr(module, "weight", None) is not None
-        and module.weight.numel() == text.hidden_size
-    )
-    heads = text.num_attention_heads
-    return Architecture(
-        source=source,
-        model_type=text.model_type,
-        hidden=text.hidden_size,
-        intermediate=text.intermediate_size,
-        layers=text.num_hidden_layers,
-        heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        vocab=text.vocab_size,
-        max_positions=getattr(text, "max_position_embeddings", 4096),
-        linears=tuple(linears),
-        embedding_params=embedding_params,
-        head_params=head_params,
-        norm_params=norm_params,
-        bias_params=bias_params,
-        other_params=other_params,
-        buffer_bytes=buffer_bytes,
-        norms_per_layer=norms_per_layer,
-        logit_softcap=bool(getattr(text, "final_logit_softcapping", None)),
+        and module.weight.numel() == hidden
     )
 
 

@@ -32,7 +32,7 @@ from qlora.adapters.manifest import (
 from qlora.config import ModelSection, QuantizationSection
 from qlora.config.messages import first_problem
 from qlora.errors import ConfigError, ModelError
-from qlora.model.base import first_line, load_base, load_tokenizer
+from qlora.model.base import first_line, load_base, load_tokenizer, with_pad_token
 
 BITS_CHOICES = (4, 8, 16)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -177,9 +177,7 @@ def saved_tokenizer(directory: str):
         raise ModelError(
             f"{directory}: cannot load the tokenizer saved with the adapter: {first_line(error)}"
         ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return with_pad_token(tokenizer)
 
 
 def trained_quantization(directory: Path) -> QuantizationSection:

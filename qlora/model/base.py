@@ -26,7 +26,7 @@ def check_source(name_or_path: str) -> None:
 
 
 def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False):
-    """The base's tokenizer, with a pad token (padding is masked by the attention mask, so eos is a safe pad)."""
+    """The base's tokenizer, with a pad token (with_pad_token)."""
     from transformers import AutoTokenizer
 
     check_source(name_or_path)
@@ -36,6 +36,12 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
         raise ModelError(
             f"model.name_or_path: cannot load a tokenizer from {name_or_path!r}: {first_line(error)}"
         ) from None
+    return with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer):
+    """eos as the pad token where the tokenizer has none: padding is masked by the attention
+    mask, never by comparing with a token id, so eos is a safe pad."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import qlora
-from qlora.adapters import MANIFEST_NAME, load_with_adapters, select_adapter
+from qlora.adapters import MANIFEST_NAME, load_with_adapters, save_adapter, select_adapter
 from qlora.cli.main import main
 from qlora.errors import EXIT_MODEL, ModelError
 from tests.tiny import build_tiny_model
-from tests.tiny_adapters import plain_peft_adapter
+from tests.tiny_adapters import plain_4bit_base, plain_peft_adapter
+from tests.tiny_training import batches_fn, build_model, settings, tokenized, train_tiny
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 99, 100, 7, 64, 3]])
 
@@ -66,30 +67,41 @@ def test_adapter_from_plain_peft_loads_with_the_base_it_names(tiny_model_dir, tw
     torch.testing.assert_close(logits(model), logits(plain), rtol=1e-5, atol=1e-5)
 
 
-def test_our_adapter_loads_in_plain_peft_without_key_warnings(tiny_model_dir, trained_adapter):
-    import bitsandbytes as bnb
+def test_our_trained_adapter_loads_in_plain_peft_without_key_warnings_and_gives_our_logits(
+    tiny_model_dir, trained_adapter, tmp_path
+):
+    """Trained a few steps (so B is not zero): plain peft on a plain transformers 4-bit load gives
+    the logits of the model that trained it and of our reload; so does a whole job's output folder."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        str(tiny_model_dir), quantization_config=quantization, dtype=torch.float32
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        plain = PeftModel.from_pretrained(base, str(trained_adapter))
-    key_warnings = [str(w.message) for w in caught if "key" in str(w.message).lower()]
-    assert key_warnings == []
-    for module in plain.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False  # the same kernel as ours (see test_training)
-    ours, _ = load_with_adapters([("trained", trained_adapter)])
-    torch.testing.assert_close(logits(plain), logits(ours), rtol=1e-5, atol=1e-5)
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    model = build_model(tiny_model_dir)
+    train_tiny(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(learning_rate=1e-2))
+    saved = tmp_path / "adapter"
+    save_adapter(model, saved)
+    input_ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        in_process = model.eval()(input_ids=input_ids).logits
+
+    def through_plain_peft(folder):
+        """(plain peft's logits, our reload's, plain peft's with the adapter off)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plain = PeftModel.from_pretrained(plain_4bit_base(tiny_model_dir), str(folder)).eval()
+        assert [str(w.message) for w in caught if "key" in str(w.message).lower()] == [], folder
+        reloaded, _ = load_with_adapters([("trained", folder)], compute_dtype="float32")
+        with torch.no_grad():
+            theirs, ours = plain(input_ids=input_ids).logits, reloaded(input_ids=input_ids).logits
+            with plain.disable_adapter():
+                return theirs, ours, plain(input_ids=input_ids).logits
+
+    theirs, reloaded, base_only = through_plain_peft(saved)
+    torch.testing.assert_close(theirs, in_process, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs, reloaded, rtol=1e-5, atol=1e-5)
+    assert (base_only - in_process).abs().max() > 1e-3  # the adapter really changes the output
+    theirs, reloaded, base_only = through_plain_peft(trained_adapter)
+    torch.testing.assert_close(theirs, reloaded, rtol=1e-5, atol=1e-5)
+    assert (base_only - theirs).abs().max() > 1e-3
 
 
 def test_training_writes_the_compatibility_record(tiny_model_dir, trained_adapter):

@@ -19,15 +19,17 @@ def test_keep_last_k_keeps_exactly_k_complete_ones_sorted_by_step(tmp_path):
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["step-00000020", "step-00000100"]
 
 
-def test_a_failure_inside_the_writer_leaves_the_previous_checkpoint(tmp_path):
-    save_checkpoint(tmp_path, 1, write_file, keep=1)
+@pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
+def test_a_writer_dying_half_way_leaves_the_previous_checkpoint_and_no_temp_folder(tmp_path, failure):
+    """An error, or a BaseException no `except Exception` sees (a second Ctrl-C inside the write)."""
+    save_checkpoint(tmp_path, 1, write_file, keep=1)  # keep=1: pruning before the new one is whole would show
 
-    def crash(folder):
+    def dies_half_way(folder):
         (folder / "half.bin").write_bytes(b"x" * 10)
-        raise OSError("disk full")
+        raise failure
 
-    with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, crash, keep=1)
+    with pytest.raises(type(failure)):
+        save_checkpoint(tmp_path, 2, dies_half_way, keep=1)
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["step-00000001"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000001"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.model.base import disable_cpu_weight_repacking
 from qlora.model.host_memory import release_checkpoint_file
+from tests.tiny_adapters import plain_4bit_base
 from tests.tiny_training import tiny_base
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
@@ -21,7 +21,7 @@ def mapped(path: Path) -> bool:
 def test_release_checkpoint_file_unmaps_the_file_and_keeps_the_numbers(tiny_model_dir, tmp_path):
     folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "base"))  # a path no other test's model maps
     checkpoint = folder / "model.safetensors"
-    base = transformers_4bit_load(folder)  # what load_base gets from transformers, before it lets go of the file
+    base = plain_4bit_base(folder)  # what load_base gets from transformers, before it lets go of the file
     gc.collect()
     assert mapped(checkpoint), "transformers no longer keeps the file mapped: host_memory.py may be obsolete"
     inputs = torch.arange(1, 41).reshape(2, 20)
@@ -48,22 +48,6 @@ def test_release_checkpoint_file_unmaps_the_file_and_keeps_the_numbers(tiny_mode
     assert release_checkpoint_file(trained_on) == 0
 
 
-def transformers_4bit_load(folder: Path):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), quantization_config=quantization, dtype=torch.float32, use_safetensors=True
-    )
-    disable_cpu_weight_repacking(model)  # the eval forwards below must not repack the 4-bit weights in place
-    return model
-
-
 HEAP_PROBE = """
 import ctypes, sys
 import torch
@@ -71,7 +55,12 @@ from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 
 
 class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+        )
+    ]
 
 
 libc = ctypes.CDLL("libc.so.6")

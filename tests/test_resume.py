@@ -30,7 +30,6 @@ from qlora.training.checkpoint import (
     COMPLETE_MARKER,
     complete_checkpoints,
     load_training_state,
-    save_checkpoint,
     save_training_state,
 )
 from tests.tiny import write_chat_data, write_job
@@ -182,19 +181,6 @@ def test_data_order_after_resume_is_the_uninterrupted_order(tiny_model_dir, tmp_
     train_tiny(resumed, recording(after_resume), section=section, resume=state)
     assert before_kill[:6] + after_resume == uninterrupted
     assert len(uninterrupted) == 18 and len({tuple(ids) for ids in uninterrupted[:7]}) == 7
-
-
-def test_kill_inside_the_checkpoint_writer_keeps_the_previous_checkpoint(tmp_path):
-    save_checkpoint(tmp_path, 2, lambda folder: (folder / "state.bin").write_bytes(b"good"), keep=3)
-
-    def dies_half_way(folder):
-        (folder / "state.bin").write_bytes(b"ha")
-        raise Killed()
-
-    with pytest.raises(Killed):
-        save_checkpoint(tmp_path, 4, dies_half_way, keep=3)
-    assert [path.name for path in complete_checkpoints(tmp_path)] == ["step-00000002"]
-    assert [path.name for path in tmp_path.iterdir()] == ["step-00000002"]
 
 
 def cli_process(job, tmp_path, **env):

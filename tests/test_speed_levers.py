@@ -1,6 +1,7 @@
-"""Speed levers keep the numbers: data.padding_free gives the padded loss and gradients; the
-cheap-mask LoRA dropout is a dropout (rate, expectation, replayed by gradient checkpointing);
-train.offload_activations gives the same losses and adapter.
+"""Speed levers keep the numbers: data.padding_free gives the padded loss and gradients; per-row
+attention keeps packed and padding-free rows apart; the cheap-mask LoRA dropout is a dropout
+(rate, expectation, replayed by gradient checkpointing); train.offload_activations gives the same
+losses and adapter.
 
 Also the bench fixture (bench/compare.py builds it): its model has the stated size.
 """
@@ -17,7 +18,7 @@ from qlora.adapters.dropout import CheapMaskDropout
 from qlora.labels import IGNORE_INDEX
 from qlora.model.row_attention import ROW_ATTENTION, row_bounds
 from qlora.training.loop import summed_loss
-from tests.tiny_training import build_model, tiny_base, tokenized
+from tests.tiny_training import batches_fn, build_model, run_logged, settings, tiny_base, tokenized
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,21 +118,27 @@ def test_bench_compare_help_runs():
     assert result.returncode == 0 and "trl-best" in result.stdout
 
 
-def test_row_attention_keeps_rows_apart_and_falls_back_to_sdpa_elsewhere(tiny_model_dir):
+def test_packed_and_padding_free_rows_each_give_their_logits_alone_and_padding_takes_sdpa(tiny_model_dir, tmp_path):
+    """Per-row attention (what load_base sets): in one sequence of several rows, as packing and
+    padding-free batches build it, no row sees another; a padded batch takes transformers' SDPA."""
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=3)
     model = build_model(tiny_model_dir).eval()
     ids = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(0))
     positions = torch.tensor([list(range(10)) + list(range(15)) + list(range(5))])
     assert row_bounds(positions[0]) == [(0, 10), (10, 25), (25, 30)]
+    sequences = [(ids, positions, [ids[0, start:end] for start, end in row_bounds(positions[0])])]
+    pad_id = tokenizer.pad_token_id
+    packed = data.epoch_batches(examples, 1, True, 256, pad_id, 0, 0, shuffle=False)
+    padding_free = data.epoch_batches(examples, 3, False, 64, pad_id, 0, 0, shuffle=False, padding_free=True)
+    for batch in (packed[0], padding_free[0]):
+        assert batch.attention_mask is None and len(batch.row_ids) > 1
+        rows = [torch.tensor(examples[row_id].input_ids) for row_id in batch.row_ids]
+        sequences.append((batch.input_ids, batch.position_ids, rows))
     with torch.no_grad():
-        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-        alone = torch.cat(
-            [
-                model(input_ids=ids[:, start:end], use_cache=False).logits
-                for start, end in ((0, 10), (10, 25), (25, 30))
-            ],
-            dim=1,
-        )
-        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+        for input_ids, position_ids, rows in sequences:
+            together = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            alone = torch.cat([model(input_ids=row[None], use_cache=False).logits for row in rows], dim=1)
+            torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
         # A padded batch (attention mask) takes transformers' SDPA path: the same logits as with sdpa set.
         two_rows = ids[:, :20].reshape(2, 10)
         mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])
@@ -186,7 +193,6 @@ def test_activation_offload_gives_the_same_losses_and_adapter(tiny_model_dir, tm
     """train.offload_activations under gradient checkpointing: on a CPU the saved tensors go to
     host memory either way, so the numbers must not move at all (on CUDA they would be copies)."""
     from qlora.training.loop import saved_for_backward_on_host
-    from tests.tiny_training import batches_fn, run_logged, settings
 
     assert isinstance(saved_for_backward_on_host(True), torch.autograd.graph.save_on_cpu)
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=16)

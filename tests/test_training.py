@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from qlora import data
-from qlora.adapters import save_adapter
 from qlora.errors import TrainingError
 from qlora.model.base import parameter_counts
 from tests.tiny_training import batches_fn, build_model, run_logged, settings, tokenized, train_tiny
@@ -38,43 +37,6 @@ def test_only_lora_is_trainable_and_the_base_stays_4bit_and_unchanged(tiny_model
     assert all(isinstance(module.weight, bnb.nn.Params4bit) for module in quantized)
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
     assert len(changed) == len(lora_before)
-
-
-def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model_dir, tmp_path):
-    import bitsandbytes as bnb
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
-    model = build_model(tiny_model_dir)
-    train_tiny(model, batches_fn(examples, tokenizer.pad_token_id, 4), (), settings(learning_rate=1e-2))
-    save_adapter(model, tmp_path / "adapter")
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    plain = AutoModelForCausalLM.from_pretrained(
-        str(tiny_model_dir), quantization_config=quantization, dtype=torch.float32
-    )
-    plain = PeftModel.from_pretrained(plain, str(tmp_path / "adapter"))
-    # Plain bitsandbytes would switch to its bf16 AVX512 CPU kernel for inference, which rounds
-    # differently (~2e-3); compare the adapters through the same kernel.
-    for module in plain.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    input_ids = torch.tensor([examples[0].input_ids])
-    model.eval()
-    plain.eval()
-    with torch.no_grad():
-        ours = model(input_ids=input_ids).logits
-        theirs = plain(input_ids=input_ids).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
-    with plain.disable_adapter(), torch.no_grad():
-        base_only = plain(input_ids=input_ids).logits
-    assert (base_only - ours).abs().max() > 1e-3  # the adapter really changes the output
 
 
 def test_loss_is_normalized_over_the_whole_accumulation_window(tiny_model_dir, tmp_path):
@@ -117,21 +79,6 @@ def test_eval_passes_leave_training_unchanged(tiny_model_dir, tmp_path):
         )
         runs.append([(row["loss"], row["grad_norm"]) for row in rows if "loss" in row])
     assert runs[0] == runs[1]
-
-
-def test_packed_rows_do_not_see_each_other(tiny_model_dir, tmp_path):
-    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=3)
-    model = build_model(tiny_model_dir).eval()
-    packed = data.epoch_batches(examples, 1, True, 256, tokenizer.pad_token_id, 0, 0, shuffle=False)[0]
-    assert packed.attention_mask is None and len(packed.row_ids) > 1
-    with torch.no_grad():
-        packed_logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids).logits[0]
-        offset = 0
-        for row_id in packed.row_ids:
-            alone = torch.tensor([examples[row_id].input_ids])
-            single = model(input_ids=alone).logits[0]
-            torch.testing.assert_close(packed_logits[offset : offset + alone.shape[1]], single, rtol=1e-4, atol=1e-4)
-            offset += alone.shape[1]
 
 
 @pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_8bit", "adamw"])

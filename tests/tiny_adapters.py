@@ -1,4 +1,5 @@
-"""Adapters made directly with plain peft on the tiny model: no qlora code, no manifest."""
+"""The tiny model as a plain peft / transformers user has it: adapters made by peft, a 4-bit base
+loaded by transformers + bitsandbytes. No qlora code, no manifest."""
 
 from __future__ import annotations
 
@@ -32,3 +33,27 @@ def lora_pairs(model):
         for name, module in model.named_modules()
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
     }
+
+
+def plain_4bit_base(model_dir: Path):
+    """The model as transformers loads it in 4-bit (NF4, double quant, float32 compute) from its
+    safetensors file, with bitsandbytes' AVX512-BF16 CPU kernel off: that kernel repacks the
+    weights in place on the first no-grad forward and rounds differently (~2e-3), so logits
+    compared with our loads go through the same kernel."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), quantization_config=quantization, dtype=torch.float32, use_safetensors=True
+    )
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model

@@ -74,9 +74,8 @@ def test_selective_checkpointing_skips_the_4bit_recompute_and_keeps_every_number
         runs["selective"],
         runs[False],
     )
-    assert (
-        len(kept_losses) == 3 and kept_losses == full_losses
-    )  # bit-identical: the kept outputs are what the recompute would give
+    # Bit-identical: the kept outputs are what the recompute would give.
+    assert len(kept_losses) == 3 and kept_losses == full_losses
     for name, tensor in full_adapter.items():
         assert torch.equal(kept_adapter[name], tensor), name
         torch.testing.assert_close(none_adapter[name], tensor, rtol=0, atol=1e-6, msg=name)
@@ -119,9 +118,8 @@ def test_plan_puts_selective_between_full_checkpointing_and_none():
         settings_ = replace(full, gradient_checkpointing=mode)
         held[mode] = activation_lines(arch, settings_)[0][0].bytes
         flops[mode] = flops_per_token(arch, settings_)
-    kept_per_token = (
-        2 * arch.layers * sum(linear.out_features for linear in layer_linears(arch))
-    )  # bf16 outputs of q,k,v,o,gate,up,down
+    # The bf16 outputs of q, k, v, o, gate, up, down.
+    kept_per_token = 2 * arch.layers * sum(linear.out_features for linear in layer_linears(arch))
     assert held["selective"] - held[True] == kept_per_token * 2048
     assert held[True] < held["selective"] < held[False]
     assert flops[True] > flops["selective"] > flops[False]

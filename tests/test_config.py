@@ -93,11 +93,8 @@ def test_qlora_set_applies_before_set_and_splits_like_a_shell(tmp_path):
     env = overrides_from_env({"QLORA_SET": "train.max_steps=100  'output.dir=/out/run 2' train.seed=7"})
     assert env == ["train.max_steps=100", "output.dir=/out/run 2", "train.seed=7"]
     config = load_config(path, ["train.seed=9"], env_overrides=env)
-    assert (config.train.max_steps, config.output.dir, config.train.seed) == (
-        100,
-        "/out/run 2",
-        9,
-    )  # the command line wins
+    # The command line wins.
+    assert (config.train.max_steps, config.output.dir, config.train.seed) == (100, "/out/run 2", 9)
     assert overrides_from_env({}) == [] and overrides_from_env({"QLORA_SET": " "}) == []
 
 

@@ -528,6 +528,5 @@ def test_tokenized_sets_are_cached_across_runs_and_a_changed_row_misses(tiny_mod
     path.write_text("\n".join(lines) + "\n")
     changed, hit = tokenize_rows_cached(read_rows([(str(path), "auto")]), tokenizer, **shape)
     assert not hit and changed.examples[3].input_ids != first.examples[3].input_ids
-    assert (
-        tokenize_rows_cached(rows, tokenizer, **{**shape, "max_seq_len": 32})[1] is False
-    )  # shape keys are in the key
+    # The shape settings are part of the key.
+    assert tokenize_rows_cached(rows, tokenizer, **{**shape, "max_seq_len": 32})[1] is False

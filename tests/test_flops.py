@@ -75,9 +75,8 @@ def test_peak_matmul_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
     import qlora.plan.peak_flops
 
     monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(
-        qlora.plan.peak_flops, "cpu_load", lambda: 0.3
-    )  # the load this machine reports is not the test's to choose
+    # The load this machine reports is not the test's to choose.
+    monkeypatch.setattr(qlora.plan.peak_flops, "cpu_load", lambda: 0.3)
     first = peak_matmul_flops(torch.device("cpu"), "float32")
     assert first["flops_per_s"] > 1e8 and first["torch"] == torch.__version__ and first["load_per_cpu"] == 0.3
     saved = json.loads((cache_dir() / CACHE_FILE).read_text())

@@ -123,9 +123,8 @@ def test_a_killed_run_resumed_equals_the_uninterrupted_run(tiny_model_dir, tmp_p
 
     result = run(interrupted)
     assert_same_run(reference.parent / "out", output)
-    assert (
-        len(logged(output)) < logged_before_resume + sections["train"]["max_steps"]
-    )  # rows after the checkpoint were replaced, not duplicated
+    # Rows after the checkpoint were replaced, not duplicated.
+    assert len(logged(output)) < logged_before_resume + sections["train"]["max_steps"]
     assert result.loop.steps == sections["train"]["max_steps"]
 
 

@@ -389,10 +389,8 @@ def test_sigkill_or_sigterm_of_the_service_mid_job_then_restart_resumes_to_the_s
             assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 2
         # A graceful stop (SIGTERM) asks the job to checkpoint, waits for it, and leaves it interrupted.
         service.stop()
-        assert service.process.returncode in (
-            0,
-            -signal.SIGTERM,
-        )  # uvicorn re-raises the signal after its clean shutdown
+        # uvicorn re-raises the signal after its clean shutdown
+        assert service.process.returncode in (0, -signal.SIGTERM)
         with sqlite3.connect(root / "service.db") as database:
             assert database.execute("SELECT state, exit_code FROM jobs WHERE id = ?", (job_id,)).fetchone() == (
                 "interrupted",

@@ -168,6 +168,19 @@ def test_another_quantization_is_one_warning_line(trained_adapter, capsys):
     assert "trained on a 4-bit nf4 base, now loaded as 16-bit" in warnings_printed[0]
 
 
+def test_a_manifest_with_an_impossible_quantization_is_one_line_naming_it(trained_adapter, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(trained_adapter, copy)
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    manifest["quantization"]["bits"] = 3
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert main(["generate", "--adapter", str(copy), "--max-new-tokens", "2", "reverse abc"]) == EXIT_MODEL
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {copy / MANIFEST_NAME}: recorded quantization.bits: Input should be 4 or 8 (got 3)"]
+
+
 def test_a_disabled_adapter_gives_exactly_the_base(tiny_model_dir, trained_adapter):
     model, _ = load_with_adapters([("trained", trained_adapter)])
     with_adapter = logits(model)

@@ -182,7 +182,7 @@ def saved_tokenizer(directory: str):
 
 def trained_quantization(directory: Path) -> QuantizationSection:
     """The quantization the manifest records; NF4 + double quant for an adapter without one."""
-    return recorded_quantization(read_manifest(directory))
+    return recorded_quantization(read_manifest(directory), directory)
 
 
 def loaded_quantization(model) -> QuantizationSection:

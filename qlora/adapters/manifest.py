@@ -19,7 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+from pydantic import ValidationError
+
 from qlora.config import QuantizationSection
+from qlora.config.messages import first_problem
 from qlora.errors import ModelError
 from qlora.provenance import library_versions, sha256_file
 
@@ -178,7 +181,7 @@ def check_quantization(directory: Path, loaded: QuantizationSection, warn: Calla
     manifest = read_manifest(directory)
     if manifest is None:
         return
-    trained = recorded_quantization(manifest).describe(compute=False)
+    trained = recorded_quantization(manifest, directory).describe(compute=False)
     if trained != loaded.describe(compute=False):
         warn(
             f"warning: adapter {directory} was trained on a {trained} base, "
@@ -186,13 +189,17 @@ def check_quantization(directory: Path, loaded: QuantizationSection, warn: Calla
         )
 
 
-def recorded_quantization(manifest: Optional[dict]) -> QuantizationSection:
+def recorded_quantization(manifest: Optional[dict], directory: Path) -> QuantizationSection:
     """The quantization a manifest records (the job's quantization section); the section's
     defaults (NF4 + double quant) where it records none."""
     recorded = (manifest or {}).get("quantization") or {}
-    return QuantizationSection(
-        **{key: value for key, value in recorded.items() if key in QuantizationSection.model_fields}
-    )
+    try:
+        return QuantizationSection(
+            **{key: value for key, value in recorded.items() if key in QuantizationSection.model_fields}
+        )
+    except ValidationError as error:
+        key, message = first_problem(error, QuantizationSection)
+        raise ModelError(f"{Path(directory) / MANIFEST_NAME}: recorded quantization.{message}") from None
 
 
 def check_adapter_file(directory: Path, warn: Callable[[str], None]) -> None:

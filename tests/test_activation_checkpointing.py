@@ -54,7 +54,7 @@ def test_selective_checkpointing_skips_the_4bit_recompute_and_keeps_every_number
         linears = sum(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
         model.train()
         calls[mode] = matmuls_4bit_per_step(model, batches_fn(examples, tokenizer.pad_token_id, 4)(0)[0]) / linears
-        torch.manual_seed(0)  # the same dropout masks in every run (job.py seeds the same way)
+        torch.manual_seed(0)  # the same dropout masks in every run (the job seeds the same way)
         rows = run_logged(
             model,
             batches_fn(examples, tokenizer.pad_token_id, 4),

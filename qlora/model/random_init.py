@@ -53,7 +53,7 @@ def build_random_base(
     if leftover:
         raise ModelError(f"model.init random: could not build {leftover[0]} for {source}")
     if device.type == "cuda":
-        # As from_pretrained(device_map={"": index}) leaves it: accelerate then keeps it in place.
+        # As from_pretrained(device_map={"": index}) leaves it: peft and generate read the placement.
         model.hf_device_map = {"": device.index}
     if quantizer is not None:
         model.hf_quantizer = quantizer

@@ -2,9 +2,9 @@
 positions at a time, never for the whole micro-batch.
 
 The model's own forward runs once, with `logits_to_keep` at the columns holding a supervised
-target (so its wrappers all apply: peft, gradient checkpointing); a
-pre-hook on its output head takes the head's input (the final hidden states at those columns)
-and hands the head an empty tensor instead. The loss then projects the supervised hidden states
+target (so its wrappers all apply: peft, gradient checkpointing); a pre-hook on its output
+head takes the head's input (the final hidden states at those columns) and hands the head an
+empty tensor instead. The loss then projects the supervised hidden states
 chunk by chunk: head -> float32 -> cross-entropy (sum), each chunk but the last inside a
 non-reentrant checkpoint, so its logits are freed after its forward and recomputed in backward
 (the last one's backward comes first, so keeping its logits costs no more). Under no_grad
@@ -41,7 +41,7 @@ _head_reproduces_logits: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = we
 def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the batch's supervised targets.
 
-    chunk_tokens: supervised positions per chunk, "auto" (qlora.plan.memory.loss_chunk_tokens: one
+    chunk_tokens: supervised positions per chunk, "auto" (qlora.plan.loss_chunks.loss_chunk_tokens: one
     chunk's float32 logits within a fixed budget) or "off" (the whole path).
     """
     inputs = model_inputs(batch, device)

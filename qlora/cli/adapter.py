@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from qlora.cli.commands import command_parser
+
 ADAPTER_COMMANDS = ("generate", "eval", "merge", "inspect")
 
 
@@ -19,13 +21,6 @@ def add_adapter_commands(commands) -> None:
     add_eval_parser(commands)
     add_merge_parser(commands)
     add_inspect_parser(commands)
-
-
-def command_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
-    parser = commands.add_parser(name, help=help_text)
-    # Accepted after the sub-command too; SUPPRESS leaves the top-level --debug's value when absent.
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parser
 
 
 def add_loading_flags(parser: argparse.ArgumentParser) -> None:

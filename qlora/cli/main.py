@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from qlora.cli.adapter import ADAPTER_COMMANDS, add_adapter_commands, run_adapter_command
+from qlora.cli.commands import command_parser
 from qlora.cli.plan import add_plan_command, run_plan
 from qlora.cli.serve import add_serve_command, run_serve
 from qlora.errors import EXIT_ABORTED, EXIT_INTERNAL, Interrupted, QloraError
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help_text)
+        command = command_parser(commands, name, help_text)
         command.add_argument("config", help="job YAML file")
         command.add_argument(
             "--set",
@@ -34,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "(repeatable; wins over the QLORA_SET environment variable)"
             ),
         )
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return command
 
     train = job_command("train", "run a fine-tuning job")

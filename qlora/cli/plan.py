@@ -6,13 +6,14 @@ import argparse
 import json
 from typing import Optional
 
+from qlora.cli.commands import command_parser
 from qlora.plan.memory import Plan, seconds_per_token
 from qlora.sizes import format_bytes
 
 
 def add_plan_command(commands) -> None:
-    plan = commands.add_parser(
-        "plan", help="peak GPU memory and speed of a job from the model's config.json alone (no weights, no GPU)"
+    plan = command_parser(
+        commands, "plan", "peak GPU memory and speed of a job from the model's config.json alone (no weights, no GPU)"
     )
     plan.add_argument(
         "config",
@@ -41,7 +42,6 @@ def add_plan_command(commands) -> None:
         help="utilization of the GPU's peak bf16 FLOP/s for the time estimate (default 0.4)",
     )
     plan.add_argument("--epoch-tokens", type=int, help="tokens in one epoch, for the time per epoch")
-    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def run_plan(args: argparse.Namespace) -> int:

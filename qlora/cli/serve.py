@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from qlora.cli.commands import command_parser
 from qlora.errors import ConfigError, OutputError, QloraError
 
 LOCK_FILE = ".service.lock"
 
 
 def add_serve_command(commands) -> None:
-    serve = commands.add_parser("serve", help="run the training service: a job queue over HTTP with a web page")
+    serve = command_parser(commands, "serve", "run the training service: a job queue over HTTP with a web page")
     serve.add_argument(
         "--root", required=True, help="folder for the job database, uploads, jobs and adapters (created if missing)"
     )
@@ -45,7 +46,6 @@ def add_serve_command(commands) -> None:
         metavar="SECONDS",
         help="on shutdown, how long a running job may take to finish its step and checkpoint (default 300)",
     )
-    serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -16,8 +16,6 @@ import re
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from pydantic import ValidationError
-
 from qlora.adapters.manifest import (
     ADAPTER_WEIGHTS,
     check_adapter_file,
@@ -29,8 +27,7 @@ from qlora.adapters.manifest import (
     recorded_quantization,
     stderr_warning,
 )
-from qlora.config import ModelSection, QuantizationSection
-from qlora.config.messages import first_problem
+from qlora.config import ModelSection, QuantizationSection, validate
 from qlora.errors import ConfigError, ModelError
 from qlora.model.base import first_line, load_base, load_tokenizer, with_pad_token
 
@@ -58,11 +55,15 @@ def load(
     if bits not in (*BITS_CHOICES, None):
         raise ConfigError(f"bits: {bits!r} is not one of 4, 8, 16")
     bits = None if bits == 16 else bits
-    quantization = quantization_section(
-        bits=bits,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        compute_dtype=compute_dtype if bits is None else usable_dtype(compute_dtype),
+    quantization = validate(
+        {
+            "bits": bits,
+            "quant_type": quant_type,
+            "double_quant": double_quant,
+            "compute_dtype": compute_dtype if bits is None else usable_dtype(compute_dtype),
+        },
+        source="load",
+        schema=QuantizationSection,
     )
     tokenizer = inference_tokenizer(base, tokenizer_from, revision, trust_remote_code)
     source = ModelSection(name_or_path=base, revision=revision, trust_remote_code=trust_remote_code)
@@ -194,14 +195,6 @@ def loaded_quantization(model) -> QuantizationSection:
     if settings.get("load_in_8bit"):
         return QuantizationSection(bits=8)
     return QuantizationSection(bits=None)
-
-
-def quantization_section(**values) -> QuantizationSection:
-    """The notebook API's keyword arguments as the job's quantization section, one-line errors."""
-    try:
-        return QuantizationSection(**values)
-    except ValidationError as error:
-        raise ConfigError(first_problem(error, QuantizationSection)[1]) from None
 
 
 def check_shapes(base, directory: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from qlora.config.messages import first_problem
 from qlora.config.schema import DATA_FILE_SUFFIXES, JobConfig
@@ -79,13 +79,16 @@ def apply_override(raw: dict, override: str, origin: str = "--set") -> str:
     return ".".join(parts)
 
 
-def validate(raw: dict, source: str = "config", origins: Optional[dict[str, str]] = None) -> JobConfig:
-    """Validate a raw mapping into a JobConfig; the first problem becomes a one-line ConfigError
-    (qlora.config.messages). `origins` maps a dotted key to where its value came from, when not from `source`."""
+def validate(
+    raw: dict, source: str = "config", origins: Optional[dict[str, str]] = None, schema: type[BaseModel] = JobConfig
+):
+    """Validate a raw mapping into a JobConfig (or another `schema`: a section); the first problem
+    becomes a one-line ConfigError (qlora.config.messages). `origins` maps a dotted key to where
+    its value came from, when not from `source`."""
     try:
-        return JobConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as error:
-        key, message = first_problem(error, JobConfig)
+        key, message = first_problem(error, schema)
         raise ConfigError(f"{(origins or {}).get(key, source)}: {message}") from None
 
 

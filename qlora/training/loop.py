@@ -273,12 +273,13 @@ def evaluate(
 ) -> float:
     """Mean loss per supervised token over the eval batches (dropout off, under the training
     precision when given), then back to training."""
+    precision = precision or Precision.none()
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     supervised = 0
     for batch in batches:
-        with precision.autocast() if precision else contextlib.nullcontext():
+        with precision.autocast():
             loss_sum += summed_loss(model, batch, device, chunk_tokens).double()
         supervised += batch.supervised_tokens
     model.train(was_training)

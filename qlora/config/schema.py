@@ -167,6 +167,10 @@ class TrainSection(_Strict):
     vocabulary); off: all of a micro-batch's at once."""
     seed: int = 42
     """Seed for LoRA init, dropout and data order."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun / accelerate launch with N processes: ddp copies the base to every GPU and
+    splits each step's micro-batches; fsdp shards the frozen 4-bit base (and the adapters) across
+    the GPUs, for a base that does not fit one (needs quantization.bits 4 or none)."""
     eval_every: Optional[int] = Field(None, gt=0)
     """Evaluate every N optimizer steps (and always at the end when there is eval data)."""
     save_every: Optional[int] = Field(None, gt=0)
@@ -244,4 +248,7 @@ class JobConfig(_Strict):
                 "train.gradient_checkpointing: selective keeps the 4-bit matmuls' outputs; "
                 f"it needs quantization.bits: 4 (got {self.quantization.bits})"
             )
+        if self.train.distributed == "fsdp" and self.quantization.bits == 8:
+            # bitsandbytes' 8-bit weights keep int8 data and row statistics FSDP cannot flatten.
+            raise ValueError("train.distributed: fsdp shards 4-bit or 16-bit bases; quantization.bits 8 is not supported")
         return self

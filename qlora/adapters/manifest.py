@@ -81,11 +81,13 @@ def write_manifest(
     revision: Optional[str],
     quantization: QuantizationSection,
     data_files: list[str],
+    processes: Optional[dict] = None,
 ) -> Path:
     """Write qlora_manifest.json into an adapter folder peft has just written, and set
     adapter_config.json's base_model_name_or_path / revision to the base as the job named it.
 
-    `quantization` is recorded as the job's section: {bits, quant_type, double_quant, compute_dtype}.
+    `quantization` is recorded as the job's section: {bits, quant_type, double_quant, compute_dtype};
+    `processes` how training was spread: {"world_size": N, "strategy": "ddp" | "fsdp"}.
     """
     directory = Path(directory)
     adapter_config_path = directory / ADAPTER_CONFIG
@@ -109,6 +111,7 @@ def write_manifest(
         "versions": library_versions(),
         "files": {ADAPTER_WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
         "data": [data_record(name) for name in data_files],
+        "training": processes or {"world_size": 1, "strategy": "ddp"},
     }
     path = directory / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -14,6 +14,7 @@ from qlora.cli.commands import command_parser
 from qlora.cli.plan import add_plan_command, run_plan
 from qlora.cli.serve import add_serve_command, run_serve
 from qlora.errors import EXIT_ABORTED, EXIT_INTERNAL, Interrupted, QloraError
+from qlora.training.distributed import World, prints, world_from_env
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume-anyway",
         action="store_true",
-        help="resume even though the job's config or data changed since the checkpoint",
+        help="resume even though the job's config, data or number of processes changed since the checkpoint",
+    )
+    train.add_argument(
+        "--nproc",
+        type=positive_int,
+        metavar="N",
+        help="train on N local processes (GPUs): runs torch.distributed.run with the same arguments",
     )
     validate = job_command("validate", "check the config and every data row without loading the model")
     validate.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -59,19 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of processes (got {text!r})")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if not args.debug:
         quiet_libraries()
+    if getattr(args, "nproc", None):
+        from qlora.cli.launch import launch
+
+        return launch(args.nproc, argv)
     try:
-        return run(args)
+        world = world_from_env()
+    except QloraError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    die_with_launcher()
+    try:
+        return run(args, world)
     except QloraError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"{'interrupted' if isinstance(error, Interrupted) else 'error'}: {error}", file=sys.stderr)
+        if prints(world, error):
+            print(f"{'interrupted' if isinstance(error, Interrupted) else 'error'}: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("aborted: stopped at once, no checkpoint written for the current step", file=sys.stderr)
+        if world.is_main:
+            print("aborted: stopped at once, no checkpoint written for the current step", file=sys.stderr)
         return EXIT_ABORTED
     except Exception as error:  # noqa: BLE001 - the last line of defence prints one line, not a wall
         if args.debug:
@@ -83,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, world: World = World()) -> int:
     if args.command in ADAPTER_COMMANDS:
         return run_adapter_command(args)
     from qlora.config import OVERRIDES_ENV, load_config, overrides_from_env
@@ -95,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
     # QLORA_SET first, then --set: the command line wins over the environment.
     env_overrides = overrides_from_env()
-    if env_overrides:
+    if env_overrides and world.is_main:
         print(f"{OVERRIDES_ENV}: {' '.join(env_overrides)}", file=sys.stderr)
     config = load_config(args.config, args.overrides, env_overrides=env_overrides)
     if args.command == "validate":
@@ -107,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from qlora.job.run import run_job
 
-    with GracefulStop() as stop:
+    with GracefulStop(several=world.several, speaks=world.is_main) as stop:
         run_job(
             config,
             overwrite=args.overwrite,
@@ -120,11 +146,17 @@ def run(args: argparse.Namespace) -> int:
 
 class GracefulStop:
     """SIGTERM / SIGINT ask the job to stop after the current optimizer step and checkpoint
-    (a container's preemption notice); a second one stops at once (KeyboardInterrupt)."""
+    (a container's preemption notice); a second one stops at once (KeyboardInterrupt).
+
+    Under torchrun (`several`) one stop reaches a rank several times (from the launcher, from an
+    init forwarding to the process group, from the agent once a peer exited): the later ones
+    are ignored, up to the exit, so every rank finishes the agreed checkpoint and exits 75.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, several: bool = False, speaks: bool = True):
+        self.several, self.speaks = several, speaks
         self.signal_name = None
         self.previous = {}
 
@@ -133,8 +165,12 @@ class GracefulStop:
 
     def handle(self, number, frame) -> None:
         if self.signal_name is not None:
+            if self.several:
+                return
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(number).name
+        if not self.speaks:
+            return
         print(
             f"\n{self.signal_name}: stopping after the current step and writing a checkpoint "
             "(send it again to stop at once)",
@@ -149,7 +185,19 @@ class GracefulStop:
 
     def __exit__(self, *exc) -> None:
         for number, handler in self.previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if self.several else handler)
+
+
+def die_with_launcher() -> None:
+    """A rank started by `qlora train --nproc` gets SIGTERM (stop after the step, checkpoint)
+    if the launcher dies, even by SIGKILL, instead of training on unattended."""
+    from qlora.cli.launch import LAUNCHER_ENV
+
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher and launcher.isdigit() and int(launcher) == os.getppid():
+        from qlora.service.process import die_with_parent
+
+        die_with_parent(int(launcher))()
 
 
 def quiet_libraries() -> None:

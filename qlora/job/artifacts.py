@@ -18,7 +18,8 @@ from qlora.adapters.exact_match import ExactMatch, exact_match
 from qlora.config import JobConfig
 from qlora.output_dir import FINISHED_MARKER, apply_umask, write_atomically
 from qlora.sizes import file_size, format_bytes
-from qlora.training.checkpoint import TrainingState, save_checkpoint, save_training_state
+from qlora.training.checkpoint import PREFIX, TrainingState, save_checkpoint, save_training_state
+from qlora.training.distributed import World, barrier
 from qlora.training.loop import LoopResult
 from qlora.training.plot import write_loss_plot
 
@@ -44,12 +45,13 @@ def publish(
     parameters: tuple[int, int],
     exact: tuple[Optional[ExactMatch], Optional[ExactMatch]],
     echo: Callable[[str], None],
+    world: World = World(),
 ) -> JobResult:
     """The artifacts, the loss plot, then summary.json last; prints the summary. `data_stats` is
     {"train_data": stats, "eval_data": stats or None}; `parameters` (trainable, total);
-    `exact` the exact match (before, after) training."""
+    `exact` the exact match (before, after) training; `world` the processes that trained."""
     output_dir = Path(config.output.dir)
-    adapter_path = write_artifacts(model, tokenizer, output_dir, config)
+    adapter_path = write_artifacts(model, tokenizer, output_dir, config, world)
     result = JobResult(
         output_dir=output_dir,
         adapter_path=adapter_path,
@@ -68,15 +70,21 @@ def publish(
     return result
 
 
-def checkpoint_writer(model, output_dir: Path, keep: int, run: dict) -> Callable[[TrainingState], Path]:
-    """The loop's save hook: adapter + training state + run record, published atomically."""
+def checkpoint_writer(
+    model, output_dir: Path, keep: int, run: dict, world: World = World()
+) -> Callable[[TrainingState], Path]:
+    """The loop's save hook: adapter + training state + run record, published atomically.
+    Called on every rank; rank 0 writes, and no rank goes on (or exits) before it is complete."""
 
     def save(state: TrainingState) -> Path:
         def write(folder: Path) -> None:
             save_adapter(model, folder)
             save_training_state(folder, state, run)
 
-        return save_checkpoint(output_dir / "checkpoints", state.step, write, keep)
+        if world.is_main:
+            written = save_checkpoint(output_dir / "checkpoints", state.step, write, keep)
+        barrier(world)
+        return written if world.is_main else output_dir / "checkpoints" / f"{PREFIX}{state.step:08d}"
 
     return save
 
@@ -95,7 +103,7 @@ def run_exact_match(model, tokenizer, rows, config: JobConfig, echo, when: str) 
     return result
 
 
-def write_artifacts(model, tokenizer, output_dir: Path, config: JobConfig) -> Path:
+def write_artifacts(model, tokenizer, output_dir: Path, config: JobConfig, world: World = World()) -> Path:
     """Adapter + tokenizer written to a temp dir, then moved in file by file with atomic renames,
     so a reader never sees a half-written adapter_model.safetensors."""
     staging = Path(tempfile.mkdtemp(prefix=".artifacts-", dir=output_dir))
@@ -109,6 +117,7 @@ def write_artifacts(model, tokenizer, output_dir: Path, config: JobConfig) -> Pa
             quantization=config.quantization,
             data_files=[source.path for source in config.data.sources()]
             + ([config.data.eval] if config.data.eval else []),
+            processes={"world_size": world.size, "strategy": world.strategy},
         )
         tokenizer.save_pretrained(str(staging))
         apply_umask(staging)

@@ -35,14 +35,16 @@ RUN_NEUTRAL_KEYS = frozenset(
 )
 
 
-def run_record(config: JobConfig, train_examples: list, eval_examples: list) -> dict:
-    """What makes this run this run: its defining config keys, data fingerprint, and versions."""
+def run_record(config: JobConfig, train_examples: list, eval_examples: list, world_size: int = 1) -> dict:
+    """What makes this run this run: its defining config keys, data fingerprint, the number of
+    processes (each optimizer step's rows and every rank's RNG depend on it), and versions."""
     flat = flatten(config.model_dump(mode="json"))
     defining = {key: value for key, value in flat.items() if key not in RUN_NEUTRAL_KEYS}
     return {
         "config": defining,
         "config_sha256": hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest(),
         "data_sha256": data_fingerprint(train_examples, eval_examples),
+        "world_size": world_size,
         "versions": library_versions(),
     }
 
@@ -77,6 +79,14 @@ def check_same_run(
     checkpoint: Path, saved_run: dict, record: dict, resume_anyway: bool, echo: Callable[[str], None]
 ) -> None:
     """Refuse a checkpoint of a different run (its saved record differs from this job's)."""
+    saved_size, size = saved_run.get("world_size", 1), record["world_size"]
+    if saved_size != size and not resume_anyway:
+        raise CheckpointError(
+            f"{checkpoint}: trained on {saved_size} process(es), this run has {size}; the same steps need the "
+            "same world size: relaunch with it, or pass --resume-anyway to continue with a different batch per step"
+        )
+    if saved_size != size:
+        echo(f"warning: resuming a {saved_size}-process checkpoint on {size} processes")
     changes = describe_changes(saved_run.get("config", {}), record["config"])
     if saved_run.get("data_sha256") != record["data_sha256"]:
         changes.append("the training or eval data (tokenized rows differ)")

@@ -7,6 +7,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,10 +23,11 @@ from qlora.model.base import load_base, load_tokenizer, parameter_counts, weight
 from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 from qlora.output_dir import check_output_dir, claim_output_dir, unfinished
 from qlora.plan.mfu import job_flop_meter
-from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch
+from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch, set_micro_batch
 from qlora.sizes import format_bytes
 from qlora.training.builders import build_optimizer, build_schedule, loop_settings
 from qlora.training.checkpoint import TrainingState, load_training_state, remove_partial_checkpoints, verify_checkpoint
+from qlora.training.distributed import World, agreed, barrier, from_every_rank, join, leave, replicated, world_from_env
 from qlora.training.loop import LoopResult, train
 from qlora.training.metrics import MetricsLog
 from qlora.training.precision import build_precision
@@ -120,19 +122,65 @@ def run_job(
     resume_anyway: bool = False,
     stop_requested: Callable[[], bool] = lambda: False,
     echo: Callable[[str], None] = print,
-) -> JobResult:
+    world: Optional[World] = None,
+) -> Optional[JobResult]:
     """Train the job, resuming from its newest complete checkpoint (or `resume_from`) if any.
 
     Every check (output dir, checkpoint, data, the checkpoint belonging to this run) happens
-    before the model loads and before anything is written.
+    before the model loads and before anything is written. Under torchrun (`world` from the
+    environment by default) every rank runs this; rank 0 alone prints, writes and returns the
+    result (the others return None), and a check failing on any rank fails on all.
     """
+    world = world or world_from_env(config.train.distributed)
+    join(world)
+    try:
+        echo = echo if world.is_main else silent
+        run = agreed(world, lambda: plan_run(config, overwrite, resume_from, resume_anyway, world, echo))
+        output_dir = Path(config.output.dir)
+        with contextlib.ExitStack() as claimed:
+            # Rank 0 owns the output folder; the others read a checkpoint in it, never write.
+            if world.is_main:
+                agreed(world, lambda: claimed.enter_context(claim_output_dir(output_dir, wipe=run.resume is None)))
+            else:
+                agreed(world, lambda: None)
+            if run.resume and world.is_main:
+                removed = remove_partial_checkpoints(output_dir / "checkpoints")
+                rewind_metrics(output_dir / "metrics.jsonl", run.resume.state.step)
+                note = f"; removed {len(removed)} partial checkpoint(s) a killed writer left" if removed else ""
+                echo(f"resuming from {run.resume.checkpoint} (step {run.resume.state.step} of {run.max_steps}){note}")
+            return train_and_publish(config, run, world, stop_requested, echo)
+    finally:
+        leave(world)
+
+
+@dataclass
+class RunPlan:
+    """What the checks before loading decided: the data, the checkpoint to resume, the steps."""
+
+    prepared: PreparedData
+    record: dict
+    resume: Optional[ResumePoint]
+    max_steps: int
+    auto_budget: Optional[int]
+
+
+def plan_run(
+    config: JobConfig, overwrite: bool, resume_from: Optional[str], resume_anyway: bool, world: World, echo
+) -> RunPlan:
+    """Every check before the model loads; nothing written."""
     output_dir = Path(config.output.dir)
     if overwrite and resume_from:
         raise ConfigError("--overwrite and --resume-from: choose one (start over, or resume)")
     check_output_dir(output_dir, overwrite)
     checkpoint = None if overwrite else find_checkpoint(output_dir, resume_from)
+    seen = from_every_rank(world, checkpoint.name if checkpoint else None)
+    if len(set(seen)) > 1:
+        raise CheckpointError(
+            f"{output_dir}: the ranks see different checkpoints ({', '.join(map(str, seen))}, by rank); "
+            "output.dir must be one folder shared by every node"
+        )
     prepared = prepare_data(config, echo)
-    auto_budget = resolve_micro_batch(config, echo)
+    auto_budget = resolve_micro_batch_per_rank(config, world, echo)
     resume = None
     if checkpoint:
         verify_checkpoint(checkpoint)
@@ -143,62 +191,90 @@ def run_job(
             saved = resume.run.get("config", {})
             config.train.micro_batch_size = saved.get("train.micro_batch_size", config.train.micro_batch_size)
             config.train.grad_accum_steps = saved.get("train.grad_accum_steps", config.train.grad_accum_steps)
-    record = run_record(config, prepared.train.examples, prepared.eval.examples if prepared.eval else [])
+    record = job_record(config, prepared, world)
     if resume:
         check_same_run(checkpoint, resume.run, record, resume_anyway, echo)
-    max_steps = total_steps(config, epoch_length(config, prepared.train.examples))
+    max_steps = total_steps(config, epoch_length(config, prepared.train.examples), world.size)
     if resume and resume.state.step > max_steps:
         raise CheckpointError(f"{checkpoint}: at step {resume.state.step}, past the job's {max_steps} optimizer steps")
     if checkpoint is None and unfinished(output_dir) and not overwrite:
         echo(f"{output_dir} holds an unfinished run with no complete checkpoint: starting over")
+    return RunPlan(prepared, record, resume, max_steps, auto_budget)
 
-    with claim_output_dir(output_dir, wipe=checkpoint is None):
-        if resume:
-            removed = remove_partial_checkpoints(output_dir / "checkpoints")
-            rewind_metrics(output_dir / "metrics.jsonl", resume.state.step)
-            note = f"; removed {len(removed)} partial checkpoint(s) a killed writer left" if removed else ""
-            echo(f"resuming from {checkpoint} (step {resume.state.step} of {max_steps}){note}")
-        return train_and_publish(config, prepared, record, resume, max_steps, auto_budget, stop_requested, echo)
+
+def job_record(config: JobConfig, prepared: PreparedData, world: World) -> dict:
+    return run_record(config, prepared.train.examples, prepared.eval.examples if prepared.eval else [], world.size)
+
+
+def resolve_micro_batch_per_rank(config: JobConfig, world: World, echo) -> Optional[int]:
+    """micro_batch_size auto for one rank's share of each step: effective_batch_size (default:
+    grad_accum_steps x N, what micro-batch 1 would give) split evenly over the N ranks."""
+    train = config.train
+    if not world.several or train.micro_batch_size != "auto":
+        return resolve_micro_batch(config, echo)
+    asked = train.effective_batch_size
+    effective = asked or train.grad_accum_steps * world.size
+    if effective % world.size:
+        raise ConfigError(
+            f"train.effective_batch_size: {effective} sequences per step cannot be split evenly over "
+            f"{world.size} processes; use a multiple of {world.size}"
+        )
+    train.effective_batch_size = effective // world.size
+    try:
+        return resolve_micro_batch(config, echo)
+    finally:
+        train.effective_batch_size = asked
+
+
+def silent(line: str) -> None:
+    """The echo of ranks other than 0: one copy of every line is enough."""
 
 
 def train_and_publish(
-    config: JobConfig,
-    prepared: PreparedData,
-    record: dict,
-    resume: Optional[ResumePoint],
-    max_steps: int,
-    auto_budget: Optional[int],
-    stop_requested,
-    echo,
-) -> JobResult:
-    """Base + adapters (restored from the `resume` checkpoint if given) -> loop -> artifacts."""
+    config: JobConfig, run: RunPlan, world: World, stop_requested, echo
+) -> Optional[JobResult]:
+    """Base + adapters (restored from the run's checkpoint if it resumes) -> loop -> artifacts."""
     import torch
     from transformers import set_seed
 
     set_seed(config.train.seed)
     if not torch.cuda.is_available():
         keep_large_blocks_out_of_the_heap()  # the step's host memory, given back: qlora/model/host_memory.py
+    prepared, resume, max_steps, record = run.prepared, run.resume, run.max_steps, run.record
     model, parameters = load_model(config, echo)
-    if auto_budget is not None and resume is None:
+    if run.auto_budget is not None and resume is None:
         # A resumed run keeps the micro-batch its checkpoint was trained with (checked above).
-        confirm_micro_batch(model, config, auto_budget, len(prepared.tokenizer), echo)
-        max_steps = total_steps(config, epoch_length(config, prepared.train.examples))
-        record = run_record(config, prepared.train.examples, prepared.eval.examples if prepared.eval else [])
-    # Only now is the micro-batch final: the saved config is the one that trains.
-    (Path(config.output.dir) / "config.yaml").write_text(dump_config(config))
+        effective = config.train.micro_batch_size * config.train.grad_accum_steps
+        confirm_micro_batch(model, config, run.auto_budget, len(prepared.tokenizer), echo)
+        # Each rank's dry run may step down differently: all take the smallest.
+        set_micro_batch(config, min(from_every_rank(world, config.train.micro_batch_size)), effective)
+        max_steps = total_steps(config, epoch_length(config, prepared.train.examples), world.size)
+        record = job_record(config, prepared, world)
+    if world.is_main:
+        # Only now is the micro-batch final: the saved config is the one that trains.
+        (Path(config.output.dir) / "config.yaml").write_text(dump_config(config))
 
+    # Exact match generates on rank 0 alone (its replica is whole); the others wait at the loop's first collective.
     exact_rows = [row for row in prepared.eval_rows if row.format != "text"][: config.train.eval_exact_match]
+    exact_rows = exact_rows if world.is_main else []
     if resume:
         load_adapter_weights(model, resume.checkpoint)
         exact_before = restore_exact_match(resume.run.get("exact_match_before"))
     else:
         exact_before = run_exact_match(model, prepared.tokenizer, exact_rows, config, echo, "before training")
-    run = {**record, "exact_match_before": asdict(exact_before) if exact_before else None}
-    loop = run_loop(model, config, prepared, run, resume, max_steps, parameters[0], stop_requested)
-
+    if world.several:
+        # Dropout draws its own masks on each rank; a resume restores every rank's generators.
+        torch.manual_seed(config.train.seed + world.rank)
+    run_info = {**record, "exact_match_before": asdict(exact_before) if exact_before else None}
+    trained = replicated(model, world)
+    loop = run_loop(trained, model, config, prepared, run_info, resume, max_steps, parameters[0], stop_requested, world)
+    if not world.is_main:
+        return None
     exact_after = run_exact_match(model, prepared.tokenizer, exact_rows, config, echo, "after training")
     data_stats = {"train_data": prepared.train.stats, "eval_data": prepared.eval.stats if prepared.eval else None}
-    return publish(model, prepared.tokenizer, config, data_stats, loop, parameters, (exact_before, exact_after), echo)
+    return publish(
+        model, prepared.tokenizer, config, data_stats, loop, parameters, (exact_before, exact_after), echo, world
+    )
 
 
 def load_model(config: JobConfig, echo: Callable[[str], None]) -> tuple[object, tuple[int, int]]:
@@ -220,6 +296,7 @@ def load_model(config: JobConfig, echo: Callable[[str], None]) -> tuple[object, 
 
 
 def run_loop(
+    trained,
     model,
     config: JobConfig,
     prepared: PreparedData,
@@ -228,25 +305,28 @@ def run_loop(
     max_steps: int,
     trainable: int,
     stop_requested: Callable[[], bool],
+    world: World,
 ) -> LoopResult:
-    """The loop, handed what the builders make of the config; metrics.jsonl closed on every way out."""
+    """The loop, handed what the builders make of the config; metrics.jsonl closed on every way out.
+    `trained` is what the loop runs (the model itself, or its DDP / FSDP wrapper), `model` the
+    peft model the checkpoints save."""
     import torch
 
     output_dir = Path(config.output.dir)
     pad_id = prepared.tokenizer.pad_token_id
     epoch_batches = batch_maker(config, prepared.train.examples, pad_id)
     eval_batches = batch_maker(config, prepared.eval.examples, pad_id, shuffle=False)(0) if prepared.eval else []
-    optimizer = build_optimizer(model, config.train)
+    optimizer = build_optimizer(trained, config.train)
     schedule = build_schedule(optimizer, config.train, max_steps)
     precision = build_precision(config.quantization.compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
-    metrics = MetricsLog(output_dir / "metrics.jsonl")
+    metrics = MetricsLog(output_dir / "metrics.jsonl") if world.is_main else None
     try:
         model_source = config.model
         meter = job_flop_meter(
             model_source.name_or_path, trainable, config.quantization.compute_dtype, model_source.trust_remote_code
         )
         return train(
-            model,
+            trained,
             optimizer,
             schedule,
             loop_settings(config.train, max_steps),
@@ -254,13 +334,15 @@ def run_loop(
             eval_batches,
             precision=precision,
             metrics=metrics,
-            save_checkpoint=checkpoint_writer(model, output_dir, config.train.keep_checkpoints, run),
+            save_checkpoint=checkpoint_writer(model, output_dir, config.train.keep_checkpoints, run, world),
             resume=resume.state if resume else None,
             stop_requested=stop_requested,
             flop_meter=meter,
+            world=world,
         )
     finally:
-        metrics.close()
+        if metrics:
+            metrics.close()
 
 
 def check_device_support(config: JobConfig) -> None:
@@ -270,8 +352,9 @@ def check_device_support(config: JobConfig) -> None:
         raise ConfigError("quantization.compute_dtype: float16 needs a CUDA GPU; use bfloat16 or float32 on CPU")
 
 
-def total_steps(config: JobConfig, batches_per_epoch: int) -> int:
+def total_steps(config: JobConfig, batches_per_epoch: int, world_size: int = 1) -> int:
+    """Optimizer steps; each takes grad_accum_steps micro-batches on each of `world_size` ranks."""
     if config.train.max_steps is not None:
         return config.train.max_steps
     epochs = config.train.epochs if config.train.epochs is not None else 1.0
-    return max(1, math.ceil(epochs * batches_per_epoch / config.train.grad_accum_steps))
+    return max(1, math.ceil(epochs * batches_per_epoch / (config.train.grad_accum_steps * world_size)))

@@ -22,6 +22,7 @@ import torch
 from qlora.errors import Interrupted, TrainingError
 from qlora.plan.flops import FlopMeter, mfu
 from qlora.training.checkpoint import TrainingState, capture_rng, restore_rng
+from qlora.training.distributed import World, any_rank, rng_of_every_rank, share, summed, this_ranks_rng
 from qlora.training.loss import summed_cross_entropy
 from qlora.training.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
 from qlora.training.precision import Precision
@@ -76,6 +77,7 @@ def train(
     resume: Optional[TrainingState] = None,
     stop_requested: Callable[[], bool] = lambda: False,
     flop_meter: Optional[FlopMeter] = None,
+    world: World = World(),
 ) -> LoopResult:
     """Run optimizer steps from `resume` (or the start) to settings.max_steps.
 
@@ -84,7 +86,16 @@ def train(
     `save_checkpoint(state)` is called every settings.save_every steps and when
     `stop_requested()` turns true (checked before each step); then the loop raises Interrupted.
     With a `flop_meter`, each metrics row and the result carry `mfu`.
+
+    Under torchrun (`world` of N ranks; qlora.training.distributed) every rank reads the same
+    micro-batch stream, an optimizer step takes grad_accum_steps x N of them and each rank trains
+    its own consecutive grad_accum_steps: the same rows per step as one process accumulating
+    grad_accum_steps x N. The model is then DDP- or FSDP-wrapped: its backward averages the
+    ranks' gradients. Only rank 0 should be given `metrics`; `save_checkpoint` is called on
+    every rank (gathering a checkpoint is collective) and writes on rank 0.
     """
+    if world.several and not hasattr(model, "no_sync"):
+        raise TrainingError("several processes need the model wrapped (qlora.training.distributed.replicated)")
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     device = parameters[0].device
     precision = precision or Precision.none(device.type)
@@ -103,13 +114,15 @@ def train(
     # The untrained baseline, so every run shows how far the adapter moved the eval loss.
     eval_loss, eval_loss_before = nan_if_none(state.eval_loss), nan_if_none(state.eval_loss_before)
     if eval_batches and not resume:
-        eval_loss = eval_loss_before = evaluate(model, eval_batches, device, settings.loss_chunk_tokens, precision)
+        eval_loss = eval_loss_before = evaluate(
+            model, eval_batches, device, settings.loss_chunk_tokens, precision, world
+        )
         if metrics:
             metrics.write({"step": 0, "eval_loss": eval_loss, "eval_perplexity": safe_exp(eval_loss)})
     if resume:
         # Last, after anything above that might draw random numbers: dropout masks from here
         # on are the ones the uninterrupted run drew.
-        restore_rng(resume.rng)
+        restore_rng(this_ranks_rng(world, resume.rng))
 
     def snapshot(step: int) -> TrainingState:
         return TrainingState(
@@ -125,7 +138,7 @@ def train(
             optimizer=optimizer.state_dict(),
             scheduler=schedule.state_dict(),
             grad_scaler=scaler.state_dict() if scaler.is_enabled() else None,
-            rng=capture_rng(),
+            rng=rng_of_every_rank(world, capture_rng()),
         )
 
     started = time.perf_counter() - state.elapsed_s
@@ -135,36 +148,42 @@ def train(
     # MFU over this process's steps only: the FLOPs before a resume are not in the checkpoint.
     useful_flops, flops_started = 0.0, time.perf_counter()
     # The with-block closes the bar on every way out (a stop, a NaN), so the last line is ours.
-    with progress_bar(settings.max_steps, "training", initial=state.step) as bar:
+    with progress_bar(settings.max_steps, "training", initial=state.step, disable=not world.is_main) as bar:
         for step in range(state.step + 1, settings.max_steps + 1):
             # Stop only between optimizer steps: a checkpoint never holds half an accumulation window.
-            if stop_requested():
+            # A signal may reach one rank only: all stop after the same step, or the rest would hang.
+            if any_rank(world, stop_requested()):
                 if step - 1 > saved_step and save_checkpoint:
                     saved_path, saved_step = save_checkpoint(snapshot(step - 1)), step - 1
                 raise Interrupted(stop_message(step - 1, settings.max_steps, saved_step, saved_path))
 
-            # Normalize by the supervised tokens of the WHOLE accumulation window, so a token
-            # weighs the same whichever micro-batch it landed in (per-micro-batch means do not).
+            # Normalize by the supervised tokens of the WHOLE accumulation window, on every rank,
+            # so a token weighs the same whichever micro-batch and rank it landed in (per-micro-batch
+            # or per-rank means do not). Every rank holds the whole window, so the count needs no
+            # all-reduce; x N because DDP and FSDP average the ranks' gradients.
             window = []
-            for _ in range(settings.grad_accum_steps):
+            for _ in range(settings.grad_accum_steps * world.size):
                 epoch, next_index, batch = next(micro_batches)
                 window.append(batch)
                 position = (epoch, next_index)
             window_supervised = sum(batch.supervised_tokens for batch in window)
+            mine = share(world, window, settings.grad_accum_steps)
             loss_sum = torch.zeros((), device=device)
-            for batch in window:
-                with saved_for_backward_on_host(settings.offload_activations):
-                    with precision.autocast():
-                        batch_loss_sum = summed_loss(model, batch, device, settings.loss_chunk_tokens)
-                    scaler.scale(batch_loss_sum / max(window_supervised, 1)).backward()
+            for index, batch in enumerate(mine):
+                # Gradients cross the ranks once per step, after the window's last micro-batch.
+                with gradients_kept_local(model, index < len(mine) - 1):
+                    with saved_for_backward_on_host(settings.offload_activations):
+                        with precision.autocast():
+                            batch_loss_sum = summed_loss(model, batch, device, settings.loss_chunk_tokens)
+                        scaler.scale(batch_loss_sum * world.size / max(window_supervised, 1)).backward()
                 loss_sum += batch_loss_sum.detach()
-                total_tokens += batch.input_ids.numel()
                 useful_flops += flop_meter.of_batch(batch) if flop_meter else 0.0
+            total_tokens += sum(batch.input_ids.numel() for batch in window)
             lr = schedule.get_last_lr()[0]  # the rate this step uses; after schedule.step() it is the next one's
             grad_norm = None
             if settings.max_grad_norm:
                 scaler.unscale_(optimizer)  # clip the true gradients, not float16's scaled ones
-                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+                grad_norm = clipped_gradients(model, parameters, settings.max_grad_norm)
             scaler.step(optimizer)  # skips the step when float16 gradients overflowed
             scaler.update()
             schedule.step()
@@ -177,6 +196,7 @@ def train(
                 [torch.as_tensor(grad_norm, device=loss_sum.device).float()] if grad_norm is not None else []
             )
             loss_total, *norm = torch.stack(readings).tolist()
+            loss_total = summed(world, [loss_total])[0]  # every rank's share of the window
             grad_norm = norm[0] if norm else math.nan
             loss = loss_total / max(window_supervised, 1)
             if not math.isfinite(loss):
@@ -196,7 +216,7 @@ def train(
                 row["mfu"] = mfu(useful_flops, time.perf_counter() - flops_started, flop_meter.peak_flops_per_s)
             last_step = step == settings.max_steps
             if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last_step):
-                eval_loss = evaluate(model, eval_batches, device, settings.loss_chunk_tokens, precision)
+                eval_loss = evaluate(model, eval_batches, device, settings.loss_chunk_tokens, precision, world)
                 row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
             if metrics:
                 metrics.write(row)
@@ -248,6 +268,19 @@ def summed_loss(model: torch.nn.Module, batch, device, chunk_tokens: Union[int, 
     return summed_cross_entropy(model, batch, device, chunk_tokens)
 
 
+def gradients_kept_local(model: torch.nn.Module, keep: bool):
+    """DDP's / FSDP's no_sync for the micro-batches before a window's last: their gradients
+    accumulate on each rank and are reduced once, with the last one's."""
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if keep and no_sync is not None else contextlib.nullcontext()
+
+
+def clipped_gradients(model: torch.nn.Module, parameters: list, max_norm: float) -> torch.Tensor:
+    """The global gradient norm, clipped to max_norm; FSDP computes it over the ranks' shards itself."""
+    clip = getattr(model, "clip_grad_norm_", None)
+    return clip(max_norm) if clip is not None else torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
 def saved_for_backward_on_host(offload: bool):
     """Where the tensors autograd saves for backward wait between forward and backward: on the
     device, or (offload) copied to host memory, pinned on CUDA, and back when backward needs them.
@@ -270,20 +303,29 @@ def evaluate(
     device,
     chunk_tokens: Union[int, str] = "auto",
     precision: Optional[Precision] = None,
+    world: World = World(),
 ) -> float:
     """Mean loss per supervised token over the eval batches (dropout off, under the training
-    precision when given), then back to training."""
+    precision when given), then back to training. Under torchrun each rank takes every N-th
+    batch; all run the same number of forwards (FSDP gathers weights in each), a rank short of
+    one repeats its first and counts it zero."""
     precision = precision or Precision.none()
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     supervised = 0
-    for batch in batches:
+    mine = list(batches[world.rank :: world.size])
+    forwards = math.ceil(len(batches) / world.size)
+    for index in range(forwards):
+        batch = mine[index] if index < len(mine) else batches[0]
         with precision.autocast():
-            loss_sum += summed_loss(model, batch, device, chunk_tokens).double()
-        supervised += batch.supervised_tokens
+            batch_loss = summed_loss(model, batch, device, chunk_tokens).double()
+        if index < len(mine):
+            loss_sum += batch_loss
+            supervised += batch.supervised_tokens
     model.train(was_training)
-    return loss_sum.item() / max(supervised, 1)
+    total, supervised = summed(world, [loss_sum.item(), supervised])
+    return total / max(supervised, 1)
 
 
 def data_stream(epoch_batches: Callable[[int], Sequence], epoch: int = 0, index: int = 0):

@@ -31,10 +31,18 @@ def clean(value):
     return value
 
 
-def progress_bar(total: int, description: str, initial: int = 0):
+def progress_bar(total: int, description: str, initial: int = 0, disable: bool = False):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=description,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=disable,
+    )
 
 
 def reset_peak_memory() -> None:

@@ -27,7 +27,7 @@ from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch, set
 from qlora.sizes import format_bytes
 from qlora.training.builders import build_optimizer, build_schedule, loop_settings
 from qlora.training.checkpoint import TrainingState, load_training_state, remove_partial_checkpoints, verify_checkpoint
-from qlora.training.distributed import World, agreed, barrier, from_every_rank, join, leave, replicated, world_from_env
+from qlora.training.distributed import World, agreed, from_every_rank, join, leave, replicated, world_from_env
 from qlora.training.loop import LoopResult, train
 from qlora.training.metrics import MetricsLog
 from qlora.training.precision import build_precision
@@ -230,9 +230,7 @@ def silent(line: str) -> None:
     """The echo of ranks other than 0: one copy of every line is enough."""
 
 
-def train_and_publish(
-    config: JobConfig, run: RunPlan, world: World, stop_requested, echo
-) -> Optional[JobResult]:
+def train_and_publish(config: JobConfig, run: RunPlan, world: World, stop_requested, echo) -> Optional[JobResult]:
     """Base + adapters (restored from the run's checkpoint if it resumes) -> loop -> artifacts."""
     import torch
     from transformers import set_seed

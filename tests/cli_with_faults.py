@@ -7,6 +7,8 @@ bitsandbytes), for tests that must kill or signal a real process at a known mome
     QLORA_TEST_NAN_AT_STEP=3         the loss of step 3 is NaN
     QLORA_TEST_FORWARD_MARK=PATH     write the count of training forwards begun to PATH as each begins
                                      (before its delay: a test knows a forward is under way)
+    QLORA_TEST_DUMP_WEIGHTS=DIR      after the loop, every rank writes its trainable weights to
+                                     DIR/rank-$RANK.safetensors (are the replicas identical?)
 """
 
 import os
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import qlora.job.artifacts
+import qlora.job.run
 import qlora.training.checkpoint
 import qlora.training.loop
 from qlora.cli.main import main
@@ -25,6 +28,8 @@ nan_at = int(os.environ.get("QLORA_TEST_NAN_AT_STEP", "0"))
 forward_mark = os.environ.get("QLORA_TEST_FORWARD_MARK")
 real_summed_loss = qlora.training.loop.summed_loss
 real_save_state = qlora.training.checkpoint.save_training_state
+dump_dir = os.environ.get("QLORA_TEST_DUMP_WEIGHTS")
+real_run_loop = qlora.job.run.run_loop
 forward_calls = 0
 
 
@@ -46,7 +51,18 @@ def save_training_state(folder, state, run):
         time.sleep(600)
 
 
+def run_loop(trained, model, *rest, **named):
+    result = real_run_loop(trained, model, *rest, **named)
+    if dump_dir:
+        from safetensors.torch import save_file
+
+        weights = {name: value.detach().contiguous() for name, value in model.named_parameters() if value.requires_grad}
+        save_file(weights, str(Path(dump_dir) / f"rank-{os.environ.get('RANK', '0')}.safetensors"))
+    return result
+
+
 qlora.training.loop.summed_loss = summed_loss
+qlora.job.run.run_loop = run_loop
 qlora.job.artifacts.save_training_state = save_training_state
 
 if __name__ == "__main__":

@@ -141,6 +141,13 @@ def agreed(world: World, action: Callable[[], Result]) -> Result:
     return result
 
 
+def on_every_rank(world: World, error: QloraError) -> QloraError:
+    """Mark an error every rank raises at the same point (a stop, a NaN loss of the reduced step):
+    rank 0 alone prints it."""
+    error.agreed = world.several
+    return error
+
+
 def prints(world: World, error: Optional[BaseException] = None) -> bool:
     """Whether this rank prints: rank 0 always; the others only errors of their own."""
     return world.is_main or (error is not None and not getattr(error, "agreed", False))

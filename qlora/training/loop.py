@@ -22,7 +22,15 @@ import torch
 from qlora.errors import Interrupted, TrainingError
 from qlora.plan.flops import FlopMeter, mfu
 from qlora.training.checkpoint import TrainingState, capture_rng, restore_rng
-from qlora.training.distributed import World, any_rank, rng_of_every_rank, share, summed, this_ranks_rng
+from qlora.training.distributed import (
+    World,
+    any_rank,
+    on_every_rank,
+    rng_of_every_rank,
+    share,
+    summed,
+    this_ranks_rng,
+)
 from qlora.training.loss import summed_cross_entropy
 from qlora.training.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
 from qlora.training.precision import Precision
@@ -155,7 +163,9 @@ def train(
             if any_rank(world, stop_requested()):
                 if step - 1 > saved_step and save_checkpoint:
                     saved_path, saved_step = save_checkpoint(snapshot(step - 1)), step - 1
-                raise Interrupted(stop_message(step - 1, settings.max_steps, saved_step, saved_path))
+                raise on_every_rank(
+                    world, Interrupted(stop_message(step - 1, settings.max_steps, saved_step, saved_path))
+                )
 
             # Normalize by the supervised tokens of the WHOLE accumulation window, on every rank,
             # so a token weighs the same whichever micro-batch and rank it landed in (per-micro-batch
@@ -200,7 +210,8 @@ def train(
             grad_norm = norm[0] if norm else math.nan
             loss = loss_total / max(window_supervised, 1)
             if not math.isfinite(loss):
-                raise TrainingError(f"step {step}: loss is {loss}; lower train.learning_rate or check the data")
+                message = f"step {step}: loss is {loss}; lower train.learning_rate or check the data"
+                raise on_every_rank(world, TrainingError(message))
             total_supervised += window_supervised
             elapsed = time.perf_counter() - started
             row = {

@@ -1,0 +1,343 @@
+"""Several processes, for real: torch.distributed with gloo on this CPU, 2 ranks launched by
+`qlora train --nproc 2` or by torchrun itself, on the tiny 4-bit model. No mocks: the ranks are
+real processes, their collectives real, the faults real signals.
+
+The reference is one 2-rank run (micro-batch 2, accumulation 1); one process accumulating 2
+micro-batches of 2 must train the same steps, and interrupted / killed / two-"node" runs of the
+same job must end with the same adapter.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora.cli.launch import without_nproc
+from qlora.errors import QloraError
+from qlora.training.distributed import World, agreed, world_from_env
+from tests.tiny import chat_row
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+def write_uneven_data(path: Path, count: int, seed: int) -> Path:
+    """Answers of 2 or 24 letters at random: the two ranks' micro-batches of a step hold very
+    different numbers of supervised tokens."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            word = "".join(rng.choice("abcdefghij") for _ in range(rng.choice((2, 24))))
+            handle.write(json.dumps(chat_row(f"reverse {word}", word[::-1])) + "\n")
+    return path
+
+
+def make_job(directory: Path, model_dir: Path, **train) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_uneven_data(directory / "train.jsonl", 32, seed=3)
+    write_uneven_data(directory / "eval.jsonl", 10, seed=4)  # 5 eval batches: uneven over 2 ranks
+    job = {
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"bits": 4, "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_seq_len": 64},
+        "train": {
+            "max_steps": STEPS,
+            "micro_batch_size": 2,
+            "learning_rate": 1e-2,
+            "optimizer": "adamw",
+            "seed": 0,
+            "eval_every": 3,
+            **train,
+        },
+        "output": {"dir": "out"},
+    }
+    path = directory / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def environment(**extra) -> dict:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        **{key: str(value) for key, value in extra.items()},
+    }
+
+
+def launcher(job: Path, *arguments: str, nproc: int = 2, **env) -> subprocess.Popen:
+    """`qlora train --nproc N` (through the fault-injecting entry point, which the ranks run too)."""
+    command = [sys.executable, "-m", "tests.cli_with_faults", "train", str(job), *arguments]
+    if nproc > 1:
+        command += ["--nproc", str(nproc)]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=environment(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(process: subprocess.Popen, seconds: float = 300) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=seconds)
+    return process.returncode, out, err
+
+
+def metrics(output: Path) -> list[dict]:
+    path = output / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+
+
+def tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def wait_until(condition, process: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def copy_job(source: Path, directory: Path, model_dir: Path, **train) -> Path:
+    """The reference job, in another folder (its own output), optionally with other train keys
+    that change nothing trained (save_every)."""
+    job = make_job(directory, model_dir, **train)
+    assert (directory / "train.jsonl").read_bytes() == (source / "train.jsonl").read_bytes()
+    return job
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted 2-rank run: its folder, and each rank's trainable weights."""
+    directory = tmp_path_factory.mktemp("ddp-reference")
+    job = make_job(directory, tiny_model_dir)
+    (directory / "dump").mkdir()
+    code, out, err = finish(launcher(job, QLORA_TEST_DUMP_WEIGHTS=directory / "dump"))
+    assert code == 0, err
+    return directory
+
+
+def test_two_ranks_train_the_steps_of_one_process_accumulating_both(reference, tiny_model_dir, tmp_path):
+    from qlora import data
+    from qlora.config import load_config
+    from qlora.job.run import prepare_data, run_job
+
+    # One process, micro-batch 2 x accumulation 2: the same rows per step as 2 ranks x 2.
+    job = make_job(tmp_path, tiny_model_dir, grad_accum_steps=2)
+    config = load_config(job)
+    run_job(config, echo=lambda line: None)
+    single, ranks = metrics(tmp_path / "out"), metrics(reference / "out")
+    assert [row["step"] for row in single] == [row["step"] for row in ranks] == list(range(STEPS + 1))
+    for one, two in zip(single, ranks):
+        assert one.get("supervised_tokens") == two.get("supervised_tokens")
+        for key in ("loss", "eval_loss"):
+            if key in one:
+                assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (one["step"], key)
+    adapter_one, adapter_two = (
+        tensors(tmp_path / "out" / "adapter_model.safetensors"),
+        tensors(reference / "out" / "adapter_model.safetensors"),
+    )
+    assert adapter_one.keys() == adapter_two.keys() and adapter_one
+    for name, value in adapter_one.items():
+        assert (adapter_two[name] - value).abs().max().item() <= 1e-5, name
+    # The replicas never drift apart.
+    rank0, rank1 = (
+        tensors(reference / "dump" / "rank-0.safetensors"),
+        tensors(reference / "dump" / "rank-1.safetensors"),
+    )
+    assert rank0.keys() == rank1.keys() and all(rank0[name].equal(rank1[name]) for name in rank0)
+
+    # Rank 1 wrote nothing of its own: the same files as one process.
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(
+        path.name for path in (reference / "out").iterdir()
+    )
+    # The normalization mattered: the ranks' halves of a step hold very different token counts.
+    prepared = prepare_data(config, echo=lambda line: None)
+    batches = data.epoch_batches(prepared.train.examples, 2, False, 64, prepared.tokenizer.pad_token_id, 0, 0)
+    halves = [(batches[i].supervised_tokens, batches[i + 1].supervised_tokens) for i in range(0, 2 * STEPS, 2)]
+    assert max(max(pair) / min(pair) for pair in halves) > 2, halves
+
+
+def test_the_manifest_and_the_run_record_name_the_world(reference):
+    output = reference / "out"
+    manifest = json.loads((output / "qlora_manifest.json").read_text())
+    assert manifest["training"] == {"world_size": 2, "strategy": "ddp"}
+    assert len(metrics(output)) == STEPS + 1  # one row per step: rank 1 logs nothing
+    assert json.loads((output / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_and_the_rerun_is_the_same_run(
+    reference, tiny_model_dir, tmp_path
+):
+    job = copy_job(reference, tmp_path / "job", tiny_model_dir)
+    output = tmp_path / "job" / "out"
+    process = launcher(job, QLORA_TEST_STEP_DELAY=0.4)
+    wait_until(lambda: len(metrics(output)) >= 3, process)  # steps 0 (eval), 1, 2 logged
+    process.send_signal(signal.SIGTERM)
+    code, out, err = finish(process)
+    # 75 from the launcher means every rank exited 75 (qlora.cli.launch.ranks_code).
+    assert code == 75, err
+    assert err.count("interrupted: stopped on request") == 1, err
+    checkpoints = sorted((output / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "COMPLETE").is_file()
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= stopped_at < STEPS
+    state = json.loads((checkpoints[0] / "training_state.json").read_text())
+    assert state["run"]["world_size"] == 2 and len(state["rng"]["dict"]) == 1  # {"ranks": [rank 0, rank 1]}
+    assert len(state["rng"]["dict"][0][1]["list"]) == 2
+
+    # Another world size: refused with both sizes named, exit 7; --resume-anyway continues.
+    elsewhere = tmp_path / "copy"
+    shutil.copytree(tmp_path / "job", elsewhere)
+    code, out, err = finish(launcher(elsewhere / "job.yaml", nproc=1))
+    assert code == 7 and "trained on 2 process(es), this run has 1" in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = finish(launcher(elsewhere / "job.yaml", "--resume-anyway", nproc=1))
+    assert code == 0, err
+    assert "warning: resuming a 2-process checkpoint on 1 processes" in out + err
+
+    code, out, err = finish(launcher(job))
+    assert code == 0, err
+    assert f"resuming from {checkpoints[0]}" in out
+    final, uninterrupted = (
+        tensors(output / "adapter_model.safetensors"),
+        tensors(reference / "out" / "adapter_model.safetensors"),
+    )
+    assert all(final[name].equal(uninterrupted[name]) for name in uninterrupted)  # bitwise
+
+
+def test_kill_9_of_one_rank_then_the_rerun_resumes_from_the_last_complete_checkpoint(
+    reference, tiny_model_dir, tmp_path
+):
+    job = copy_job(reference, tmp_path, tiny_model_dir, save_every=2)
+    output = tmp_path / "out"
+    process = launcher(job, QLORA_TEST_STEP_DELAY=0.4)
+    wait_until(lambda: (output / "checkpoints" / "step-00000002" / "COMPLETE").is_file(), process)
+    rank1 = next(pid for pid in children(process.pid) if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
+    os.kill(rank1, signal.SIGKILL)
+    code, out, err = finish(process)
+    assert code == 128 + signal.SIGKILL, err
+    code, out, err = finish(launcher(job))
+    assert code == 0, err
+    assert "resuming from" in out and "step-0000000" in out
+    final, uninterrupted = (
+        tensors(output / "adapter_model.safetensors"),
+        tensors(reference / "out" / "adapter_model.safetensors"),
+    )
+    assert all(final[name].equal(uninterrupted[name]) for name in uninterrupted)
+
+
+def test_two_nodes_train_the_steps_of_one_node_with_two_processes(reference, tiny_model_dir, tmp_path):
+    job = copy_job(reference, tmp_path, tiny_model_dir)
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "two-nodes",
+                "-m",
+                "tests.cli_with_faults",
+                "train",
+                str(job),
+            ],
+            cwd=ROOT,
+            env=environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        code, out, err = finish(node)
+        assert code == 0, err
+    two_nodes, one_node = metrics(tmp_path / "out"), metrics(reference / "out")
+    assert [row.get("loss") for row in two_nodes] == pytest.approx([row.get("loss") for row in one_node], rel=1e-6)
+    final, reference_adapter = (
+        tensors(tmp_path / "out" / "adapter_model.safetensors"),
+        tensors(reference / "out" / "adapter_model.safetensors"),
+    )
+    assert all((final[name] - value).abs().max().item() <= 1e-6 for name, value in reference_adapter.items())
+
+
+def test_a_batch_the_ranks_cannot_split_fails_every_rank_before_loading(tiny_model_dir, tmp_path):
+    job = make_job(tmp_path, tiny_model_dir, micro_batch_size="auto", effective_batch_size=3, memory_budget="4GiB")
+    code, out, err = finish(launcher(job))
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: train.effective_batch_size: 3 sequences per step cannot be split evenly over 2 processes; "
+        "use a multiple of 2"
+    ], err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_fsdp_with_an_8_bit_base_is_refused_by_the_config(tiny_model_dir, tmp_path, capsys):
+    from qlora.cli.main import main
+
+    job = make_job(tmp_path, tiny_model_dir, distributed="fsdp")
+    assert main(["validate", str(job), "--set", "quantization.bits=8"]) == 2
+    assert "train.distributed: fsdp shards 4-bit or 16-bit bases" in capsys.readouterr().err
+
+
+def test_world_from_the_environment():
+    assert world_from_env(environ={}) == World()
+    assert world_from_env("fsdp", {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1, "fsdp")
+    with pytest.raises(QloraError, match="RANK 4 is outside WORLD_SIZE 4"):
+        world_from_env(environ={"WORLD_SIZE": "4", "RANK": "4"})
+    with pytest.raises(QloraError, match="must be integers"):
+        world_from_env(environ={"WORLD_SIZE": "two"})
+
+
+def test_one_process_agrees_with_itself():
+    assert agreed(World(), lambda: 5) == 5
+    with pytest.raises(QloraError, match="bad"):
+        agreed(World(), lambda: (_ for _ in ()).throw(QloraError("bad")))
+
+
+def test_the_ranks_run_our_command_line_without_nproc():
+    assert without_nproc(["train", "job.yaml", "--nproc", "2", "--set", "a=1"]) == ["train", "job.yaml", "--set", "a=1"]
+    assert without_nproc(["train", "--nproc=8", "job.yaml"]) == ["train", "job.yaml"]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -99,7 +99,7 @@ def main(out: Path, model_dir: str, tied_dir: str) -> None:
 
     tied = sharded(tied_dir, "float32", rank)
     report["tied_logits"] = logits(tied, batches[0])
-    report["tied_loss"] = float(summed_cross_entropy(tied, batches[0], "cpu", CHUNK_TOKENS))
+    report["tied_loss"] = float(summed_cross_entropy(tied, batches[0], "cpu", CHUNK_TOKENS).detach())
 
     bf16 = sharded(model_dir, "bfloat16", rank)
     report["bf16_logits"] = logits(bf16, batches[0])

@@ -11,7 +11,9 @@ from pathlib import Path
 import yaml
 
 
-def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 320) -> Path:
+def build_tiny_model(
+    directory: Path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 320, tied: bool = False
+) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,7 +28,7 @@ def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: i
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,  # tied: the head is the embedding matrix
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

@@ -7,7 +7,7 @@ so `peft.PeftModel.from_pretrained` loads it with no qlora installed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from qlora.config import LoraSection
 
@@ -45,11 +45,34 @@ def attach_lora(model, lora: LoraSection, *, seed: int):
     return peft_model
 
 
-def save_adapter(peft_model, directory: Union[str, Path]) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json; returns the weights file."""
+def save_adapter(peft_model, directory: Union[str, Path], state_dict: Optional[dict] = None) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json; returns the weights file.
+
+    state_dict: the adapter's whole tensors under the file's names, for a sharded model
+    (qlora.training.fsdp.adapter_state_dict, gathered on every rank; rank 0 saves). peft's own
+    save_pretrained cannot take them: it picks a state dict's adapter keys by the model's module
+    names, which FSDP's nested wrappers change. By default the peft model's own tensors."""
     directory = Path(directory)
-    peft_model.save_pretrained(str(directory), safe_serialization=True)
+    if state_dict is None:
+        peft_model.save_pretrained(str(directory), safe_serialization=True)
+    else:
+        write_adapter_files(peft_model, directory, state_dict)
     return directory / "adapter_model.safetensors"
+
+
+def write_adapter_files(peft_model, directory: Path, state_dict: dict) -> None:
+    """What peft's save_pretrained writes for one LoRA adapter: its config (in inference mode)
+    and its tensors, with the safetensors metadata peft reads."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.copy(peft_model.peft_config[peft_model.active_adapter])
+    config.inference_mode = True
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in state_dict.items()}
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def load_adapter_weights(peft_model, directory: Union[str, Path]) -> None:
@@ -58,19 +81,27 @@ def load_adapter_weights(peft_model, directory: Union[str, Path]) -> None:
     peft's own loader skips keys it does not recognise and leaves missing ones at their init
     values, silently; a resumed run would then train a different adapter. Here every saved key
     must match a trainable tensor of the same shape, and every adapter tensor must be loaded.
+    `peft_model` may be FSDP-wrapped (qlora.training.fsdp): then every rank calls this at once.
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from qlora.errors import CheckpointError
+    from qlora.training import fsdp
+
+    read_state, write_state = (
+        (fsdp.adapter_state_dict, fsdp.load_adapter_state_dict)
+        if fsdp.is_sharded(peft_model)
+        else (get_peft_model_state_dict, set_peft_model_state_dict)
+    )
 
     path = Path(directory) / "adapter_model.safetensors"
     try:
         saved = load_file(str(path))
     except (OSError, SafetensorError) as error:
         raise CheckpointError(f"{path}: unreadable adapter ({error})") from None
-    expected = get_peft_model_state_dict(peft_model)
+    expected = read_state(peft_model)
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
     reshaped = sorted(key for key in expected.keys() & saved.keys() if expected[key].shape != saved[key].shape)
@@ -85,8 +116,8 @@ def load_adapter_weights(peft_model, directory: Union[str, Path]) -> None:
             if found
         ]
         raise CheckpointError(f"{path}: adapter does not match the model: " + ", ".join(problems))
-    set_peft_model_state_dict(peft_model, saved)
-    loaded = get_peft_model_state_dict(peft_model)
+    write_state(peft_model, saved)
+    loaded = read_state(peft_model)
     unequal = [key for key in expected if not loaded[key].to(saved[key].dtype).cpu().equal(saved[key])]
     if unequal:
         raise CheckpointError(f"{path}: {len(unequal)} adapter tensors did not load (first: {unequal[0]})")

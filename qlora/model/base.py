@@ -53,6 +53,8 @@ def load_base(
     *,
     gradient_checkpointing: Union[bool, str],
     seed: int = 0,
+    quant_storage: Optional[str] = None,
+    on_cpu: bool = False,
 ):
     """The base of `source`, stored as `quantization` says, frozen, ready for adapters.
 
@@ -60,6 +62,8 @@ def load_base(
     dtype. With gradient checkpointing (True, or "selective": qlora.model.checkpointing), the
     non-reentrant variant is used and input embeddings require grad, so the checkpointed blocks
     see a graph even though the base is frozen. `seed` draws the weights of `init: random`.
+    quant_storage: the dtype the packed 4-bit bytes are stored as (bitsandbytes_config); on_cpu:
+    load into host memory even with a GPU (FSDP moves each wrapped unit to its GPU itself).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -69,15 +73,22 @@ def load_base(
     if source.init == "random":
         from qlora.model.random_init import build_random_base
 
-        model = build_random_base(name_or_path, quantization, seed=seed, trust_remote_code=source.trust_remote_code)
+        model = build_random_base(
+            name_or_path,
+            quantization,
+            seed=seed,
+            trust_remote_code=source.trust_remote_code,
+            device="cpu" if on_cpu else None,
+            quant_storage=quant_storage,
+        )
         return freeze_for_training(model, gradient_checkpointing)
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() and not on_cpu else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             revision=source.revision,
             trust_remote_code=source.trust_remote_code,
-            quantization_config=bitsandbytes_config(quantization),
+            quantization_config=bitsandbytes_config(quantization, quant_storage=quant_storage),
             dtype=getattr(torch, quantization.compute_dtype),
             device_map=device_map,
             use_safetensors=True,
@@ -89,8 +100,13 @@ def load_base(
     return freeze_for_training(model, gradient_checkpointing)
 
 
-def bitsandbytes_config(quantization: QuantizationSection):
-    """transformers' BitsAndBytesConfig for a 4-bit or 8-bit base; None for a 16-bit one."""
+def bitsandbytes_config(quantization: QuantizationSection, quant_storage: Optional[str] = None):
+    """transformers' BitsAndBytesConfig for a 4-bit or 8-bit base; None for a 16-bit one.
+
+    quant_storage: the dtype whose elements hold the packed 4-bit pairs (default uint8). FSDP
+    flattens a wrapped layer's tensors into one tensor of one dtype, so a sharded base stores its
+    4-bit bytes as the compute dtype, the dtype of the layer's norms (qlora.model.sharded_load).
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -100,6 +116,7 @@ def bitsandbytes_config(quantization: QuantizationSection):
             bnb_4bit_quant_type=quantization.quant_type,
             bnb_4bit_use_double_quant=quantization.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+            bnb_4bit_quant_storage=getattr(torch, quant_storage or "uint8"),
         )
     if quantization.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -24,6 +24,7 @@ def build_random_base(
     seed: int = 0,
     trust_remote_code: bool = False,
     device=None,
+    quant_storage=None,
 ):
     """The causal LM of `source`'s config.json with random weights: 4-bit linears (bits 4) or
     all weights in the compute dtype (bits None); embeddings, norms and head in the compute dtype."""
@@ -41,7 +42,7 @@ def build_random_base(
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     quantizer = (
-        four_bit_quantizer(model, quantization.quant_type, quantization.double_quant, dtype, device)
+        four_bit_quantizer(model, quantization.quant_type, quantization.double_quant, dtype, device, quant_storage)
         if bits == 4
         else None
     )
@@ -104,8 +105,10 @@ def materialize(parameter, dtype, device, std: float, generator):
     return torch.nn.Parameter(torch.empty(parameter.shape, dtype=parameter.dtype, device=device), requires_grad=False)
 
 
-def four_bit_quantizer(model, quant_type: str, double_quant: bool, dtype, device):
-    """transformers' bitsandbytes quantizer swaps nn.Linear for Linear4bit on the meta skeleton (not the head)."""
+def four_bit_quantizer(model, quant_type: str, double_quant: bool, dtype, device, quant_storage=None):
+    """transformers' bitsandbytes quantizer swaps nn.Linear for Linear4bit on the meta skeleton
+    (not the head); quant_storage: the packed bytes' dtype name (default uint8)."""
+    import torch
     from transformers import BitsAndBytesConfig
     from transformers.quantizers import AutoHfQuantizer
 
@@ -114,6 +117,7 @@ def four_bit_quantizer(model, quant_type: str, double_quant: bool, dtype, device
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant_storage or "uint8"),
     )
     quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
     quantizer.preprocess_model(

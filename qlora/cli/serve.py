@@ -31,7 +31,7 @@ def add_serve_command(commands) -> None:
         "--gpus",
         type=int,
         default=None,
-        help="jobs run at once, one per GPU (default: the visible GPUs, or 1 without a GPU)",
+        help="GPU slots (default: the visible GPUs, or 1 without a GPU); a job takes the number it asks for",
     )
     serve.add_argument(
         "--allow-remote-code", action="store_true", help="accept jobs with model.trust_remote_code: true"
@@ -100,8 +100,8 @@ def claim_root(root: Path):
 
 
 def gpu_slots(count: Optional[int]) -> list[str]:
-    """The CUDA_VISIBLE_DEVICES value of each slot: the GPUs this service may use, one job each.
-    Without a GPU, --gpus N still runs N jobs at once (on the CPU)."""
+    """The CUDA_VISIBLE_DEVICES value of each slot: the GPUs this service may use, one process each.
+    Without a GPU, --gpus N still runs N processes at once (on the CPU; a 2-GPU job there is 2 gloo ranks)."""
     visible = visible_gpus()
     if count is None:
         count = max(len(visible), 1)

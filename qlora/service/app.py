@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qlora.service.artifacts import adapter_archive, adapter_record
 from qlora.service.events import event_stream, job_view
@@ -56,6 +56,9 @@ class JobSubmission(BaseModel):
     """Higher runs first; equal priorities run in submission order."""
     name: Optional[str] = None
     """A label shown in job lists."""
+    gpus: int = Field(1, ge=1)
+    """GPU slots the job runs on at once: N > 1 runs it under torchrun on N processes (DDP, or FSDP
+    with train.distributed: fsdp); it waits until N slots are free."""
 
 
 # POST /v1/jobs reads its body itself (JSON or YAML), so the schema documents both by hand.
@@ -66,7 +69,7 @@ SUBMIT_BODY = {
             "application/yaml": {
                 "schema": {
                     "type": "string",
-                    "description": "the job config; ?priority= and ?name= as query parameters",
+                    "description": "the job config; ?priority=, ?name= and ?gpus= as query parameters",
                 }
             },
         },
@@ -154,10 +157,17 @@ def add_health_route(app: FastAPI, settings: Settings, store: Store, runner: Run
 
 def add_submit_route(v1: APIRouter, settings: Settings, store: Store, runner: Runner) -> None:
     @v1.post("/jobs", status_code=201, openapi_extra=SUBMIT_BODY)
-    async def submit(request: Request, priority: int = Query(0), name: Optional[str] = Query(None)) -> dict:
-        """Queue a job; 400 with the CLI's one-line error if its config, paths or data are wrong."""
+    async def submit(
+        request: Request, priority: int = Query(0), name: Optional[str] = Query(None), gpus: int = Query(1)
+    ) -> dict:
+        """Queue a job; 400 with the CLI's one-line error if its config, paths or data are wrong, or
+        if it asks for more GPUs than the service has slots."""
         body = await read_capped(request, settings.max_config_bytes)
-        submission = parse_submission(body, request.headers.get("content-type", ""), priority, name)
+        submission = parse_submission(body, request.headers.get("content-type", ""), priority, name, gpus)
+        if submission.gpus > len(settings.slots):  # it would wait forever: refuse it before any work
+            raise HTTPException(
+                400, f"gpus: {submission.gpus}: this service has {len(settings.slots)} GPU slot(s) (qlora serve --gpus)"
+            )
         raw = submission.config
         if isinstance(raw, str):
             try:
@@ -170,7 +180,7 @@ def add_submit_route(v1: APIRouter, settings: Settings, store: Store, runner: Ru
             )
         except Rejected as error:
             raise HTTPException(400, str(error)) from None
-        job = store.add(prepared.job_id, submission.name, submission.priority, prepared.total_steps)
+        job = store.add(prepared.job_id, submission.name, submission.priority, prepared.total_steps, submission.gpus)
         runner.wake.set()
         return {"id": job.id, "state": job.state}
 
@@ -272,10 +282,10 @@ async def read_capped(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_submission(body: bytes, content_type: str, priority: int, name: Optional[str]) -> JobSubmission:
-    if content_type.split(";")[0].strip().lower() in YAML_TYPES:
-        return JobSubmission(config=body.decode("utf-8", "replace"), priority=priority, name=name)
+def parse_submission(body: bytes, content_type: str, priority: int, name: Optional[str], gpus: int) -> JobSubmission:
     try:
+        if content_type.split(";")[0].strip().lower() in YAML_TYPES:
+            return JobSubmission(config=body.decode("utf-8", "replace"), priority=priority, name=name, gpus=gpus)
         return JobSubmission.model_validate_json(body)
     except ValidationError as error:
         problem = error.errors()[0]

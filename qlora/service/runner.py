@@ -1,4 +1,10 @@
-"""The scheduler: one `qlora train` subprocess per GPU slot, FIFO within priority.
+"""The scheduler: `qlora train` subprocesses on the GPU slots, FIFO within priority.
+
+A job asks for `gpus` slots (1 by default; N runs under torchrun on N ranks, see process.py). The
+queue is strict: the first waiting job that does not fit reserves the free slots, and no job
+behind it starts until it has started, so a 4-GPU job is not starved by 1-GPU jobs that keep
+taking each slot as it frees (the service cannot know how long a job runs, so it never lets a
+smaller one jump ahead). A job of higher priority still goes first: that is what priority asks for.
 
 A job's process is its own session (a Ctrl-C at the service's terminal must not reach it: the
 service decides when a job stops), runs behind a shepherd process (qlora/service/shepherd.py)
@@ -23,18 +29,20 @@ from typing import Callable, Optional
 
 from qlora.errors import EXIT_ABORTED, EXIT_INTERRUPTED
 from qlora.output_dir import FINISHED_MARKER, OWNER_MARKER, in_use
-from qlora.service.process import child_environment, die_with_parent, qlora_command, shepherded
+from qlora.service.process import child_environment, die_with_parent, shepherded, train_command
 from qlora.service.store import Job, Store
 from qlora.service.submission import job_folder, last_error_line
 
 STOPPED_CODES = (EXIT_INTERRUPTED, EXIT_ABORTED, -signal.SIGTERM)
 ERROR_TAIL_BYTES = 64 * 1024
+# In the job folder: where the ranks of a several-GPU job leave their exit codes (qlora/service/ranks.py).
+RANK_CODES_FOLDER = "rank-exit-codes"
 
 
 @dataclass
 class Child:
     job_id: str
-    slot: str
+    slots: list[str]
     process: subprocess.Popen
     log: object
 
@@ -93,18 +101,32 @@ class Runner:
 
     def free_slots(self) -> list[str]:
         with self.children_lock:
-            busy = {child.slot for child in self.children.values()}
+            busy = {slot for child in self.children.values() for slot in child.slots}
         return [slot for slot in self.slots if slot not in busy]
 
     def schedule(self) -> None:
         free = self.free_slots()
-        for job in self.store.waiting():
-            if not free:
-                return
+        for job in [job for job in self.store.waiting() if not self.never_fits(job)]:
+            if job.gpus > len(free):
+                return  # it reserves the free slots: see the module's docstring
             if self.output_locked(job) or self.finished_meanwhile(job):
                 continue
-            if self.launch(job, free[0]):
-                free.pop(0)
+            if self.launch(job, free[: job.gpus]):
+                del free[: job.gpus]
+
+    def never_fits(self, job: Job) -> bool:
+        """Submitting refuses such a job, but the service may have restarted with fewer --gpus since:
+        it fails rather than hold the queue forever."""
+        if job.gpus <= len(self.slots):
+            return False
+        self.store.transition(
+            job.id,
+            ("queued", "interrupted"),
+            "failed",
+            finished=time.time(),
+            error=f"gpus: {job.gpus}: this service has {len(self.slots)} GPU slot(s) now",
+        )
+        return True
 
     def output_locked(self, job: Job) -> bool:
         """A process from before a service crash may still hold the output folder while it writes
@@ -134,28 +156,32 @@ class Runner:
         self.echo(f"job {job.id}: had finished while the service was down")
         return True
 
-    def launch(self, job: Job, slot: str) -> bool:
+    def launch(self, job: Job, slots: list[str]) -> bool:
         folder = job_folder(self.root, job.id)
         attempt = job.attempts + 1
+        devices = ",".join(slots)  # CUDA_VISIBLE_DEVICES: local rank i uses the i-th of them
         if not self.store.transition(
             job.id,
             ("queued", "interrupted"),
             "running",
             started=job.started or time.time(),
             attempts=attempt,
-            slot=slot,
+            slot=devices,
             cancel_requested=0,
         ):
             return False  # cancelled between the listing and now
         try:
             log = open(folder / "log.txt", "ab")
             resumes = " (resumes from its checkpoint)" if attempt > 1 else ""
-            log.write(f"== qlora serve: attempt {attempt} on slot {slot}{resumes}\n".encode())
+            where = f"slots {devices} ({len(slots)} processes)" if len(slots) > 1 else f"slot {devices}"
+            log.write(f"== qlora serve: attempt {attempt} on {where}{resumes}\n".encode())
             log.flush()
+            command = train_command(str(folder / "job.yaml"), len(slots), self.stop_grace_s)
+            rank_codes = folder / RANK_CODES_FOLDER if len(slots) > 1 else None
             process = subprocess.Popen(
-                shepherded(qlora_command("train", str(folder / "job.yaml"))),
+                shepherded(command, rank_codes),
                 cwd=folder,
-                env=child_environment(slot),
+                env=child_environment(devices),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -168,11 +194,11 @@ class Runner:
             )
             return False
         with self.children_lock:
-            self.children[job.id] = Child(job.id, slot, process, log)
+            self.children[job.id] = Child(job.id, slots, process, log)
         self.store.transition(job.id, ("running",), "running", pid=process.pid)
         if self.store.get(job.id).cancel_requested:
             process.send_signal(signal.SIGTERM)  # a cancel landed before the child was registered
-        self.echo(f"job {job.id}: started on slot {slot} (pid {process.pid}, attempt {attempt})")
+        self.echo(f"job {job.id}: started on slot(s) {devices} (pid {process.pid}, attempt {attempt})")
         return True
 
     def reap(self, stopping: bool = False) -> None:

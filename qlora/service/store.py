@@ -36,9 +36,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     pid INTEGER,
     slot TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    gpus INTEGER NOT NULL DEFAULT 1
 )
 """
+# Columns added since the first release, for a service.db an older service created.
+ADDED_COLUMNS = {"gpus": "INTEGER NOT NULL DEFAULT 1"}
 
 
 @dataclass
@@ -56,7 +59,10 @@ class Job:
     error: Optional[str]
     pid: Optional[int]
     slot: Optional[str]
+    """The CUDA_VISIBLE_DEVICES of its slots while it runs ("0", or "0,1" for a job on two GPUs)."""
     cancel_requested: int
+    gpus: int = 1
+    """The world size: how many GPU slots (torchrun processes) the job runs on."""
 
     def record(self) -> dict:
         return asdict(self)
@@ -71,12 +77,17 @@ class Store:
             self.connection.execute("PRAGMA journal_mode=WAL")
             self.connection.execute("PRAGMA synchronous=FULL")  # a 201 means the job is on disk
             self.connection.execute(SCHEMA)
+            present = {row["name"] for row in self.connection.execute("PRAGMA table_info(jobs)")}
+            for name, declaration in ADDED_COLUMNS.items():
+                if name not in present:
+                    self.connection.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
-    def add(self, job_id: str, name: Optional[str], priority: int, total_steps: Optional[int]) -> Job:
+    def add(self, job_id: str, name: Optional[str], priority: int, total_steps: Optional[int], gpus: int = 1) -> Job:
         with self.lock:
             self.connection.execute(
-                "INSERT INTO jobs (id, name, state, priority, created, total_steps) VALUES (?, ?, 'queued', ?, ?, ?)",
-                (job_id, name, priority, time.time(), total_steps),
+                "INSERT INTO jobs (id, name, state, priority, created, total_steps, gpus)"
+                " VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, name, priority, time.time(), total_steps, gpus),
             )
         return self.get(job_id)
 

@@ -62,12 +62,13 @@ function jobRow(job) {
   const row = document.createElement("tr");
   row.dataset.job = job.id;
   row.className = job.id === selected ? "selected" : "";
-  const cells = [job.id, job.name || "", job.state, `${job.step}/${job.total_steps ?? "?"}`,
+  const cells = [job.id, job.name || "", job.state, String(job.gpus), `${job.step}/${job.total_steps ?? "?"}`,
                  number(job.latest && job.latest.loss), number(job.eval_loss)];
   for (const [index, text] of cells.entries()) {
     const cell = document.createElement("td");
     cell.textContent = text;
     if (index === 2) cell.className = "state " + job.state;
+    if (index === 3) cell.className = "gpus";
     row.append(cell);
   }
   row.addEventListener("click", () => select(job.id));
@@ -93,6 +94,10 @@ function showJob(job) {
   const latest = job.latest ? `, loss ${number(job.latest.loss)}` : "";
   const evalLoss = job.eval_loss !== null ? `, eval loss ${number(job.eval_loss)}` : "";
   $("job-progress").textContent = `step ${job.step} of ${job.total_steps ?? "?"}${latest}${evalLoss}; attempt ${job.attempts}`;
+  // The world size: one process per GPU slot (torchrun when more than one); the slots while it runs.
+  const slots = job.slot ? ` (slot${job.gpus > 1 ? "s" : ""} ${job.slot})` : "";
+  $("job-gpus").textContent = `${job.gpus} GPU${job.gpus > 1 ? "s" : ""}${slots}`;
+  $("job-gpus").dataset.gpus = job.gpus;
   $("job-error").hidden = !job.error;
   $("job-error").textContent = job.error || "";
   $("cancel").disabled = FINISHED.includes(job.state) || job.cancel_requested === 1;

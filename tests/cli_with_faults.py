@@ -51,8 +51,9 @@ def save_training_state(folder, state, run):
         time.sleep(600)
 
 
-def run_loop(trained, model, *rest, **named):
-    result = real_run_loop(trained, model, *rest, **named)
+def run_loop(placed, *rest, **named):
+    result = real_run_loop(placed, *rest, **named)
+    model = placed.model
     if dump_dir:
         from safetensors.torch import save_file
 

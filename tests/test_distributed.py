@@ -128,45 +128,113 @@ def reference(tiny_model_dir, tmp_path_factory):
     return directory
 
 
-def test_two_ranks_train_the_steps_of_one_process_accumulating_both(reference, tiny_model_dir, tmp_path):
-    from qlora import data
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory):
+    """The same job in one process, micro-batch 2 x accumulation 2: the rows of 2 ranks x 2 per step."""
     from qlora.config import load_config
-    from qlora.job.run import prepare_data, run_job
+    from qlora.job.run import run_job
 
-    # One process, micro-batch 2 x accumulation 2: the same rows per step as 2 ranks x 2.
-    job = make_job(tmp_path, tiny_model_dir, grad_accum_steps=2)
-    config = load_config(job)
-    run_job(config, echo=lambda line: None)
-    single, ranks = metrics(tmp_path / "out"), metrics(reference / "out")
+    directory = tmp_path_factory.mktemp("one-process")
+    run_job(load_config(make_job(directory, tiny_model_dir, grad_accum_steps=2)), echo=lambda line: None)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted 2-rank FSDP run (the 4-bit base sharded, rank 0 alone reading it)."""
+    directory = tmp_path_factory.mktemp("fsdp-reference")
+    code, out, err = finish(launcher(make_job(directory, tiny_model_dir, distributed="fsdp")))
+    assert code == 0, err
+    assert "fsdp: the base and adapters sharded over 2 rank(s)" in out
+    return directory
+
+
+def assert_same_steps(single: list[dict], ranks: list[dict], tolerance: float) -> None:
     assert [row["step"] for row in single] == [row["step"] for row in ranks] == list(range(STEPS + 1))
     for one, two in zip(single, ranks):
         assert one.get("supervised_tokens") == two.get("supervised_tokens")
         for key in ("loss", "eval_loss"):
             if key in one:
-                assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (one["step"], key)
-    adapter_one, adapter_two = (
-        tensors(tmp_path / "out" / "adapter_model.safetensors"),
-        tensors(reference / "out" / "adapter_model.safetensors"),
-    )
-    assert adapter_one.keys() == adapter_two.keys() and adapter_one
-    for name, value in adapter_one.items():
-        assert (adapter_two[name] - value).abs().max().item() <= 1e-5, name
+                assert two[key] == pytest.approx(one[key], rel=tolerance, abs=tolerance), (one["step"], key)
+
+
+def assert_close_adapters(first: Path, second: Path, tolerance: float) -> None:
+    one, two = tensors(first / "adapter_model.safetensors"), tensors(second / "adapter_model.safetensors")
+    assert one.keys() == two.keys() and one
+    for name, value in one.items():
+        assert (two[name] - value).abs().max().item() <= tolerance, name
+
+
+def test_two_ranks_train_the_steps_of_one_process_accumulating_both(reference, one_process):
+    from qlora import data
+    from qlora.config import load_config
+    from qlora.job.run import prepare_data
+
+    assert_same_steps(metrics(one_process / "out"), metrics(reference / "out"), 1e-5)
+    assert_close_adapters(one_process / "out", reference / "out", 1e-5)
     # The replicas never drift apart.
     rank0, rank1 = (
         tensors(reference / "dump" / "rank-0.safetensors"),
         tensors(reference / "dump" / "rank-1.safetensors"),
     )
     assert rank0.keys() == rank1.keys() and all(rank0[name].equal(rank1[name]) for name in rank0)
-
     # Rank 1 wrote nothing of its own: the same files as one process.
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(
+    assert sorted(path.name for path in (one_process / "out").iterdir()) == sorted(
         path.name for path in (reference / "out").iterdir()
     )
     # The normalization mattered: the ranks' halves of a step hold very different token counts.
-    prepared = prepare_data(config, echo=lambda line: None)
+    prepared = prepare_data(load_config(one_process / "job.yaml"), echo=lambda line: None)
     batches = data.epoch_batches(prepared.train.examples, 2, False, 64, prepared.tokenizer.pad_token_id, 0, 0)
     halves = [(batches[i].supervised_tokens, batches[i + 1].supervised_tokens) for i in range(0, 2 * STEPS, 2)]
     assert max(max(pair) / min(pair) for pair in halves) > 2, halves
+
+
+def test_fsdp_ranks_train_the_steps_of_one_process_and_the_adapter_loads_in_plain_peft(fsdp_reference, one_process):
+    import torch
+    from peft import PeftModel
+
+    from tests.tiny_adapters import plain_4bit_base
+
+    assert_same_steps(metrics(one_process / "out"), metrics(fsdp_reference / "out"), 1e-4)
+    assert_close_adapters(one_process / "out", fsdp_reference / "out", 1e-4)
+    manifest = json.loads((fsdp_reference / "out" / "qlora_manifest.json").read_text())
+    assert manifest["training"] == {"world_size": 2, "strategy": "fsdp"}
+    model_dir = Path(yaml.safe_load((fsdp_reference / "job.yaml").read_text())["model"]["name_or_path"])
+    inputs = torch.arange(3, 40).reshape(1, -1)
+    logits = []
+    for output in (one_process / "out", fsdp_reference / "out"):
+        model = PeftModel.from_pretrained(plain_4bit_base(model_dir), str(output)).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=inputs).logits)
+    assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
+
+
+def test_fsdp_sigterm_checkpoints_every_ranks_optimizer_shard_and_resumes_bitwise(
+    fsdp_reference, tiny_model_dir, tmp_path
+):
+    job = copy_job(fsdp_reference, tmp_path / "job", tiny_model_dir, distributed="fsdp")
+    output = tmp_path / "job" / "out"
+    process = launcher(job, QLORA_TEST_STEP_DELAY=0.4)
+    wait_until(lambda: len(metrics(output)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    code, out, err = finish(process)
+    assert code == 75, err
+    (checkpoint,) = sorted((output / "checkpoints").glob("step-*"))
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert state["optimizer"]["dict"][0][0] == "ranks"  # each rank's shard of the optimizer state
+    # One process cannot take over sharded optimizer state, even when asked to.
+    elsewhere = tmp_path / "copy"
+    shutil.copytree(tmp_path / "job", elsewhere)
+    code, out, err = finish(launcher(elsewhere / "job.yaml", "--resume-anyway", nproc=1))
+    assert code == 7 and "trained on 2 process(es) with fsdp, this run has 1" in err, err
+
+    code, out, err = finish(launcher(job))
+    assert code == 0, err
+    final, uninterrupted = (
+        tensors(output / "adapter_model.safetensors"),
+        tensors(fsdp_reference / "out" / "adapter_model.safetensors"),
+    )
+    assert all(final[name].equal(uninterrupted[name]) for name in uninterrupted)
 
 
 def test_the_manifest_and_the_run_record_name_the_world(reference):
@@ -305,8 +373,8 @@ def test_fsdp_with_an_8_bit_base_is_refused_by_the_config(tiny_model_dir, tmp_pa
 
 
 def test_world_from_the_environment():
-    assert world_from_env(environ={}) == World()
-    assert world_from_env("fsdp", {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1, "fsdp")
+    assert world_from_env(environ={}) == world_from_env("fsdp", environ={}) == World()
+    assert world_from_env("fsdp", {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1, "fsdp", True)
     with pytest.raises(QloraError, match="RANK 4 is outside WORLD_SIZE 4"):
         world_from_env(environ={"WORLD_SIZE": "4", "RANK": "4"})
     with pytest.raises(QloraError, match="must be integers"):

@@ -46,12 +46,14 @@ def publish(
     exact: tuple[Optional[ExactMatch], Optional[ExactMatch]],
     echo: Callable[[str], None],
     world: World = World(),
+    adapter_state: Optional[dict] = None,
 ) -> JobResult:
     """The artifacts, the loss plot, then summary.json last; prints the summary. `data_stats` is
     {"train_data": stats, "eval_data": stats or None}; `parameters` (trainable, total);
-    `exact` the exact match (before, after) training; `world` the processes that trained."""
+    `exact` the exact match (before, after) training; `world` the processes that trained;
+    `adapter_state` the adapter's tensors gathered from FSDP shards (None: the model's own)."""
     output_dir = Path(config.output.dir)
-    adapter_path = write_artifacts(model, tokenizer, output_dir, config, world)
+    adapter_path = write_artifacts(model, tokenizer, output_dir, config, world, adapter_state)
     result = JobResult(
         output_dir=output_dir,
         adapter_path=adapter_path,
@@ -71,14 +73,22 @@ def publish(
 
 
 def checkpoint_writer(
-    model, output_dir: Path, keep: int, run: dict, world: World = World()
+    model,
+    output_dir: Path,
+    keep: int,
+    run: dict,
+    world: World = World(),
+    adapter_state: Callable[[], Optional[dict]] = lambda: None,
 ) -> Callable[[TrainingState], Path]:
     """The loop's save hook: adapter + training state + run record, published atomically.
-    Called on every rank; rank 0 writes, and no rank goes on (or exits) before it is complete."""
+    Called on every rank (`adapter_state()` gathers FSDP's shards: a collective); rank 0
+    writes, and no rank goes on (or exits) before it is complete."""
 
     def save(state: TrainingState) -> Path:
+        gathered = adapter_state()
+
         def write(folder: Path) -> None:
-            save_adapter(model, folder)
+            save_adapter(model, folder, state_dict=gathered)
             save_training_state(folder, state, run)
 
         if world.is_main:
@@ -103,12 +113,14 @@ def run_exact_match(model, tokenizer, rows, config: JobConfig, echo, when: str) 
     return result
 
 
-def write_artifacts(model, tokenizer, output_dir: Path, config: JobConfig, world: World = World()) -> Path:
+def write_artifacts(
+    model, tokenizer, output_dir: Path, config: JobConfig, world: World = World(), adapter_state=None
+) -> Path:
     """Adapter + tokenizer written to a temp dir, then moved in file by file with atomic renames,
     so a reader never sees a half-written adapter_model.safetensors."""
     staging = Path(tempfile.mkdtemp(prefix=".artifacts-", dir=output_dir))
     try:
-        save_adapter(model, staging)
+        save_adapter(model, staging, state_dict=adapter_state)
         write_manifest(
             staging,
             base_config=model.config.to_dict(),

@@ -80,6 +80,15 @@ def check_same_run(
 ) -> None:
     """Refuse a checkpoint of a different run (its saved record differs from this job's)."""
     saved_size, size = saved_run.get("world_size", 1), record["world_size"]
+    saved_sharded = saved_size > 1 and saved_run.get("config", {}).get("train.distributed") == "fsdp"
+    sharded = size > 1 and record["config"].get("train.distributed") == "fsdp"
+    if (saved_sharded or sharded) and (saved_size, saved_sharded) != (size, sharded):
+        # FSDP's optimizer state is each rank's shard: it fits no other layout.
+        raise CheckpointError(
+            f"{checkpoint}: trained on {saved_size} process(es){' with fsdp' if saved_sharded else ''}, this run "
+            f"has {size}{' with fsdp' if sharded else ''}; the optimizer state does not carry over "
+            "(--resume-anyway cannot reshard it): relaunch as it was trained"
+        )
     if saved_size != size and not resume_anyway:
         raise CheckpointError(
             f"{checkpoint}: trained on {saved_size} process(es), this run has {size}; the same steps need the "

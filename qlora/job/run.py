@@ -14,20 +14,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora import data
-from qlora.adapters import attach_lora, load_adapter_weights
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
 from qlora.job.artifacts import JobResult, checkpoint_writer, publish, restore_exact_match, run_exact_match
+from qlora.job.placement import PlacedModel, place_model
 from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
-from qlora.model.base import load_base, load_tokenizer, parameter_counts, weight_bytes
+from qlora.model.base import load_tokenizer
 from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 from qlora.output_dir import check_output_dir, claim_output_dir, unfinished
 from qlora.plan.mfu import job_flop_meter
 from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch, set_micro_batch
-from qlora.sizes import format_bytes
 from qlora.training.builders import build_optimizer, build_schedule, loop_settings
 from qlora.training.checkpoint import TrainingState, load_training_state, remove_partial_checkpoints, verify_checkpoint
-from qlora.training.distributed import World, agreed, from_every_rank, join, leave, replicated, world_from_env
+from qlora.training.distributed import World, agreed, from_every_rank, join, leave, world_from_env
 from qlora.training.loop import LoopResult, train
 from qlora.training.metrics import MetricsLog
 from qlora.training.precision import build_precision
@@ -238,82 +237,72 @@ def train_and_publish(config: JobConfig, run: RunPlan, world: World, stop_reques
     set_seed(config.train.seed)
     if not torch.cuda.is_available():
         keep_large_blocks_out_of_the_heap()  # the step's host memory, given back: qlora/model/host_memory.py
-    prepared, resume, max_steps, record = run.prepared, run.resume, run.max_steps, run.record
-    model, parameters = load_model(config, echo)
+    prepared, resume = run.prepared, run.resume
     if run.auto_budget is not None and resume is None:
         # A resumed run keeps the micro-batch its checkpoint was trained with (checked above).
-        effective = config.train.micro_batch_size * config.train.grad_accum_steps
-        confirm_micro_batch(model, config, run.auto_budget, len(prepared.tokenizer), echo)
-        # Each rank's dry run may step down differently: all take the smallest.
-        set_micro_batch(config, min(from_every_rank(world, config.train.micro_batch_size)), effective)
-        max_steps = total_steps(config, epoch_length(config, prepared.train.examples), world.size)
-        record = job_record(config, prepared, world)
+        placed = place_model(
+            config, world, echo, before_wrap=lambda model: confirm_on_every_rank(config, run, model, world, echo)
+        )
+        run.max_steps = total_steps(config, epoch_length(config, prepared.train.examples), world.size)
+        run.record = job_record(config, prepared, world)
+    else:
+        placed = place_model(config, world, echo, adapter_from=resume.checkpoint if resume else None)
     if world.is_main:
         # Only now is the micro-batch final: the saved config is the one that trains.
         (Path(config.output.dir) / "config.yaml").write_text(dump_config(config))
 
-    # Exact match generates on rank 0 alone (its replica is whole); the others wait at the loop's first collective.
+    # Exact match generates on rank 0 alone (its replica is whole; the others wait at the loop's
+    # first collective). FSDP shards: no rank holds the whole model to generate with.
     exact_rows = [row for row in prepared.eval_rows if row.format != "text"][: config.train.eval_exact_match]
-    exact_rows = exact_rows if world.is_main else []
+    if exact_rows and placed.sharded:
+        echo("exact match: skipped under fsdp (no rank holds the whole model); run `qlora eval` on the adapter")
+    exact_rows = exact_rows if world.is_main and not placed.sharded else []
     if resume:
-        load_adapter_weights(model, resume.checkpoint)
         exact_before = restore_exact_match(resume.run.get("exact_match_before"))
     else:
-        exact_before = run_exact_match(model, prepared.tokenizer, exact_rows, config, echo, "before training")
+        exact_before = run_exact_match(placed.model, prepared.tokenizer, exact_rows, config, echo, "before training")
     if world.several:
         # Dropout draws its own masks on each rank; a resume restores every rank's generators.
         torch.manual_seed(config.train.seed + world.rank)
-    run_info = {**record, "exact_match_before": asdict(exact_before) if exact_before else None}
-    trained = replicated(model, world)
-    loop = run_loop(trained, model, config, prepared, run_info, resume, max_steps, parameters[0], stop_requested, world)
+    run_info = {**run.record, "exact_match_before": asdict(exact_before) if exact_before else None}
+    loop = run_loop(placed, config, prepared, run_info, resume, run.max_steps, stop_requested, world)
+    adapter_state = placed.adapter_state()  # every rank: under FSDP, gathering the adapter is collective
     if not world.is_main:
         return None
-    exact_after = run_exact_match(model, prepared.tokenizer, exact_rows, config, echo, "after training")
+    exact_after = run_exact_match(placed.model, prepared.tokenizer, exact_rows, config, echo, "after training")
     data_stats = {"train_data": prepared.train.stats, "eval_data": prepared.eval.stats if prepared.eval else None}
+    exact = (exact_before, exact_after)
     return publish(
-        model, prepared.tokenizer, config, data_stats, loop, parameters, (exact_before, exact_after), echo, world
+        placed.model, prepared.tokenizer, config, data_stats, loop, placed.parameters, exact, echo, world, adapter_state
     )
 
 
-def load_model(config: JobConfig, echo: Callable[[str], None]) -> tuple[object, tuple[int, int]]:
-    """The frozen base with fresh LoRA adapters, and its (trainable, total) parameter counts."""
-    base = load_base(
-        config.model,
-        config.quantization,
-        gradient_checkpointing=config.train.gradient_checkpointing,
-        seed=config.train.seed,
-    )
-    memory = format_bytes(weight_bytes(base))
-    echo(f"base: {config.model.name_or_path} ({config.quantization.describe()}), {memory} in memory")
-    lora = config.lora
-    model = attach_lora(base, lora, seed=config.train.seed)
-    trainable, total = parameter_counts(model)
-    share = f"{100 * trainable / total:.3f}%"
-    echo(f"trainable parameters: {trainable:,} of {total:,} ({share}), LoRA r={lora.r} alpha={lora.alpha:g}")
-    return model, (trainable, total)
+def confirm_on_every_rank(config: JobConfig, run: RunPlan, model, world: World, echo) -> None:
+    """The auto micro-batch's dry run (CUDA), on each rank's whole model; each may step down
+    differently, so all take the smallest."""
+    effective = config.train.micro_batch_size * config.train.grad_accum_steps
+    confirm_micro_batch(model, config, run.auto_budget, len(run.prepared.tokenizer), echo)
+    set_micro_batch(config, min(from_every_rank(world, config.train.micro_batch_size)), effective)
 
 
 def run_loop(
-    trained,
-    model,
+    placed: PlacedModel,
     config: JobConfig,
     prepared: PreparedData,
     run: dict,
     resume: Optional[ResumePoint],
     max_steps: int,
-    trainable: int,
     stop_requested: Callable[[], bool],
     world: World,
 ) -> LoopResult:
-    """The loop, handed what the builders make of the config; metrics.jsonl closed on every way out.
-    `trained` is what the loop runs (the model itself, or its DDP / FSDP wrapper), `model` the
-    peft model the checkpoints save."""
+    """The loop, handed what the builders make of the config; metrics.jsonl closed on every way out."""
     import torch
 
     output_dir = Path(config.output.dir)
     pad_id = prepared.tokenizer.pad_token_id
     epoch_batches = batch_maker(config, prepared.train.examples, pad_id)
     eval_batches = batch_maker(config, prepared.eval.examples, pad_id, shuffle=False)(0) if prepared.eval else []
+    trained = placed.trained  # the optimizer takes the parameters DDP / FSDP train
     optimizer = build_optimizer(trained, config.train)
     schedule = build_schedule(optimizer, config.train, max_steps)
     precision = build_precision(config.quantization.compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
@@ -321,7 +310,10 @@ def run_loop(
     try:
         model_source = config.model
         meter = job_flop_meter(
-            model_source.name_or_path, trainable, config.quantization.compute_dtype, model_source.trust_remote_code
+            model_source.name_or_path,
+            placed.parameters[0],
+            config.quantization.compute_dtype,
+            model_source.trust_remote_code,
         )
         return train(
             trained,
@@ -332,7 +324,9 @@ def run_loop(
             eval_batches,
             precision=precision,
             metrics=metrics,
-            save_checkpoint=checkpoint_writer(model, output_dir, config.train.keep_checkpoints, run, world),
+            save_checkpoint=checkpoint_writer(
+                placed.model, output_dir, config.train.keep_checkpoints, run, world, placed.adapter_state
+            ),
             resume=resume.state if resume else None,
             stop_requested=stop_requested,
             flop_meter=meter,

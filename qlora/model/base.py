@@ -154,12 +154,13 @@ def disable_cpu_weight_repacking(model) -> None:
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameters, counting each packed 4-bit byte as the two weights it holds."""
+    """(trainable, total) parameters, counting each packed 4-bit byte as the two weights it holds
+    (whatever dtype stores the bytes: FSDP's quant storage is the compute dtype)."""
     trainable = total = 0
     for parameter in model.parameters():
         count = parameter.numel()
         if parameter.__class__.__name__ == "Params4bit":
-            count *= 2
+            count *= 2 * parameter.element_size()
         total += count
         if parameter.requires_grad:
             trainable += count

@@ -27,6 +27,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     strategy: str = "ddp"  # how a model is spread over the ranks: ddp (replicas) or fsdp (shards)
+    launched: bool = False  # started by torchrun / accelerate launch (a process group, even of one)
 
     @property
     def is_main(self) -> bool:
@@ -52,12 +53,14 @@ def world_from_env(strategy: str = "ddp", environ: Optional[dict] = None) -> Wor
         ) from None
     if size < 1 or not 0 <= rank < size:
         raise QloraError(f"RANK {rank} is outside WORLD_SIZE {size}; start several processes with torchrun")
-    return World(rank=rank, size=size, local_rank=local_rank, strategy=strategy)
+    launched = "WORLD_SIZE" in environ
+    # One process started without torchrun has nothing to shard over: it trains the model itself.
+    return World(rank, size, local_rank, strategy if launched else "ddp", launched)
 
 
 def join(world: World) -> None:
     """Join the process group torchrun set up (NCCL on CUDA, each rank on its LOCAL_RANK's GPU; gloo on CPU)."""
-    if not world.several:
+    if not world.launched:
         return
     import torch
     import torch.distributed as dist
@@ -70,7 +73,7 @@ def join(world: World) -> None:
 
 
 def leave(world: World) -> None:
-    if world.several:
+    if world.launched:
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -153,17 +156,32 @@ def prints(world: World, error: Optional[BaseException] = None) -> bool:
     return world.is_main or (error is not None and not getattr(error, "agreed", False))
 
 
-def rng_of_every_rank(world: World, state: dict) -> dict:
-    """What a checkpoint keeps of the generators: this process's, or every rank's under torchrun."""
-    return state if not world.several else {"ranks": from_every_rank(world, state)}
+def of_every_rank(world: World, state: dict) -> dict:
+    """What a checkpoint keeps of a per-rank state (the generators; FSDP's optimizer shards):
+    this process's, or every rank's under torchrun, tensors moved to the CPU."""
+    return state if not world.several else {"ranks": from_every_rank(world, on_cpu(state))}
 
 
-def this_ranks_rng(world: World, saved: dict) -> dict:
-    """This rank's generators from a checkpoint's; a run resumed on more ranks than it saved
-    (--resume-anyway) reuses them round-robin."""
-    if "ranks" not in saved:
+def this_ranks(world: World, saved: dict) -> dict:
+    """This rank's state from a checkpoint's; a run resumed on more ranks than it saved
+    (--resume-anyway; DDP only) reuses them round-robin."""
+    if not isinstance(saved, dict) or "ranks" not in saved:
         return saved
     return saved["ranks"][world.rank % len(saved["ranks"])]
+
+
+def on_cpu(value: Any) -> Any:
+    """A state tree with its tensors copied to the CPU: pickled CUDA tensors would unpickle on the
+    sending rank's GPU."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
 
 
 def share(world: World, items: Sequence, per_rank: int) -> Sequence:

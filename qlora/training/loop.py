@@ -25,11 +25,11 @@ from qlora.training.checkpoint import TrainingState, capture_rng, restore_rng
 from qlora.training.distributed import (
     World,
     any_rank,
+    of_every_rank,
     on_every_rank,
-    rng_of_every_rank,
     share,
     summed,
-    this_ranks_rng,
+    this_ranks,
 )
 from qlora.training.loss import summed_cross_entropy
 from qlora.training.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
@@ -110,7 +110,7 @@ def train(
     scaler = precision.scaler
     state = resume or TrainingState()
     if resume:
-        optimizer.load_state_dict(resume.optimizer)
+        optimizer.load_state_dict(this_ranks(world, resume.optimizer))
         schedule.load_state_dict(resume.scheduler)
         if resume.grad_scaler:
             scaler.load_state_dict(resume.grad_scaler)
@@ -130,7 +130,7 @@ def train(
     if resume:
         # Last, after anything above that might draw random numbers: dropout masks from here
         # on are the ones the uninterrupted run drew.
-        restore_rng(this_ranks_rng(world, resume.rng))
+        restore_rng(this_ranks(world, resume.rng))
 
     def snapshot(step: int) -> TrainingState:
         return TrainingState(
@@ -143,10 +143,13 @@ def train(
             loss=none_if_nan(loss),
             eval_loss=none_if_nan(eval_loss),
             eval_loss_before=none_if_nan(eval_loss_before),
-            optimizer=optimizer.state_dict(),
+            # FSDP: each rank's optimizer holds its own shard's state; DDP's replicas hold rank 0's.
+            optimizer=of_every_rank(world, optimizer.state_dict())
+            if world.strategy == "fsdp"
+            else optimizer.state_dict(),
             scheduler=schedule.state_dict(),
             grad_scaler=scaler.state_dict() if scaler.is_enabled() else None,
-            rng=rng_of_every_rank(world, capture_rng()),
+            rng=of_every_rank(world, capture_rng()),
         )
 
     started = time.perf_counter() - state.elapsed_s

@@ -250,5 +250,7 @@ class JobConfig(_Strict):
             )
         if self.train.distributed == "fsdp" and self.quantization.bits == 8:
             # bitsandbytes' 8-bit weights keep int8 data and row statistics FSDP cannot flatten.
-            raise ValueError("train.distributed: fsdp shards 4-bit or 16-bit bases; quantization.bits 8 is not supported")
+            raise ValueError(
+                "train.distributed: fsdp shards 4-bit or 16-bit bases; quantization.bits 8 is not supported"
+            )
         return self

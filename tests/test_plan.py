@@ -232,3 +232,123 @@ def test_auto_micro_batch_takes_the_largest_that_fits_and_keeps_the_effective_ba
     assert (config.train.micro_batch_size, config.train.grad_accum_steps) == (4, 3)
     with pytest.raises(ConfigError, match="even one sequence"):
         validate_job(load_config(job, [f"train.memory_budget={one - 1}"]), echo=lambda text: None)
+
+
+# --------------------------------------------------------------------------- several GPUs
+
+
+def llama70_layer_by_hand(r: int = 16) -> tuple[int, int]:
+    """(packed 4-bit code bytes, LoRA params) of one Llama-3.3-70B decoder layer, from its config.json
+    numbers: hidden 8192, intermediate 28672, 8 KV heads of 128, all-linear LoRA."""
+    hidden, intermediate, kv = 8192, 28672, 8 * 128
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden)] + [(hidden, intermediate)] * 3
+    return sum(a * b for a, b in shapes) // 2, sum(r * (a + b) for a, b in shapes)
+
+
+def test_fsdp_shards_the_resident_lines_and_adds_the_gathered_units():
+    from dataclasses import replace
+
+    arch = load_architecture("llama-3.3-70b")
+    single = make_plan(arch, PlanSettings(seq_len=2048))
+    codes_per_layer, lora_per_layer = llama70_layer_by_hand()
+    codes = 80 * codes_per_layer
+    statistics = line(single, "base_linear_weights").bytes - codes
+    assert 0.03 < statistics / codes < 0.04  # absmax + nested absmax: ~0.127 of 4 bits
+    for gpus in (2, 8):
+        fsdp = make_plan(arch, replace(PlanSettings(seq_len=2048), world_size=gpus, strategy="fsdp"))
+        # The codes are sharded; the quantization statistics stay whole on every GPU.
+        assert line(fsdp, "base_linear_weights").bytes == -(-codes // gpus) + statistics
+        for name in ("lora_weights", "lora_grads", "optimizer_state"):
+            assert line(fsdp, name).bytes == -(-line(single, name).bytes // gpus), name
+        embeddings_and_head = 2 * 128256 * 8192 * 2
+        assert line(fsdp, "fsdp_gathered_root").bytes == embeddings_and_head + 8192 * 2
+        two_layers = 2 * (codes_per_layer + 2 * 8192 * 2 + lora_per_layer * 4)
+        assert line(fsdp, "fsdp_gathered_layers").bytes == two_layers
+        assert line(fsdp, "fsdp_layer_grads").bytes == lora_per_layer * 4
+        # Every rank runs a whole micro-batch: activations and phases are one GPU's.
+        for name in ("activations", "logits_and_loss", "layer_backward", "dequant_workspace"):
+            assert line(fsdp, name).bytes == line(single, name).bytes, name
+        weights = sum(line(fsdp, name).bytes for name in ("base_linear_weights", "base_dense_weights"))
+        single_weights = sum(line(single, name).bytes for name in ("base_linear_weights", "base_dense_weights"))
+        assert abs(weights - (single_weights - statistics) / gpus - statistics) < 64 * 1024
+        assert sum(item.bytes for item in fsdp.lines if item.counted) == fsdp.total_bytes
+    two = make_plan(arch, replace(PlanSettings(seq_len=2048), world_size=2, strategy="fsdp"))
+    eight = make_plan(arch, replace(PlanSettings(seq_len=2048), world_size=8, strategy="fsdp"))
+    assert eight.total_bytes < two.total_bytes < single.total_bytes
+
+
+def test_ddp_adds_exactly_the_gradient_buckets_and_one_gpu_is_todays_plan():
+    from dataclasses import replace
+
+    arch = load_architecture("llama-3.1-8b")
+    settings = PlanSettings(seq_len=2048)
+    single = make_plan(arch, settings)
+    lora_params = single.parameters["lora"]
+    for gpus in (2, 8):
+        ddp = make_plan(arch, replace(settings, world_size=gpus, strategy="ddp"))
+        assert line(ddp, "ddp_grad_buckets").bytes == lora_params * 4
+        assert ddp.allocated_bytes - single.allocated_bytes == lora_params * 4
+        assert ddp.total_bytes > single.total_bytes
+    # One GPU: neither strategy changes a line (FSDP on one rank does not shard).
+    for strategy in ("ddp", "fsdp"):
+        assert make_plan(arch, replace(settings, strategy=strategy)).lines == single.lines
+
+
+def test_cli_answers_llama_70b_on_two_24gb_gpus_with_fsdp():
+    job = str(ROOT / "configs" / "llama-3.3-70b-48gb.yaml")  # data.max_seq_len 2048
+    small = run_cli("plan", job, "--gpu-memory", "24GiB", "--gpus", "2", "--strategy", "fsdp")
+    assert small.returncode == 0, small.stderr
+    assert "on 2 GPUs with fsdp" in small.stdout and "fsdp_gathered_layers" in small.stdout
+    assert "DOES NOT FIT in 24.0 GiB per GPU x 2" in small.stdout
+    assert "does not fit 2 x 24.0 GiB GPUs with fsdp; fits 4 with --strategy fsdp: " in small.stdout
+
+    record = json.loads(
+        run_cli("plan", job, "--gpu-memory", "24GiB", "--gpus", "2", "--strategy", "fsdp", "--json").stdout
+    )
+    assert (record["settings"]["world_size"], record["settings"]["strategy"], record["fits"]) == (2, "fsdp", False)
+    assert record["suggestions"]["fits_on_gpus"]["gpus"] == 4
+    assert record["suggestions"]["fits_on_gpus"]["per_gpu_bytes"] <= 24 * 2**30 < record["total_bytes"]
+
+    large = run_cli("plan", job, "--gpu-memory", "48GiB", "--gpus", "2", "--strategy", "fsdp", "--json")
+    assert large.returncode == 0 and json.loads(large.stdout)["fits"] is True
+    # The job's train.distributed is the default strategy; --strategy overrides it.
+    from_job = run_cli("plan", job, "--gpus", "2", "--set", "train.distributed=fsdp", "--json")
+    assert json.loads(from_job.stdout)["settings"]["strategy"] == "fsdp"
+    overridden = run_cli("plan", job, "--gpus", "2", "--set", "train.distributed=fsdp", "--strategy", "ddp", "--json")
+    assert json.loads(overridden.stdout)["settings"]["strategy"] == "ddp"
+
+
+def test_cli_says_how_many_gpus_a_job_that_does_not_fit_one_needs():
+    result = run_cli("plan", "llama-3.3-70b", "--gpu", "A100-40", "--set", "data.max_seq_len=2048")
+    assert result.returncode == 0, result.stderr
+    assert "DOES NOT FIT in 40.0 GiB (A100-40)" in result.stdout
+    assert "does not fit one 40.0 GiB GPU; fits 2 with --strategy fsdp: " in result.stdout
+    fitting = run_cli("plan", "llama-3.1-8b", "--gpu", "4090")
+    assert fitting.returncode == 0 and "does not fit" not in fitting.stdout
+
+
+def test_cli_plan_bad_gpus_and_strategy_are_one_line_errors():
+    for args, culprit in [
+        (("--gpus", "0"), "--gpus"),
+        (("--gpus", "two"), "--gpus"),
+        (("--strategy", "zero"), "--strategy"),
+        (("--gpus", "2", "--strategy", "fsdp", "--set", "quantization.bits=8"), "--strategy fsdp"),
+    ]:
+        result = run_cli("plan", "llama-3.1-8b", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and culprit in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_auto_micro_batch_plans_one_gpu_of_the_launch(tmp_path, tiny_model_dir, monkeypatch):
+    from dataclasses import replace
+
+    from qlora.config import load_config
+    from qlora.plan.micro_batch import launched_settings
+
+    job = write_job(tmp_path, tiny_model_dir, train={"distributed": "fsdp"})
+    config = load_config(job)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    alone = launched_settings(config)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launched_settings(config) == replace(alone, world_size=4, strategy="fsdp")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Optional
 
 from qlora.cli.commands import command_parser
@@ -25,6 +26,16 @@ def add_plan_command(commands) -> None:
         "--gpu",
         metavar="NAME",
         help="a GPU from configs/hardware/gpus.yaml (4090, A100-40, A100-80, H100, L40S, ...): its memory and speed",
+    )
+    plan.add_argument(
+        "--gpus",
+        metavar="N",
+        help="GPUs the job runs on (torchrun --nproc-per-node x nodes; default 1): every number is then per GPU",
+    )
+    plan.add_argument(
+        "--strategy",
+        metavar="ddp|fsdp",
+        help="how N GPUs share the job, overriding train.distributed: ddp replicates the base, fsdp shards it",
     )
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.add_argument(
@@ -54,27 +65,44 @@ def run_plan(args: argparse.Namespace) -> int:
     from qlora.plan.settings import settings_from_job
     from qlora.sizes import parse_bytes
 
-    if args.config.endswith((".yaml", ".yml")):
-        config = load_config(args.config, args.overrides)
-    else:
-        raw = {"model": {"name_or_path": args.config}, "data": {"train": "unused.jsonl"}, "output": {"dir": "unused"}}
-        for override in args.overrides:
-            apply_override(raw, override)
-        config = validate(raw, source=args.config)
+    world_size = gpu_count(args.gpus)
+    # --strategy is train.distributed set last: the schema's rules for it (its values, no fsdp
+    # with an 8-bit base) are checked in one place.
+    overrides = args.overrides + ([f"train.distributed={args.strategy}"] if args.strategy else [])
+    try:
+        if args.config.endswith((".yaml", ".yml")):
+            config = load_config(args.config, overrides)
+        else:
+            raw = {
+                "model": {"name_or_path": args.config},
+                "data": {"train": "unused.jsonl"},
+                "output": {"dir": "unused"},
+            }
+            for override in overrides:
+                apply_override(raw, override)
+            config = validate(raw, source=args.config)
+    except ConfigError as error:
+        if args.strategy and "train.distributed" in str(error):
+            raise ConfigError(f"--strategy {args.strategy}: {error}") from None
+        raise
     gpu = find_gpu(args.gpu) if args.gpu else None
     try:
         budget = gpu.memory_bytes if gpu else parse_bytes(args.gpu_memory) if args.gpu_memory else None
     except ValueError as error:
         raise ConfigError(f"--gpu-memory: {error}") from None
     # micro_batch_size auto is planned at 1; the suggestions say how far it goes.
-    plan = make_plan(
-        load_architecture(config.model.name_or_path, config.model.trust_remote_code), settings_from_job(config), budget
-    )
+    settings = settings_from_job(config)
+    if world_size is not None:
+        settings = replace(settings, world_size=world_size)
+    plan = make_plan(load_architecture(config.model.name_or_path, config.model.trust_remote_code), settings, budget)
     if args.json:
         record = plan.to_json()
         record["gpu"] = gpu.name if gpu else None
         if gpu:
-            record["tokens_per_s"] = 1 / seconds_per_token(plan.flops_per_token, gpu.bf16_tflops, args.mfu)
+            # All N GPUs together: each runs the same FLOPs per token at the stated utilization.
+            record["tokens_per_s"] = plan.settings["world_size"] / seconds_per_token(
+                plan.flops_per_token, gpu.bf16_tflops, args.mfu
+            )
             record["utilization"] = args.mfu
             record["epoch_seconds"] = args.epoch_tokens / record["tokens_per_s"] if args.epoch_tokens else None
         print(json.dumps(record))
@@ -85,6 +113,16 @@ def run_plan(args: argparse.Namespace) -> int:
             )
         )
     return 0
+
+
+def gpu_count(text: Optional[str]) -> Optional[int]:
+    from qlora.errors import ConfigError
+
+    if text is None:
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError(f"--gpus: a whole number of GPUs, 1 or more (got {text!r})")
+    return int(text)
 
 
 def describe_plan(
@@ -101,8 +139,13 @@ def describe_plan(
         f"  micro_batch {settings['micro_batch']} x seq_len {settings['seq_len']}, checkpointing "
         f"{checkpointing_word(settings['gradient_checkpointing'])}, {settings['bits'] or 16}-bit base, "
         f"compute {settings['compute_dtype']}, optimizer {settings['optimizer']}",
-        "",
     ]
+    if settings["world_size"] > 1:
+        lines.append(
+            f"  on {settings['world_size']} GPUs with {settings['strategy']}: every number below is ONE GPU's "
+            f"(each rank runs its own micro_batch {settings['micro_batch']})"
+        )
+    lines.append("")
     for line in plan.lines:
         mark = " " if line.counted else "-"
         lines.append(f" {mark}{line.name:<20} {format_bytes(line.bytes):>10}  {line.why}")
@@ -116,7 +159,7 @@ def describe_plan(
         lines += fit_lines(plan, gpu_name)
     lines.append(f"  compute: {plan.flops_per_token / 1e9:.1f} GFLOP per training token")
     if tflops:
-        lines.append(time_line(plan.flops_per_token, tflops, utilization, epoch_tokens))
+        lines.append(time_line(plan.flops_per_token, tflops, utilization, epoch_tokens, settings["world_size"]))
     return "\n".join(lines)
 
 
@@ -124,10 +167,13 @@ def fit_lines(plan: Plan, gpu_name: Optional[str]) -> list[str]:
     """The verdict against the budget, then how far the shape and checkpointing can move."""
     settings = plan.settings
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
-    lines = [f"  {verdict} in {format_bytes(plan.budget_bytes)}{f' ({gpu_name})' if gpu_name else ''}"]
+    per_gpu = f" per GPU x {settings['world_size']}" if settings["world_size"] > 1 else ""
+    lines = [f"  {verdict} in {format_bytes(plan.budget_bytes)}{per_gpu}{f' ({gpu_name})' if gpu_name else ''}"]
     tips = plan.suggestions
     if not tips:
         return lines
+    if not plan.fits:
+        lines.append(more_gpus_line(plan, tips.get("fits_on_gpus")))
     lines.append(
         f"  largest micro_batch at seq_len {settings['seq_len']}: {tips['largest_micro_batch']}"
         f"; largest seq_len at micro_batch {settings['micro_batch']}: {tips['largest_seq_len']}"
@@ -146,10 +192,31 @@ def fit_lines(plan: Plan, gpu_name: Optional[str]) -> list[str]:
     return lines
 
 
-def time_line(flops_per_token: float, tflops: float, utilization: float, epoch_tokens: Optional[int]) -> str:
-    per_token = seconds_per_token(flops_per_token, tflops, utilization)
+def more_gpus_line(plan: Plan, found: Optional[dict]) -> str:
+    """When the job does not fit as planned: the fewest GPUs (and strategy) it fits on."""
+    settings = plan.settings
+    budget = format_bytes(plan.budget_bytes)
+    now = (
+        f"does not fit one {budget} GPU"
+        if settings["world_size"] == 1
+        else f"does not fit {settings['world_size']} x {budget} GPUs with {settings['strategy']}"
+    )
+    if found is None:
+        return f"  {now}; no count of GPUs `qlora plan` tries (up to 64) fits it with ddp or fsdp"
     return (
-        f"  time at {utilization:.0%} of {tflops:g} TFLOP/s: {1 / per_token:,.0f} tokens/s, "
+        f"  {now}; fits {found['gpus']} with --strategy {found['strategy']}: "
+        f"{format_bytes(found['per_gpu_bytes'])} per GPU"
+    )
+
+
+def time_line(
+    flops_per_token: float, tflops: float, utilization: float, epoch_tokens: Optional[int], world_size: int
+) -> str:
+    # N GPUs each at the stated utilization; communication is inside that utilization, not modelled.
+    per_token = seconds_per_token(flops_per_token, tflops, utilization) / world_size
+    gpus = f" x {world_size} GPUs" if world_size > 1 else ""
+    return (
+        f"  time at {utilization:.0%} of {tflops:g} TFLOP/s{gpus}: {1 / per_token:,.0f} tokens/s, "
         f"{per_token * 1e6 / 3600:.2f} h per million tokens"
         + (f", {per_token * epoch_tokens / 3600:.2f} h per epoch of {epoch_tokens:,} tokens" if epoch_tokens else "")
     )

@@ -13,6 +13,8 @@ The peak of a step is reached in one of two phases that never overlap:
   backward: one decoder layer is recomputed with its full activations, its gradients flow, and
             the 4-bit weights of a linear are dequantized to the compute dtype for the matmul.
 The total is what is always resident + the larger of the two phases + allocator slack + context.
+On N GPUs (settings.world_size) every number is one GPU's: qlora.plan.sharding says what DDP adds
+to the resident lines and what FSDP divides; the phases are one micro-batch's on every rank.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from qlora.plan.activations import activation_lines
 from qlora.plan.architecture import Architecture
 from qlora.plan.flops import FlopModel
 from qlora.plan.settings import Line, PlanSettings
+from qlora.plan.sharding import per_gpu_lines, strategies_to_try
 from qlora.plan.weights import adapter_lines, base_weight_lines, lora_tensor_sizes
 
 # Caching-allocator slack (reserved - allocated) as a share of the peak: blocks freed between
@@ -69,7 +72,7 @@ def flops_per_token(arch: Architecture, settings: PlanSettings) -> float:
 def make_plan(
     arch: Architecture, settings: PlanSettings, budget_bytes: Optional[int] = None, suggest: bool = True
 ) -> Plan:
-    static = base_weight_lines(arch, settings) + adapter_lines(arch, settings)
+    static = per_gpu_lines(arch, settings, base_weight_lines(arch, settings) + adapter_lines(arch, settings))
     held, loss, backward = activation_lines(arch, settings)
     loss_bytes, backward_bytes = sum(line.bytes for line in loss), sum(line.bytes for line in backward)
     for line in loss if loss_bytes < backward_bytes else backward:
@@ -160,7 +163,19 @@ def suggestions(arch: Architecture, settings: PlanSettings, budget_bytes: int) -
         found["fits_with_selective_checkpointing"] = fits(
             arch, replace(settings, gradient_checkpointing="selective"), budget_bytes
         )
+    if not fits(arch, settings, budget_bytes):
+        found["fits_on_gpus"] = fewest_gpus(arch, settings, budget_bytes)
     return found
+
+
+def fewest_gpus(arch: Architecture, settings: PlanSettings, budget_bytes: int) -> Optional[dict]:
+    """The fewest GPUs of budget_bytes each (and the strategy) on which the job fits, per GPU
+    total included; None if no count `qlora plan` tries does."""
+    for gpus, strategy in strategies_to_try(settings):
+        plan = make_plan(arch, replace(settings, world_size=gpus, strategy=strategy), budget_bytes, suggest=False)
+        if plan.fits:
+            return {"gpus": gpus, "strategy": strategy, "per_gpu_bytes": plan.total_bytes}
+    return None
 
 
 def seconds_per_token(flops: float, tflops: float, utilization: float) -> float:

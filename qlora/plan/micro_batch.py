@@ -9,13 +9,15 @@ for, so auto needs train.memory_budget (and is not confirmed by a dry run).
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from typing import Callable, Optional
 
 from qlora.config import JobConfig
 from qlora.errors import ConfigError
 from qlora.plan.architecture import load_architecture
 from qlora.plan.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan
-from qlora.plan.settings import settings_from_job
+from qlora.plan.settings import PlanSettings, settings_from_job
 from qlora.sizes import format_bytes, parse_bytes
 
 
@@ -28,7 +30,7 @@ def resolve_micro_batch(config: JobConfig, echo: Callable[[str], None] = print) 
     budget = memory_budget(train.memory_budget)
     effective = train.effective_batch_size or train.grad_accum_steps
     arch = load_architecture(config.model.name_or_path, config.model.trust_remote_code)
-    settings = settings_from_job(config, micro_batch=1)
+    settings = launched_settings(config, micro_batch=1)
     largest = largest_micro_batch(arch, settings, budget, limit=effective)
     if largest == 0:
         need = make_plan(arch, settings).total_bytes
@@ -42,6 +44,14 @@ def resolve_micro_batch(config: JobConfig, echo: Callable[[str], None] = print) 
         f"sequences per step (the plan fits up to {largest} in {format_bytes(budget)})"
     )
     return budget
+
+
+def launched_settings(config: JobConfig, micro_batch: Optional[int] = None) -> PlanSettings:
+    """The plan settings of one GPU of this launch: under torchrun each of WORLD_SIZE ranks holds
+    its share of the job (train.distributed), so the budget is compared with one GPU's numbers."""
+    settings = settings_from_job(config, micro_batch=micro_batch)
+    world_size = os.environ.get("WORLD_SIZE")
+    return replace(settings, world_size=int(world_size)) if world_size else settings
 
 
 def set_micro_batch(config: JobConfig, at_most: int, effective: int) -> None:
@@ -77,7 +87,7 @@ def confirm_micro_batch(
     effective = config.train.micro_batch_size * config.train.grad_accum_steps
     extra = CUDA_CONTEXT_BYTES + next(
         line.bytes
-        for line in make_plan(load_architecture(config.model.name_or_path), settings_from_job(config)).lines
+        for line in make_plan(load_architecture(config.model.name_or_path), launched_settings(config)).lines
         if line.name == "optimizer_state"
     )
     while True:

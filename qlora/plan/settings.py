@@ -36,6 +36,10 @@ class PlanSettings:
     # A CUDA dropout mask is one byte per element; on CPU it has the activation's dtype.
     dropout_mask_bytes: int = 1
     loss_chunk_tokens: Union[int, str] = default(TrainSection, "loss_chunk_tokens")  # a number, auto or off
+    # GPUs the job runs on (torchrun's WORLD_SIZE): a property of the launch, not of the job file,
+    # so it has no schema key; with more than one every number is per GPU (qlora.plan.sharding).
+    world_size: int = 1
+    strategy: str = default(TrainSection, "distributed")  # ddp or fsdp: what N > 1 GPUs do
 
 
 @dataclass
@@ -68,4 +72,5 @@ def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings
         use_dora=lora.use_dora,
         optimizer=train.optimizer,
         loss_chunk_tokens=train.loss_chunk_tokens,
+        strategy=train.distributed,
     )

@@ -1,5 +1,6 @@
-"""`python -m tests.rank_stub train job.yaml`: stands in for `qlora.cli` on each torchrun rank, for
-tests of the service's several-GPU plumbing without the training side. It writes what the rank
+"""`python -m tests.rank_stub train job.yaml --nproc N`: stands in for `qlora.cli`, for tests of the
+service's several-GPU plumbing without the training side. With --nproc it is the real launcher
+(qlora.cli.launch), which starts N ranks of this same module; each rank writes what it
 sees (RANK, WORLD_SIZE, CUDA_VISIBLE_DEVICES ...) to rank-<RANK>.json in its working directory
 (the job folder), then does what $QLORA_TEST_RANK_STUB says:
 
@@ -18,6 +19,10 @@ SEEN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR
 
 
 def main(argv: list[str]) -> int:
+    if "--nproc" in argv:
+        from qlora.cli.launch import launch
+
+        return launch(int(argv[argv.index("--nproc") + 1]), argv)
     rank = os.environ["RANK"]
     stopping = []
     signal.signal(signal.SIGTERM, lambda number, frame: stopping.append(number))

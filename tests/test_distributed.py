@@ -199,6 +199,9 @@ def test_fsdp_ranks_train_the_steps_of_one_process_and_the_adapter_loads_in_plai
     assert_close_adapters(one_process / "out", fsdp_reference / "out", 1e-4)
     manifest = json.loads((fsdp_reference / "out" / "qlora_manifest.json").read_text())
     assert manifest["training"] == {"world_size": 2, "strategy": "fsdp"}
+    # Sharding stores the 4-bit bytes as float32: still counted as the weights they hold.
+    summaries = [json.loads((run / "out" / "summary.json").read_text()) for run in (one_process, fsdp_reference)]
+    assert summaries[0]["total_parameters"] == summaries[1]["total_parameters"]
     model_dir = Path(yaml.safe_load((fsdp_reference / "job.yaml").read_text())["model"]["name_or_path"])
     inputs = torch.arange(3, 40).reshape(1, -1)
     logits = []

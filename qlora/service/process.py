@@ -14,8 +14,6 @@ import qlora
 
 # `python -m <module> train job.yaml`; tests point it at tests.cli_with_faults to slow steps down.
 CLI_MODULE = "qlora.cli"
-# What torchrun starts on each rank: the CLI, run by a wrapper that keeps the rank's exit code.
-RANK_MODULE = "qlora.service.ranks"
 PR_SET_PDEATHSIG = 1
 
 
@@ -23,34 +21,13 @@ def qlora_command(*args: str) -> list[str]:
     return [sys.executable, "-m", CLI_MODULE, *args]
 
 
-def train_command(job_file: str, gpus: int, stop_grace_s: float) -> list[str]:
-    """`qlora train job.yaml` for one GPU; for N, the same command on N ranks under torch.distributed.run
-    (torchrun), which the training side runs as DDP or FSDP (train.distributed)."""
+def train_command(job_file: str, gpus: int) -> list[str]:
+    """`qlora train job.yaml` for one GPU; for N, `qlora train --nproc N job.yaml`: torch.distributed.run
+    on N local ranks (DDP or FSDP, train.distributed), exiting with the ranks' code (qlora/cli/launch.py)
+    where a bare torchrun exits 1 for a checkpointed stop too."""
     if gpus == 1:
         return qlora_command("train", job_file)
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        # A rendezvous of its own on localhost, on a port the kernel picks at bind time: jobs that
-        # start side by side can neither race for a port nor join each other.
-        "--standalone",
-        "--nproc-per-node",
-        str(gpus),
-        # The service decides when a job runs again (it resumes from its checkpoint), not torchrun.
-        "--max-restarts",
-        "0",
-        # After SIGTERM, torchrun SIGKILLs the ranks still running after this (its default is 30 s, too short
-        # for a large checkpoint); a little under the service's grace, so that torchrun, not a second signal
-        # from the service that would find torchrun already shutting down, ends a rank that cannot stop.
-        "--shutdown-timeout",
-        str(max(1, int(stop_grace_s) - 5)),
-        "-m",
-        RANK_MODULE,
-        CLI_MODULE,
-        "train",
-        job_file,
-    ]
+    return qlora_command("train", job_file, "--nproc", str(gpus))
 
 
 def child_environment(device: Optional[str]) -> dict:
@@ -65,11 +42,9 @@ def child_environment(device: Optional[str]) -> dict:
     return environment
 
 
-def shepherded(command: list[str], rank_codes: Optional[Path] = None) -> list[str]:
-    """The command behind a single-threaded shepherd process (see qlora/service/shepherd.py); with
-    rank_codes, a torchrun command whose ranks leave their exit codes there (qlora/service/ranks.py)."""
-    options = ["--rank-codes", str(rank_codes)] if rank_codes is not None else []
-    return [sys.executable, "-m", "qlora.service.shepherd", *options, *command]
+def shepherded(command: list[str]) -> list[str]:
+    """The command behind a single-threaded shepherd process (see qlora/service/shepherd.py)."""
+    return [sys.executable, "-m", "qlora.service.shepherd", *command]
 
 
 def die_with_parent(parent_pid: int, number: int = signal.SIGTERM):

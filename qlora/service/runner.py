@@ -35,8 +35,6 @@ from qlora.service.submission import job_folder, last_error_line
 
 STOPPED_CODES = (EXIT_INTERRUPTED, EXIT_ABORTED, -signal.SIGTERM)
 ERROR_TAIL_BYTES = 64 * 1024
-# In the job folder: where the ranks of a several-GPU job leave their exit codes (qlora/service/ranks.py).
-RANK_CODES_FOLDER = "rank-exit-codes"
 
 
 @dataclass
@@ -176,10 +174,8 @@ class Runner:
             where = f"slots {devices} ({len(slots)} processes)" if len(slots) > 1 else f"slot {devices}"
             log.write(f"== qlora serve: attempt {attempt} on {where}{resumes}\n".encode())
             log.flush()
-            command = train_command(str(folder / "job.yaml"), len(slots), self.stop_grace_s)
-            rank_codes = folder / RANK_CODES_FOLDER if len(slots) > 1 else None
             process = subprocess.Popen(
-                shepherded(command, rank_codes),
+                shepherded(train_command(str(folder / "job.yaml"), len(slots))),
                 cwd=folder,
                 env=child_environment(devices),
                 stdin=subprocess.DEVNULL,

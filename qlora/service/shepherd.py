@@ -9,8 +9,7 @@ then gets exactly one SIGTERM, finishes its step, checkpoints and frees its outp
 
 While the service lives, the shepherd forwards SIGTERM/SIGINT (cancel, shutdown) to the job and
 ends the way the job ended (same exit code, or killed by the same signal). A job on several GPUs
-is torchrun, whose own exit code hides the ranks' (see qlora/service/ranks.py):
-`--rank-codes DIR CMD...` has the ranks leave their codes in DIR, and the shepherd ends with those.
+is `qlora train --nproc N`, which forwards the signal to its ranks and ends with their code.
 """
 
 from __future__ import annotations
@@ -19,21 +18,15 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-from qlora.service import ranks
 from qlora.service.process import die_with_parent
 
 
 def main(command: list[str]) -> int:
     child = None
-    pending, forwarded = [], []
-    rank_codes = None
-    if command[:1] == ["--rank-codes"]:
-        rank_codes, command = Path(command[1]), command[2:]
+    pending = []
 
     def forward(number, frame) -> None:
-        forwarded.append(number)
         if child is None:
             pending.append(number)  # arrived before the job started: deliver it once it has
         else:
@@ -41,14 +34,10 @@ def main(command: list[str]) -> int:
 
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, forward)
-    ranks.clear(rank_codes)
-    environment = {**os.environ, ranks.RANK_CODES_ENV: str(rank_codes)} if rank_codes else None
-    child = subprocess.Popen(command, env=environment, preexec_fn=die_with_parent(os.getpid(), signal.SIGTERM))
+    child = subprocess.Popen(command, preexec_fn=die_with_parent(os.getpid(), signal.SIGTERM))
     for number in pending:
         child.send_signal(number)
     code = child.wait()
-    if rank_codes is not None:
-        code = ranks.launcher_code(code, ranks.read_codes(rank_codes), signalled=bool(forwarded))
     if code < 0:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)

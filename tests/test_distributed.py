@@ -355,6 +355,30 @@ def test_two_nodes_train_the_steps_of_one_node_with_two_processes(reference, tin
     assert all((final[name] - value).abs().max().item() <= 1e-6 for name, value in reference_adapter.items())
 
 
+def test_accelerate_launch_trains_the_steps_of_torchrun(reference, tiny_model_dir, tmp_path):
+    """`accelerate launch` is the other launcher users have: the same environment, the same run."""
+    job = copy_job(reference, tmp_path, tiny_model_dir)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    process = subprocess.Popen(
+        [
+            *accelerate,
+            *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"),
+            str(free_port()),
+            *("-m", "tests.cli_with_faults", "train", str(job)),
+        ],
+        cwd=ROOT,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    code, out, err = finish(process)
+    assert code == 0, err
+    assert "ddp: a replica on each of 2 ranks" in out
+    assert_same_steps(metrics(reference / "out"), metrics(tmp_path / "out"), 1e-6)
+    assert_close_adapters(reference / "out", tmp_path / "out", 1e-6)
+
+
 def test_a_batch_the_ranks_cannot_split_fails_every_rank_before_loading(tiny_model_dir, tmp_path):
     job = make_job(tmp_path, tiny_model_dir, micro_batch_size="auto", effective_batch_size=3, memory_budget="4GiB")
     code, out, err = finish(launcher(job))

@@ -1,6 +1,8 @@
 """The same code on a CUDA GPU: bitsandbytes' CUDA 4-bit kernels, bf16 autocast, GPU peak memory.
 
 Skipped without CUDA (CI has none). On a GPU machine: `HF_HUB_OFFLINE=1 python -m pytest -m gpu`.
+Several processes on a GPU use NCCL: with one GPU that is one rank (DDP and FSDP), the rest of the
+multi-process paths are proved on the CPU with gloo (tests/test_distributed.py).
 """
 
 import json
@@ -66,3 +68,28 @@ def test_gpu_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model_dir, tm
             base_only = plain(input_ids=input_ids).logits.float()
     torch.testing.assert_close(theirs, ours, rtol=2e-2, atol=2e-2)
     assert (base_only - ours).abs().max() > 0.1  # the adapter really changes the output
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_nccl_rank_trains_like_one_process(tiny_model_dir, tmp_path, strategy):
+    """torchrun with one rank on the GPU: NCCL collectives, FSDP's unit moves and quant-state broadcast
+    from the host, the gathered adapter; the losses those of a plain one-process run."""
+    import subprocess
+    import sys
+
+    from tests.test_distributed import ROOT, environment, make_job, metrics
+
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+    runs = {}
+    for name, launcher in (("plain", []), ("torchrun", torchrun)):
+        job = make_job(tmp_path / name, tiny_model_dir, distributed=strategy)
+        command = [sys.executable, *launcher, "-m", "qlora.cli", "train", str(job)]
+        done = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        runs[name] = metrics(tmp_path / name / "out")
+    if strategy == "fsdp":
+        manifest = json.loads((tmp_path / "torchrun" / "out" / "qlora_manifest.json").read_text())
+        assert manifest["training"] == {"world_size": 1, "strategy": "fsdp"}
+    assert [row.get("loss") for row in runs["torchrun"]] == pytest.approx(
+        [row.get("loss") for row in runs["plain"]], rel=1e-3
+    )

@@ -28,6 +28,7 @@ from tests.tiny import chat_row
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
+FSDP = {"distributed": "fsdp", "micro_batch_size": 1, "grad_accum_steps": 2}
 
 
 def write_uneven_data(path: Path, count: int, seed: int) -> Path:
@@ -141,9 +142,10 @@ def one_process(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fsdp_reference(tiny_model_dir, tmp_path_factory):
-    """One uninterrupted 2-rank FSDP run (the 4-bit base sharded, rank 0 alone reading it)."""
+    """One uninterrupted 2-rank FSDP run (the 4-bit base sharded, rank 0 alone reading it), each
+    rank accumulating 2 micro-batches of 1: a step's rows are still one process's 2 x 2."""
     directory = tmp_path_factory.mktemp("fsdp-reference")
-    code, out, err = finish(launcher(make_job(directory, tiny_model_dir, distributed="fsdp")))
+    code, out, err = finish(launcher(make_job(directory, tiny_model_dir, **FSDP)))
     assert code == 0, err
     assert "fsdp: the base and adapters sharded over 2 rank(s)" in out
     return directory
@@ -215,7 +217,7 @@ def test_fsdp_ranks_train_the_steps_of_one_process_and_the_adapter_loads_in_plai
 def test_fsdp_sigterm_checkpoints_every_ranks_optimizer_shard_and_resumes_bitwise(
     fsdp_reference, tiny_model_dir, tmp_path
 ):
-    job = copy_job(fsdp_reference, tmp_path / "job", tiny_model_dir, distributed="fsdp")
+    job = copy_job(fsdp_reference, tmp_path / "job", tiny_model_dir, **FSDP)
     output = tmp_path / "job" / "out"
     process = launcher(job, QLORA_TEST_STEP_DELAY=0.4)
     wait_until(lambda: len(metrics(output)) >= 3, process)

@@ -183,8 +183,9 @@ def train(
             mine = share(world, window, settings.grad_accum_steps)
             loss_sum = torch.zeros((), device=device)
             for index, batch in enumerate(mine):
-                # Gradients cross the ranks once per step, after the window's last micro-batch.
-                with gradients_kept_local(model, index < len(mine) - 1):
+                # DDP: gradients cross the ranks once per step, after the window's last micro-batch.
+                # FSDP reduce-scatters every micro-batch's: no rank ever holds whole gradients.
+                with gradients_kept_local(model, index < len(mine) - 1 and world.strategy != "fsdp"):
                     with saved_for_backward_on_host(settings.offload_activations):
                         with precision.autocast():
                             batch_loss_sum = summed_loss(model, batch, device, settings.loss_chunk_tokens)
@@ -283,8 +284,8 @@ def summed_loss(model: torch.nn.Module, batch, device, chunk_tokens: Union[int, 
 
 
 def gradients_kept_local(model: torch.nn.Module, keep: bool):
-    """DDP's / FSDP's no_sync for the micro-batches before a window's last: their gradients
-    accumulate on each rank and are reduced once, with the last one's."""
+    """DDP's no_sync for the micro-batches before a window's last: their gradients accumulate on
+    each rank and are all-reduced once, with the last one's."""
     no_sync = getattr(model, "no_sync", None)
     return no_sync() if keep and no_sync is not None else contextlib.nullcontext()
 

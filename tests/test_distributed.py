@@ -214,16 +214,18 @@ def test_fsdp_ranks_train_the_steps_of_one_process_and_the_adapter_loads_in_plai
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
 
 
-def test_fsdp_sigterm_checkpoints_every_ranks_optimizer_shard_and_resumes_bitwise(
+def test_fsdp_sigterm_to_one_rank_stops_all_checkpoints_every_optimizer_shard_and_resumes_bitwise(
     fsdp_reference, tiny_model_dir, tmp_path
 ):
     job = copy_job(fsdp_reference, tmp_path / "job", tiny_model_dir, **FSDP)
     output = tmp_path / "job" / "out"
     process = launcher(job, QLORA_TEST_STEP_DELAY=0.4)
     wait_until(lambda: len(metrics(output)) >= 3, process)
-    process.send_signal(signal.SIGTERM)
+    # Rank 1 alone is told: the ranks agree on the stop flag, so rank 0 stops after the same step.
+    os.kill(rank_pid(process, 1), signal.SIGTERM)
     code, out, err = finish(process)
     assert code == 75, err
+    assert err.count("interrupted: stopped on request") == 1, err
     (checkpoint,) = sorted((output / "checkpoints").glob("step-*"))
     state = json.loads((checkpoint / "training_state.json").read_text())
     assert state["optimizer"]["dict"][0][0] == "ranks"  # each rank's shard of the optimizer state
@@ -297,8 +299,7 @@ def test_kill_9_of_one_rank_then_the_rerun_resumes_from_the_last_complete_checkp
     output = tmp_path / "out"
     process = launcher(job, QLORA_TEST_STEP_DELAY=0.4)
     wait_until(lambda: (output / "checkpoints" / "step-00000002" / "COMPLETE").is_file(), process)
-    rank1 = next(pid for pid in children(process.pid) if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
-    os.kill(rank1, signal.SIGKILL)
+    os.kill(rank_pid(process, 1), signal.SIGKILL)
     code, out, err = finish(process)
     assert code == 128 + signal.SIGKILL, err
     code, out, err = finish(launcher(job))
@@ -419,6 +420,14 @@ def test_one_process_agrees_with_itself():
 def test_the_ranks_run_our_command_line_without_nproc():
     assert without_nproc(["train", "job.yaml", "--nproc", "2", "--set", "a=1"]) == ["train", "job.yaml", "--set", "a=1"]
     assert without_nproc(["train", "--nproc=8", "job.yaml"]) == ["train", "job.yaml"]
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The process of one rank among the launcher's children (its environment names its RANK)."""
+    entry = f"RANK={rank}".encode()  # a whole entry: LOCAL_RANK=1 must not match
+    return next(
+        pid for pid in children(launcher.pid) if entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    )
 
 
 def children(pid: int) -> list[int]:

@@ -20,7 +20,7 @@ from qlora.adapters import attach_lora
 from qlora.config import ModelSection, QuantizationSection
 from qlora.model.base import load_base, load_tokenizer
 from qlora.training.loss import summed_cross_entropy
-from tests.fsdp_worker import CHUNK_TOKENS, LORA, STEPS
+from tests.fsdp_worker import CHUNK_TOKENS, LORA, STEPS, logits
 from tests.tiny import build_tiny_model, write_chat_data
 from tests.tiny_adapters import plain_4bit_base
 
@@ -44,14 +44,6 @@ def single_process(model_dir: Path, compute_dtype: str = "float32"):
         gradient_checkpointing=True,
     )
     return attach_lora(base, LORA, seed=0)
-
-
-def logits(model, batch) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        result = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    model.train()
-    return result.float()
 
 
 def reference_training(model, batches: list) -> list[float]:

@@ -66,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default: float32 on CPU, bfloat16 on CUDA",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--arch",
+        help="a configs/arch name (e.g. llama-3.1-8b): the fixture model takes its shape, vocabulary and head, "
+        "random weights (bench/gpu_proof.sh); default: the small bench shape (bench/fixture.py MODEL_SHAPE)",
+    )
     parser.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)  # internal: one run in this process
     args = parser.parse_args(argv)
     if args.batch % args.micro_batch:
@@ -89,6 +94,7 @@ def settings_of(args: argparse.Namespace) -> dict:
         "lora_dropout": args.lora_dropout,
         "compute_dtype": dtype,
         "seed": args.seed,
+        "model_shape": args.arch or "bench/fixture.py MODEL_SHAPE",  # labels every run's line
     }
 
 
@@ -98,7 +104,7 @@ def fixture_of(args: argparse.Namespace) -> dict:
 
     work = Path(args.work)
     recipe = {
-        "shape": MODEL_SHAPE,
+        "shape": args.arch or MODEL_SHAPE,
         "train_rows": args.train_rows,
         "eval_rows": args.eval_rows,
         "seed": args.seed,
@@ -110,7 +116,9 @@ def fixture_of(args: argparse.Namespace) -> dict:
         saved = json.loads(stamp.read_text())
         if saved.get("recipe") == recipe:
             return saved["fixture"]
-    fixture = build_fixture(work, args.train_rows, args.eval_rows, seed=args.seed, max_seq_len=args.max_seq_len)
+    fixture = build_fixture(
+        work, args.train_rows, args.eval_rows, seed=args.seed, max_seq_len=args.max_seq_len, arch=args.arch
+    )
     stamp.write_text(json.dumps({"recipe": recipe, "fixture": fixture}))
     return fixture
 

@@ -76,11 +76,38 @@ def build_model(directory: Path, seed: int = 0, max_seq_len: int = 512, **shape)
     return directory
 
 
+def build_arch_model(directory: Path, arch: str, seed: int = 0, max_seq_len: int = 512) -> Path:
+    """A random-weight copy of a shipped architecture (configs/arch/<arch>: its every shape, its
+    vocabulary and head) with the byte-level tokenizer, whose ids all lie inside that vocabulary.
+    Built on the GPU in bfloat16 when there is one: an 8B model is 16 GB there, 32 GB and minutes
+    as a float32 CPU model. TRL loads a base from weights only, so this one is written out."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora.demo.tokenizer import build_tokenizer
+    from qlora.plan.architecture import load_hf_config, resolve_config_dir
+
+    tokenizer = build_tokenizer(model_max_length=max_seq_len)
+    config = load_hf_config(resolve_config_dir(arch))
+    config.eos_token_id, config.pad_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
 def parameter_count(directory: Path) -> int:
     from safetensors import safe_open
 
-    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
-        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    total = 0
+    for shard in sorted(directory.glob("*.safetensors")):  # a large model is written in shards
+        with safe_open(str(shard), framework="pt") as handle:
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total
 
 
 def chat_rows(count: int, seed: int, max_words: int = 32) -> list[dict]:
@@ -109,11 +136,15 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def build_fixture(
-    folder: Path, train_rows: int, eval_rows: int, seed: int = 0, max_seq_len: int = 512, **shape
+    folder: Path, train_rows: int, eval_rows: int, seed: int = 0, max_seq_len: int = 512, arch=None, **shape
 ) -> dict:
-    """Model folder + train.jsonl + eval.jsonl (disjoint seeds) in `folder`; returns their paths."""
+    """Model folder + train.jsonl + eval.jsonl (disjoint seeds) in `folder`; returns their paths.
+    `arch`: a configs/arch name whose shape the model takes instead of MODEL_SHAPE."""
     folder.mkdir(parents=True, exist_ok=True)
-    model_dir = build_model(folder / "model", seed=seed, max_seq_len=max_seq_len, **shape)
+    if arch:
+        model_dir = build_arch_model(folder / "model", arch, seed=seed, max_seq_len=max_seq_len)
+    else:
+        model_dir = build_model(folder / "model", seed=seed, max_seq_len=max_seq_len, **shape)
     train = write_rows(folder / "train.jsonl", chat_rows(train_rows, seed=seed + 1))
     held_out = write_rows(folder / "eval.jsonl", chat_rows(eval_rows, seed=seed + 2))
     return {

@@ -103,11 +103,16 @@ def prove(model: str, args) -> dict:
     from qlora.errors import QloraError
     from qlora.job.run import run_job
     from qlora.plan.architecture import load_architecture
+    from qlora.plan.checkpointing_mode import read_budget, resolve_checkpointing
     from qlora.plan.memory import make_plan
     from qlora.plan.settings import settings_from_job
 
     with tempfile.TemporaryDirectory(prefix="plan-proof-") as folder:
         config = load_config(write_job(Path(folder), model, args), args.overrides)
+        # Plan the mode that trains: gradient_checkpointing auto chooses it here as the job would.
+        resolve_checkpointing(
+            config, read_budget(config.train.memory_budget), echo=lambda line: print(line, file=sys.stderr)
+        )
         plan = make_plan(load_architecture(config.model.name_or_path), settings_from_job(config))
         on_cuda = torch.cuda.is_available()
         device = torch.cuda.get_device_name() if on_cuda else "cpu"
@@ -117,6 +122,7 @@ def prove(model: str, args) -> dict:
             "seq_len": args.seq_len,
             "micro_batch": args.micro_batch,
             "steps": args.steps,
+            "gradient_checkpointing": config.train.gradient_checkpointing,
             "planned_allocated_bytes": plan.allocated_bytes,
             "planned_reserved_bytes": plan.reserved_bytes,
             "planned_total_bytes": plan.total_bytes,
@@ -126,6 +132,8 @@ def prove(model: str, args) -> dict:
             result = run_job(config, echo=lambda line: print(line, file=sys.stderr))
         except (QloraError, torch.OutOfMemoryError) as error:
             record["error"] = f"{error.__class__.__name__}: {str(error).splitlines()[0]}"
+            if on_cuda:  # how far it got: a lower bound of the real peak when the plan was optimistic
+                record["measured_allocated_bytes_before_error"] = torch.cuda.max_memory_allocated()
             return record
         loop = result.loop
         record["tokens_per_s"] = loop.tokens / loop.seconds  # every token is supervised (train_on all)

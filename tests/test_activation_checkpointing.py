@@ -98,7 +98,7 @@ def test_selective_needs_a_4bit_base(tmp_path):
     ):
         validate({**job, "train": {"gradient_checkpointing": "selective"}, "quantization": {"bits": 8}})
     with pytest.raises(
-        ConfigError, match=r"train.gradient_checkpointing: expected true, false or selective \(got 'partial'\)$"
+        ConfigError, match=r"train.gradient_checkpointing: expected auto, true, false or selective \(got 'partial'\)$"
     ):
         validate({**job, "train": {"gradient_checkpointing": "partial"}})
 

@@ -216,7 +216,15 @@ def test_auto_micro_batch_takes_the_largest_that_fits_and_keeps_the_effective_ba
     from qlora.plan.settings import settings_from_job
 
     job = write_job(
-        tmp_path, tiny_model_dir, train={"micro_batch_size": "auto", "grad_accum_steps": 1, "effective_batch_size": 12}
+        tmp_path,
+        tiny_model_dir,
+        # checkpointing named: auto would choose its mode against each budget below (tests/test_checkpointing_mode.py)
+        train={
+            "micro_batch_size": "auto",
+            "grad_accum_steps": 1,
+            "effective_batch_size": 12,
+            "gradient_checkpointing": True,
+        },
     )
     with pytest.raises(ConfigError, match="train.memory_budget"):
         validate_job(load_config(job), echo=lambda text: None)

@@ -94,9 +94,14 @@ def run_plan(args: argparse.Namespace) -> int:
     settings = settings_from_job(config)
     if world_size is not None:
         settings = replace(settings, world_size=world_size)
-    plan = make_plan(load_architecture(config.model.name_or_path, config.model.trust_remote_code), settings, budget)
+    arch = load_architecture(config.model.name_or_path, config.model.trust_remote_code)
+    choice = auto_checkpointing(config, arch, settings, budget, gpu.name if gpu else f"--gpu-memory {args.gpu_memory}")
+    if choice:
+        settings = replace(settings, gradient_checkpointing=choice.mode)
+    plan = make_plan(arch, settings, budget)
     if args.json:
         record = plan.to_json()
+        record["gradient_checkpointing_auto"] = choice.to_json() if choice else None
         record["gpu"] = gpu.name if gpu else None
         if gpu:
             # All N GPUs together: each runs the same FLOPs per token at the stated utilization.
@@ -107,12 +112,30 @@ def run_plan(args: argparse.Namespace) -> int:
             record["epoch_seconds"] = args.epoch_tokens / record["tokens_per_s"] if args.epoch_tokens else None
         print(json.dumps(record))
     else:
-        print(
-            describe_plan(
-                plan, gpu.name if gpu else None, gpu.bf16_tflops if gpu else None, args.mfu, args.epoch_tokens
-            )
-        )
+        text = describe_plan(
+            plan, gpu.name if gpu else None, gpu.bf16_tflops if gpu else None, args.mfu, args.epoch_tokens, choice
+        ).splitlines()
+        if choice:
+            text.insert(2, f"  {choice.line()}")  # under the settings line it decided
+        print("\n".join(text))
     return 0
+
+
+def auto_checkpointing(config, arch, settings, budget: Optional[int], budget_source: str):
+    """gradient_checkpointing auto as the job would choose it, for the card the plan is asked about
+    (--gpu, --gpu-memory), else train.memory_budget; never this machine's memory: a plan is for a
+    card, answered anywhere. None when the job names a mode."""
+    from qlora.plan.checkpointing_mode import AUTO, MemoryBudget, choose_checkpointing, read_budget
+
+    if config.train.gradient_checkpointing != AUTO:
+        return None
+    if budget is not None:
+        known = MemoryBudget(budget, budget_source)
+    elif config.train.memory_budget is not None:
+        known = read_budget(config.train.memory_budget)
+    else:
+        known = None
+    return choose_checkpointing(arch, settings, known)
 
 
 def gpu_count(text: Optional[str]) -> Optional[int]:
@@ -131,7 +154,9 @@ def describe_plan(
     tflops: Optional[float] = None,
     utilization: float = 0.4,
     epoch_tokens: Optional[int] = None,
+    auto=None,
 ) -> str:
+    """The breakdown as text; `auto`: gradient_checkpointing auto's choice, when it chose the mode."""
     settings = plan.settings
     lines = [
         f"plan for {plan.architecture}: {plan.parameters['total'] / 1e9:.2f}B params "
@@ -156,14 +181,14 @@ def describe_plan(
         f"total on the card {format_bytes(plan.total_bytes)} ({plan.total_bytes / 1e9:.1f} GB)",
     ]
     if plan.budget_bytes is not None:
-        lines += fit_lines(plan, gpu_name)
+        lines += fit_lines(plan, gpu_name, auto)
     lines.append(f"  compute: {plan.flops_per_token / 1e9:.1f} GFLOP per training token")
     if tflops:
         lines.append(time_line(plan.flops_per_token, tflops, utilization, epoch_tokens, settings["world_size"]))
     return "\n".join(lines)
 
 
-def fit_lines(plan: Plan, gpu_name: Optional[str]) -> list[str]:
+def fit_lines(plan: Plan, gpu_name: Optional[str], auto=None) -> list[str]:
     """The verdict against the budget, then how far the shape and checkpointing can move."""
     settings = plan.settings
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
@@ -188,6 +213,7 @@ def fit_lines(plan: Plan, gpu_name: Optional[str]) -> list[str]:
         if tips.get("fits_with_selective_checkpointing") and settings["gradient_checkpointing"] is True:
             lines.append(
                 "  train.gradient_checkpointing: selective fits too (skips recomputing the 4-bit matmuls: less compute)"
+                + (", but not within the headroom auto keeps spare: set it to take it" if auto else "")
             )
     return lines
 

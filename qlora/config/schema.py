@@ -141,7 +141,9 @@ class TrainSection(_Strict):
     effective_batch_size: Optional[int] = Field(None, gt=0)
     """Sequences per optimizer step kept when micro_batch_size is auto; default: grad_accum_steps."""
     memory_budget: Optional[Union[int, str]] = None
-    """Memory micro_batch_size auto plans for, e.g. 24GiB; default: the CUDA device's total memory (needed on CPU)."""
+    """Memory micro_batch_size auto and gradient_checkpointing auto plan for, e.g. 24GiB; default: the
+    CUDA device's total memory; on CPU micro_batch_size auto needs it, gradient_checkpointing auto takes the
+    available RAM."""
     learning_rate: float = Field(2e-4, gt=0)
     """Peak learning rate."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -154,10 +156,12 @@ class TrainSection(_Strict):
     """Decoupled weight decay on the LoRA weights."""
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     """Clip the global gradient norm to this; none disables clipping."""
-    gradient_checkpointing: Union[bool, Literal["selective"]] = True
-    """Recompute activations in the backward pass: far less memory, ~30% more compute; selective:
-    keep the 4-bit matmuls' outputs and recompute only the rest (faster, more memory: see
-    `qlora plan`; needs quantization.bits 4)."""
+    gradient_checkpointing: Union[bool, Literal["selective", "auto"]] = "auto"
+    """Recompute activations in the backward pass: true: far less memory, ~30% more compute;
+    selective: keep the 4-bit matmuls' outputs and recompute only the rest (faster, more memory;
+    needs quantization.bits 4); false: none; auto: the fastest of these that the plan fits in
+    train.memory_budget (chosen at the micro-batch, 1 when auto, before the model loads; a resumed
+    run keeps its checkpoint's; see `qlora plan`)."""
     offload_activations: bool = False
     """Keep the tensors saved for backward in host memory (CUDA: pinned, copied back in backward):
     less GPU memory for long sequences, more transfer time; no effect on CPU."""
@@ -197,10 +201,10 @@ class TrainSection(_Strict):
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _checkpointing_mode(cls, value: Any) -> Any:
-        # One message for the union (bool or "selective") instead of one per member.
-        allowed = {"selective", "true", "false", "yes", "no", "on", "off", "1", "0"}
+        # One message for the union (bool, "selective" or "auto") instead of one per member.
+        allowed = {"auto", "selective", "true", "false", "yes", "no", "on", "off", "1", "0"}
         if not isinstance(value, bool) and str(value).strip().lower() not in allowed:
-            raise ValueError(f"train.gradient_checkpointing: expected true, false or selective (got {value!r})")
+            raise ValueError(f"train.gradient_checkpointing: expected auto, true, false or selective (got {value!r})")
         return value
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ RUN_NEUTRAL_KEYS = frozenset(
         "train.eval_every",
         "train.eval_exact_match",
         "train.eval_max_new_tokens",
-        "train.memory_budget",  # only steers micro_batch_size auto, whose pick is itself recorded
+        "train.memory_budget",  # only steers micro_batch_size and gradient_checkpointing auto, whose picks are recorded
     }
 )
 

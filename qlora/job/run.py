@@ -22,6 +22,7 @@ from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, ru
 from qlora.model.base import load_tokenizer
 from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 from qlora.output_dir import check_output_dir, claim_output_dir, unfinished
+from qlora.plan.checkpointing_mode import AUTO, read_budget, resolve_checkpointing, tightest
 from qlora.plan.mfu import job_flop_meter
 from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch, set_micro_batch
 from qlora.training.builders import build_optimizer, build_schedule, loop_settings
@@ -75,6 +76,7 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
 def validate_job(config: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """Everything `train` checks before loading the model, as a report; loads no weights."""
     prepared = prepare_data(config, echo)
+    resolve_checkpointing(config, read_budget(config.train.memory_budget) if auto_mode(config) else None, echo)
     resolve_micro_batch(config, echo)
     batches_per_epoch = epoch_length(config, prepared.train.examples)
     steps = total_steps(config, batches_per_epoch)
@@ -172,24 +174,30 @@ def plan_run(
         raise ConfigError("--overwrite and --resume-from: choose one (start over, or resume)")
     check_output_dir(output_dir, overwrite)
     checkpoint = None if overwrite else find_checkpoint(output_dir, resume_from)
-    seen = from_every_rank(world, checkpoint.name if checkpoint else None)
-    if len(set(seen)) > 1:
+    # Read here, where every rank is: all ranks must train one checkpointing mode, chosen for the tightest.
+    budget = read_budget(config.train.memory_budget) if auto_mode(config) else None
+    seen = from_every_rank(world, (checkpoint.name if checkpoint else None, budget))
+    names = [name for name, _ in seen]
+    if len(set(names)) > 1:
         raise CheckpointError(
-            f"{output_dir}: the ranks see different checkpoints ({', '.join(map(str, seen))}, by rank); "
+            f"{output_dir}: the ranks see different checkpoints ({', '.join(map(str, names))}, by rank); "
             "output.dir must be one folder shared by every node"
         )
     prepared = prepare_data(config, echo)
-    auto_budget = resolve_micro_batch_per_rank(config, world, echo)
     resume = None
     if checkpoint:
         verify_checkpoint(checkpoint)
         resume = ResumePoint(checkpoint, *load_training_state(checkpoint))
-        if auto_budget is not None:
-            # The data position counts the checkpoint's micro-batches: keep the size it trained
-            # with, whatever auto would pick on this machine now.
-            saved = resume.run.get("config", {})
-            config.train.micro_batch_size = saved.get("train.micro_batch_size", config.train.micro_batch_size)
-            config.train.grad_accum_steps = saved.get("train.grad_accum_steps", config.train.grad_accum_steps)
+    saved = resume.run.get("config", {}) if resume else {}
+    # A resumed run keeps the mode its checkpoint trained with (auto's pick is in its run record).
+    kept = saved.get("train.gradient_checkpointing")
+    resolve_checkpointing(config, tightest([reading for _, reading in seen]), echo, kept=kept)
+    auto_budget = resolve_micro_batch_per_rank(config, world, echo)
+    if resume and auto_budget is not None:
+        # The data position counts the checkpoint's micro-batches: keep the size it trained
+        # with, whatever auto would pick on this machine now.
+        config.train.micro_batch_size = saved.get("train.micro_batch_size", config.train.micro_batch_size)
+        config.train.grad_accum_steps = saved.get("train.grad_accum_steps", config.train.grad_accum_steps)
     record = job_record(config, prepared, world)
     if resume:
         check_same_run(checkpoint, resume.run, record, resume_anyway, echo)
@@ -199,6 +207,10 @@ def plan_run(
     if checkpoint is None and unfinished(output_dir) and not overwrite:
         echo(f"{output_dir} holds an unfinished run with no complete checkpoint: starting over")
     return RunPlan(prepared, record, resume, max_steps, auto_budget)
+
+
+def auto_mode(config: JobConfig) -> bool:
+    return config.train.gradient_checkpointing == AUTO
 
 
 def job_record(config: JobConfig, prepared: PreparedData, world: World) -> dict:

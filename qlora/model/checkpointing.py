@@ -28,6 +28,8 @@ def checkpoint_kwargs(mode: Union[bool, str]) -> Optional[dict]:
     """Keyword arguments for torch.utils.checkpoint (through transformers), or None when off."""
     if not mode:
         return None
+    if mode not in (True, SELECTIVE):  # "auto" is the job's to resolve (qlora.plan.checkpointing_mode) before loading
+        raise ValueError(f"gradient checkpointing mode {mode!r}: expected True, False or {SELECTIVE!r}")
     kwargs = {"use_reentrant": False}  # non-reentrant: the frozen base needs no grad-requiring inputs per block
     if mode == SELECTIVE:
         from torch.utils.checkpoint import create_selective_checkpoint_contexts

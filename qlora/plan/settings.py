@@ -10,6 +10,12 @@ from qlora.config import DataSection, LoraSection, QuantizationSection, TrainSec
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
+# train.gradient_checkpointing auto (the schema's default) is a choice, not a mode the arithmetic
+# can plan: qlora.plan.checkpointing_mode makes it against a memory budget. Without a budget the
+# plan takes full checkpointing, the mode that needs the least memory, as auto would when nothing
+# faster fits.
+AUTO_WITHOUT_BUDGET = True
+
 
 def default(section, key: str):
     """The schema's default of `key`: written once, there."""
@@ -19,11 +25,12 @@ def default(section, key: str):
 @dataclass(frozen=True)
 class PlanSettings:
     """Plain arguments the arithmetic needs (built from a JobConfig at the edge); each default is
-    the job schema's, read from it, so a plan of a bare setting is a plan of the default job."""
+    the job schema's, read from it, so a plan of a bare setting is a plan of the default job
+    (whose gradient_checkpointing auto, without a budget, plans AUTO_WITHOUT_BUDGET)."""
 
     micro_batch: int = default(TrainSection, "micro_batch_size")  # a number: auto is planned one size at a time
     seq_len: int = default(DataSection, "max_seq_len")
-    gradient_checkpointing: Union[bool, str] = default(TrainSection, "gradient_checkpointing")  # or "selective"
+    gradient_checkpointing: Union[bool, str] = AUTO_WITHOUT_BUDGET  # True, False or "selective"; never "auto"
     grad_accum_steps: int = default(TrainSection, "grad_accum_steps")
     bits: Optional[int] = default(QuantizationSection, "bits")
     double_quant: bool = default(QuantizationSection, "double_quant")
@@ -41,6 +48,10 @@ class PlanSettings:
     world_size: int = 1
     strategy: str = default(TrainSection, "distributed")  # ddp or fsdp: what N > 1 GPUs do
 
+    def __post_init__(self):
+        if self.gradient_checkpointing == "auto":
+            raise ValueError("gradient_checkpointing auto is resolved before planning (qlora.plan.checkpointing_mode)")
+
 
 @dataclass
 class Line:
@@ -51,7 +62,8 @@ class Line:
 
 
 def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings:
-    """PlanSettings from a JobConfig (micro_batch overrides train.micro_batch_size, e.g. when it is auto)."""
+    """PlanSettings from a JobConfig (micro_batch overrides train.micro_batch_size, e.g. when it is auto;
+    gradient_checkpointing auto not yet resolved is planned as AUTO_WITHOUT_BUDGET)."""
     train, lora, quant = config.train, config.lora, config.quantization
     batch = (
         micro_batch
@@ -61,7 +73,9 @@ def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings
     return PlanSettings(
         micro_batch=batch,
         seq_len=config.data.max_seq_len,
-        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing=(
+            AUTO_WITHOUT_BUDGET if train.gradient_checkpointing == "auto" else train.gradient_checkpointing
+        ),
         grad_accum_steps=train.grad_accum_steps,
         bits=quant.bits,
         double_quant=quant.double_quant,

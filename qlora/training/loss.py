@@ -153,7 +153,8 @@ def head_reproduces_logits(model: torch.nn.Module, head: torch.nn.Module, inputs
 
 def head_outside_forward(head: torch.nn.Module, hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The head's logits called on its own, or None where it cannot be: the model's forward never
-    called it, or its weight exists only inside that forward (FSDP sharding may do it; untested)."""
+    called it, or its weight exists only inside that forward (a sharding that reshards the head
+    after the forward; FSDP1 keeps its root unit, head included, whole until backward: tested)."""
     if hidden is None:
         return None
     try:

@@ -35,11 +35,17 @@ def test_padding_free_batches_hold_the_same_rows_without_padding(tiny_model_dir,
     assert len(flat) == len(padded) == data.batches_per_epoch(examples, 4, False, 64, seed=3)
     for wide, one in zip(padded, flat):
         assert one.row_ids == wide.row_ids and one.attention_mask is None
-        assert one.input_ids.shape == (1, sum(len(examples[index].input_ids) for index in one.row_ids))
+        real = sum(len(examples[index].input_ids) for index in one.row_ids)
+        # One sequence, rounded up to a multiple of SHAPE_MULTIPLE by a tail that is never a target.
+        width = one.input_ids.shape[1]
+        assert one.input_ids.shape[0] == 1 and width % data.batching.SHAPE_MULTIPLE == 0
+        assert real <= width < real + data.batching.SHAPE_MULTIPLE
+        assert (one.targets[0, real:] == IGNORE_INDEX).all()
         assert one.supervised_tokens == wide.supervised_tokens
-        # Position ids restart at each row; each row's last target is -100 (never the next row's first token).
+        # Position ids restart at each row (and at the tail); each row's last target is -100 (never the
+        # next row's first token).
         starts = (one.position_ids[0] == 0).nonzero().flatten().tolist()
-        assert len(starts) == len(one.row_ids)
+        assert len(starts) == len(one.row_ids) + (width > real)
         assert all(one.targets[0, start - 1] == IGNORE_INDEX for start in starts[1:])
     assert any(wide.attention_mask.eq(0).any() for wide in padded), "the fixture has padding to save"
 
@@ -138,7 +144,8 @@ def test_packed_and_padding_free_rows_each_give_their_logits_alone_and_padding_t
         for input_ids, position_ids, rows in sequences:
             together = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
             alone = torch.cat([model(input_ids=row[None], use_cache=False).logits for row in rows], dim=1)
-            torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+            # A padding-free batch ends in a padding tail (SHAPE_MULTIPLE): the rows before it are unchanged.
+            torch.testing.assert_close(together[:, : alone.shape[1]], alone, rtol=1e-5, atol=1e-5)
         # A padded batch (attention mask) takes transformers' SDPA path: the same logits as with sdpa set.
         two_rows = ids[:, :20].reshape(2, 10)
         mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])

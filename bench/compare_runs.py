@@ -76,6 +76,7 @@ def run_ours(settings: dict, fixture: dict, changes: dict, adapter_dir: Path) ->
     (folder / "job.yaml").write_text(yaml.safe_dump(ours_job(settings, fixture, changes, adapter_dir)))
     result = run_job(load_config(folder / "job.yaml"), echo=lambda line: print(line, file=sys.stderr))
     loop = result.loop
+    saved = yaml.safe_load((adapter_dir / "config.yaml").read_text())  # the job as it ran: auto resolved
     steps = [json.loads(line) for line in (adapter_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in steps if "loss" in row]
     return {
@@ -86,6 +87,7 @@ def run_ours(settings: dict, fixture: dict, changes: dict, adapter_dir: Path) ->
         "final_train_loss": loop.final_loss,
         "train_loss_last5": sum(losses[-5:]) / len(losses[-5:]),
         "adapter_dtype": "float32",
+        "gradient_checkpointing": saved["train"]["gradient_checkpointing"],
         "peak_memory_bytes": peak_memory()[1],
         "useful_flops": loop.useful_flops,
         "mfu": round(loop.mfu, 5),

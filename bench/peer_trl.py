@@ -87,6 +87,7 @@ def run_trl(settings: dict, fixture: dict, mode: str, adapter_dir) -> dict:
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {
         "optimizer_steps": trainer.state.global_step,
+        "gradient_checkpointing": config.gradient_checkpointing,
         "train_s": seconds,
         "supervised_tokens": counter["supervised_tokens"],
         "tokens": counter["tokens"],

@@ -51,7 +51,10 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], help="SECTION.KEY=VALUE on the job file (YAML value)")
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "qlora-profile-step.json"))
     args, rest = parser.parse_known_args(argv)
-    bench_args = compare.parse_args(rest + ["--steps", str(args.skip + 2), "--runs", f"{args.run}@{args.model}"])
+    bench_args = compare.parse_args(rest + ["--runs", f"{args.run}@{args.model}"])
+    # compare.py's rows (its --train-rows default follows its --steps), fewer steps: a packing run
+    # still takes its one epoch.
+    bench_args.steps = args.skip + 2
     settings = compare.settings_of(bench_args)
     fixture = compare.fixture_of(bench_args, args.model)
 

@@ -1,6 +1,6 @@
 """Our trainer vs TRL SFTTrainer + PEFT, the default config on realistic shapes, in ONE invocation.
 
-    python bench/compare.py                                   # CPU: the table below, ~15-20 min
+    python bench/compare.py                                   # CPU: 9 runs + evals, ~12 min on 2 cores
     python bench/compare.py --runs ours trl-best --models tied --steps 4
     python bench/compare.py --arch llama-3.1-8b --runs ours trl-default trl-best   # GPU (bench/gpu_proof.sh)
 

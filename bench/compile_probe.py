@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import bench.compare as compare  # noqa: E402
+import bench.compare_runs as compare_runs  # noqa: E402
 import qlora.job.run as job  # noqa: E402
 
 
@@ -45,11 +46,12 @@ def main() -> None:
     mode, steps = sys.argv[1], int(sys.argv[2])
     if mode == "compiled":
         compile_below_checkpoint()
-    args = compare.parse_args(["--runs", "ours", "--steps", str(steps)])
+    args = compare.parse_args(["--runs", "ours@tied", "--steps", str(steps)])
     started = time.perf_counter()
-    record = compare.run_one("ours", compare.settings_of(args), compare.fixture_of(args))
+    adapter_dir = Path(args.work) / "runs" / f"compile-probe-{mode}"
+    record = compare_runs.run_one("ours", compare.settings_of(args), compare.fixture_of(args, "tied"), adapter_dir)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    keep = ("supervised_tokens_per_s", "train_s", "final_train_loss", "eval_loss", "peak_memory_bytes", "mfu", "device")
+    keep = ("supervised_tokens_per_s", "train_s", "final_train_loss", "peak_memory_bytes", "mfu", "device")
     print(
         json.dumps(
             {

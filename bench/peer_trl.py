@@ -1,9 +1,16 @@
 """The peer baseline: TRL SFTTrainer + PEFT QLoRA on the comparison fixture, with our settings.
 
-Imported only by bench/compare.py inside the subprocess of one TRL run (`pip install .[bench]`).
-The eval loss is NOT TRL's own eval: after training, the trained model goes through the same
-function as our run (qlora.training.loop.evaluate on qlora's tokenization of the held-out rows), so the
-three eval losses are one measurement of three models.
+Imported only by bench/compare_runs.py inside the subprocess of one TRL run (`pip install .[bench]`).
+What TRL is given: the shared hyper-parameters (steps, batch, learning rate and schedule, optimizer,
+clipping, seed, max length) and a base loaded as its QLoRA docs load one (NF4 + double quant,
+compute dtype = ours); everything else is SFTConfig's default: bf16 mixed precision (on a CPU
+that takes `use_cpu`), gradient checkpointing, padded batches, adapters cast to bf16, completion-
+only loss for prompt-completion rows.
+- default: exactly that.
+- best: padding_free (no compute on padding, the same rows per step) and float32 adapters (TRL's
+  bf16 adapters round every optimizer update), the fastest TRL setting found for these rows.
+The eval loss is NOT TRL's own eval: the adapter it writes goes through the same function as
+ours (bench/compare_runs.py held_out_loss), so the eval losses are one measurement of N models.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ def counting(collator, counter: dict):
     return collate
 
 
-def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
-    """One TRL run; mode 'default' (padded batches) or 'best' (padding-free, LoRA kept in float32)."""
+def run_trl(settings: dict, fixture: dict, mode: str, adapter_dir) -> dict:
+    """One TRL run, its adapter written to adapter_dir; mode 'default' or 'best' (see above)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -65,8 +72,8 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
         peft_config=lora,
     )
     if padding_free:
-        # TRL casts QLoRA adapters to bfloat16 (its QLoRA-paper default); on a CPU bf16 matmuls
-        # are emulated and slow, and ours are float32: give TRL's best run float32 adapters too.
+        # TRL casts QLoRA adapters to bfloat16 (its QLoRA-paper default); ours are float32 (the
+        # precision of an optimizer update): TRL's best run gets float32 adapters too.
         for parameter in trainer.model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
@@ -76,16 +83,17 @@ def run_trl(settings: dict, fixture: dict, mode: str) -> dict:
     trainer.train()
     seconds = time.perf_counter() - started
     peak = peak_memory()[1]
+    trainer.save_model(str(adapter_dir))
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {
+        "optimizer_steps": trainer.state.global_step,
+        "gradient_checkpointing": config.gradient_checkpointing,
         "train_s": seconds,
         "supervised_tokens": counter["supervised_tokens"],
         "tokens": counter["tokens"],
         "final_train_loss": losses[-1],
         "train_loss_last5": sum(losses[-5:]) / len(losses[-5:]),
         "peak_memory_bytes": peak,
-        "model": trainer.model,
-        "tokenizer": tokenizer,
         "adapter_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)).removeprefix(
             "torch."
         ),
@@ -113,10 +121,11 @@ def load_quantized(settings: dict, fixture: dict):
 
 
 def sft_config(settings: dict, padding_free: bool, output_dir: str):
-    """TRL's training arguments carrying the shared settings."""
+    """TRL's training arguments: the shared settings, TRL's defaults for the rest."""
     import torch
     from trl import SFTConfig
 
+    on_cuda = torch.cuda.is_available()
     return SFTConfig(
         output_dir=output_dir,
         max_steps=settings["steps"],
@@ -129,18 +138,15 @@ def sft_config(settings: dict, padding_free: bool, output_dir: str):
         weight_decay=0.0,
         max_grad_norm=1.0,
         seed=settings["seed"],
-        bf16=settings["compute_dtype"] == "bfloat16" and torch.cuda.is_available(),
-        fp16=False,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # TRL's default is bf16 mixed precision; a compute-float32 comparison turns it off.
+        bf16=settings["compute_dtype"] == "bfloat16",
+        use_cpu=not on_cuda,  # TRL's bf16 default refuses a CPU without it
         # Padding-free without packing keeps the rows per step equal to ours; it needs max_length
         # None (the fixture's rows all fit in max_seq_len, checked by our run's tokenization).
         max_length=None if padding_free else settings["max_seq_len"],
         padding_free=padding_free,
-        completion_only_loss=True,
-        logging_steps=1,
+        logging_steps=1,  # every step's loss, for the record's last-5 mean
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
     )

@@ -1,7 +1,7 @@
 """Where a run's resident memory goes: compare.py's `ours` run in this process, with /proc/self
 VmRSS sampled every 10 ms and glibc's heap statistics read at each phase boundary.
 
-    python bench/rss_trace.py                         # compare.py's settings, 30 steps
+    python bench/rss_trace.py                         # compare.py's settings and ours@tied, 30 steps
     python bench/rss_trace.py --steps 10 --fresh-cache
 
 Prints one line per phase (RSS at its end, the highest RSS inside it, the process peak so far,
@@ -17,6 +17,7 @@ import ctypes
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -126,14 +127,15 @@ def main(argv=None) -> int:
     sampler.phase("python started")
     import torch
 
-    from bench import compare
+    from bench import compare, compare_runs
     from qlora.job import artifacts
     from qlora.job import run as job
     from qlora.training import metrics
 
     sampler.phase(f"imports (torch {torch.__version__})")
-    bench_args = compare.parse_args(["--steps", str(args.steps), "--work", args.work])
-    fixture = compare.fixture_of(bench_args)
+    bench_args = compare.parse_args(["--steps", str(args.steps), "--work", args.work, "--runs", "ours@tied"])
+    settings = compare.settings_of(bench_args)
+    fixture = compare.fixture_of(bench_args, "tied")
     wrap(job, "prepare_data", sampler, "data read + tokenized")
     wrap(job, "load_base", sampler, "base loaded (4-bit)")
     wrap(job, "attach_lora", sampler, "LoRA attached")
@@ -147,7 +149,12 @@ def main(argv=None) -> int:
             sampler.phase(f"step {row['step']}")
 
     metrics.MetricsLog.write = step_written
-    record = compare.run_ours(compare.settings_of(bench_args), fixture, padding_free=True)
+    adapter_dir = Path(args.work) / "runs" / "rss-trace"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    record = compare_runs.run_ours(settings, fixture, {}, adapter_dir)
+    record["eval_loss"] = compare_runs.evaluate_adapters(settings, fixture, settings["compute_dtype"], [adapter_dir])[
+        str(adapter_dir)
+    ]
     sampler.phase("eval (second base + adapter)")
     sampler.running = False
     print(

@@ -6,7 +6,7 @@ a byte and row lengths are easy to control (and equal for every model: one data 
 - REALISTIC (the default of bench/compare.py): a scaled copy of configs/arch/llama-2-7b with its
   32,000-entry vocabulary: hidden 576, MLP 1536, 24 layers, 9 heads of 64 (multi-head, as
   Llama 2), 114M parameters with a tied head, 132M untied. The tokenizer is the demo's byte-level
-  one with reserved entries up to 32,000 (`vocab_tokenizer`). Why not a trained 32k BPE: what the
+  one with reserved entries up to 32,000 (`build_tokenizer(vocab_size=...)`). Why not a trained 32k BPE: what the
   vocabulary costs a training step (the embedding, the head matmul, the softmax and loss over
   every entry, the head's weights and logits in memory) depends on its size, not on which
   strings the entries are; a byte-level tokenizer keeps the row lengths controlled and the same
@@ -106,35 +106,6 @@ def build_model(directory: Path, seed: int = 0, max_seq_len: int = 512, **shape)
     return directory
 
 
-def vocab_tokenizer(vocab_size: int, model_max_length: int = 512):
-    """The demo's byte-level tokenizer (qlora/demo/tokenizer.py) with reserved entries after the
-    bytes up to `vocab_size`, as Llama 3 reserves its <|reserved_special_token_N|>. They sit in the
-    BPE vocabulary, reachable by no merge, so tokenizing costs what the byte tokenizer costs."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from qlora.demo.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
-
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    if vocab_size < len(vocab):
-        raise ValueError(f"vocab_size {vocab_size} < the {len(vocab)} special and byte entries")
-    for index in range(vocab_size - len(vocab)):
-        vocab[f"<|reserved_{index}|>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=model_max_length,
-    )
-
-
 def arch_config(arch: str, max_seq_len: int = 512, tokenizer_vocab=None, **overrides):
     """(config, tokenizer): a shipped architecture's config (configs/arch/<arch>: its every shape,
     its vocabulary and head, less `overrides`) and a byte-level tokenizer whose ids all lie inside
@@ -143,10 +114,7 @@ def arch_config(arch: str, max_seq_len: int = 512, tokenizer_vocab=None, **overr
     from qlora.demo.tokenizer import build_tokenizer
     from qlora.plan.architecture import load_hf_config, resolve_config_dir
 
-    if tokenizer_vocab:
-        tokenizer = vocab_tokenizer(tokenizer_vocab, model_max_length=max_seq_len)
-    else:
-        tokenizer = build_tokenizer(model_max_length=max_seq_len)
+    tokenizer = build_tokenizer(model_max_length=max_seq_len, vocab_size=tokenizer_vocab or None)
     config = load_hf_config(resolve_config_dir(arch))
     for key, value in overrides.items():
         setattr(config, key, value)

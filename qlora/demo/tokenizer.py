@@ -7,6 +7,8 @@ it loads through `AutoTokenizer.from_pretrained` like any hub tokenizer.
 
 from __future__ import annotations
 
+from typing import Optional
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -18,14 +20,21 @@ EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
 
 
-def build_tokenizer(model_max_length: int = 512):
-    """A PreTrainedTokenizerFast: ids 0-3 are the special tokens, then the 256 bytes."""
+def build_tokenizer(model_max_length: int = 512, vocab_size: Optional[int] = None):
+    """A PreTrainedTokenizerFast: ids 0-3 are the special tokens, then the 256 bytes; with a
+    `vocab_size`, reserved entries after them up to it (as Llama 3 reserves its
+    <|reserved_special_token_N|>): in the BPE vocabulary, reachable by no merge, so a realistic
+    vocabulary size costs tokenizing nothing (bench/fixture.py)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
+    if vocab_size is not None and vocab_size < len(vocab):
+        raise ValueError(f"vocab_size {vocab_size} < the {len(vocab)} special and byte entries")
+    for index in range((vocab_size or len(vocab)) - len(vocab)):
+        vocab[f"<|reserved_{index}|>"] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()

@@ -22,8 +22,8 @@ from qlora.plan.checkpointing_mode import (
 )
 from qlora.plan.memory import make_plan
 from qlora.plan.settings import PlanSettings, settings_from_job
-from tests.test_resume import Killed, kill_before_step
 from tests.tiny import write_job
+from tests.tiny_training import Killed, kill_before_step
 
 MODES = (False, "selective", True)
 

@@ -77,7 +77,7 @@ def test_one_nccl_rank_trains_like_one_process(tiny_model_dir, tmp_path, strateg
     import subprocess
     import sys
 
-    from tests.test_distributed import ROOT, environment, make_job, metrics
+    from tests.tiny_launch import ROOT, environment, make_job, metrics
 
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
     runs = {}

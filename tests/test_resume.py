@@ -6,7 +6,6 @@ SIGKILL / SIGTERM / SIGINT run `python -m qlora.cli` in a subprocess (tests/cli_
 """
 
 import hashlib
-import itertools
 import json
 import os
 import signal
@@ -33,26 +32,10 @@ from qlora.training.checkpoint import (
     save_training_state,
 )
 from tests.tiny import write_chat_data, write_job
-from tests.tiny_training import settings, tiny_base, train_tiny
+from tests.tiny_training import Killed, kill_before_step, settings, tiny_base, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("step", "loss", "lr", "grad_norm", "supervised_tokens", "eval_loss")
-
-
-class Killed(BaseException):
-    """Stands for kill -9: not an Exception, so no handler of ours turns it into a clean stop."""
-
-
-def kill_before_step(step):
-    """A stop_requested hook (asked before every step of a fresh run) that dies before `step`."""
-    calls = itertools.count(1)
-
-    def stop_requested():
-        if next(calls) == step:
-            raise Killed()
-        return False
-
-    return stop_requested
 
 
 def quiet(line):

@@ -3,6 +3,7 @@ batches, and the loop handed what qlora.training.builders make of a train sectio
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Optional
 
@@ -85,3 +86,19 @@ def run_logged(model, batches, eval_batches, section: TrainSection, path, **loop
     finally:
         metrics.close()
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class Killed(BaseException):
+    """Stands for kill -9: not an Exception, so no handler of ours turns it into a clean stop."""
+
+
+def kill_before_step(step):
+    """A stop_requested hook (asked before every step of a fresh run) that dies before `step`."""
+    calls = itertools.count(1)
+
+    def stop_requested():
+        if next(calls) == step:
+            raise Killed()
+        return False
+
+    return stop_requested

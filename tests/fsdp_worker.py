@@ -20,11 +20,11 @@ from qlora.config import LoraSection, ModelSection, QuantizationSection
 from qlora.model.sharded_load import four_bit_linears, load_sharded_base
 from qlora.training.fsdp import (
     adapter_state_dict,
-    clip_gradients,
     load_adapter_state_dict,
     peft_model_of,
     shard_model,
 )
+from qlora.training.loop import clipped_gradients
 from qlora.training.loss import summed_cross_entropy
 
 STEPS = 3
@@ -65,7 +65,7 @@ def train_steps(model, batches: list, rank: int, world: int) -> list[float]:
         dist.all_reduce(supervised)
         loss_sum = summed_cross_entropy(model, batch, "cpu", CHUNK_TOKENS)
         (loss_sum * world / supervised).backward()
-        clip_gradients(model, 1e6)
+        clipped_gradients(model, [p for p in model.parameters() if p.requires_grad], 1e6)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = loss_sum.detach().clone()

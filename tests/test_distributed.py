@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora.cli.launch import without_nproc
+from qlora.cli.launch import child_pids, without_nproc
 from qlora.errors import QloraError
 from qlora.training.distributed import World, agreed, world_from_env
 from tests.tiny_launch import ROOT, STEPS, environment, make_job, metrics
@@ -372,21 +372,8 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     """The process of one rank among the launcher's children (its environment names its RANK)."""
     entry = f"RANK={rank}".encode()  # a whole entry: LOCAL_RANK=1 must not match
     return next(
-        pid for pid in children(launcher.pid) if entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        pid for pid in child_pids(launcher.pid) if entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     )
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def free_port() -> int:

@@ -81,7 +81,9 @@ def load_adapter_weights(peft_model, directory: Union[str, Path]) -> None:
     peft's own loader skips keys it does not recognise and leaves missing ones at their init
     values, silently; a resumed run would then train a different adapter. Here every saved key
     must match a trainable tensor of the same shape, and every adapter tensor must be loaded.
-    `peft_model` may be FSDP-wrapped (qlora.training.fsdp): then every rank calls this at once.
+    `peft_model` may be FSDP-wrapped (qlora.training.fsdp): then every rank calls this at once, after
+    the wrapped model's first forward (FSDP initializes its root lazily there; a job instead loads a
+    checkpoint's adapter on rank 0 before sharding: qlora.job.placement).
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import SafetensorError

@@ -100,16 +100,16 @@ def ranks_code(failed) -> int:
 
 def forward_to_ranks(number, frame) -> None:
     """Pass a stop request to every rank (our child processes) as SIGTERM."""
-    for pid in child_pids():
+    for pid in child_pids(os.getpid()):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
 
 
-def child_pids() -> list[int]:
-    """Processes whose parent is this one (Linux /proc)."""
-    me, children = os.getpid(), []
+def child_pids(parent: int) -> list[int]:
+    """Processes whose parent is `parent` (Linux /proc)."""
+    children = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -119,6 +119,6 @@ def child_pids() -> list[int]:
                 fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == me:
+        if int(fields[1]) == parent:
             children.append(int(entry))
     return children

@@ -4,7 +4,7 @@
     model = shard_model(attach_lora(base, ...))   # every rank keeps 1/N of each unit
     optimizer = build_optimizer(model, train)     # after wrapping: it must hold the parameters FSDP trains
     ...
-    clip_gradients(model, max_norm)               # FSDP's own norm over every rank's shard
+    model.clip_grad_norm_(max_norm)               # FSDP's own norm over the ranks' shards (loop: clipped_gradients)
     state = adapter_state_dict(model)             # every rank; small: LoRA weights only
     if rank == 0: save_adapter(peft_model_of(model), directory, state_dict=state)
     load_adapter_weights(model, directory)        # resume: every rank, into its shards
@@ -114,13 +114,6 @@ def empty_like_parameter(parameter: torch.nn.Parameter, device: torch.device) ->
         module=parameter.module,
         bnb_quantized=True,
     )
-
-
-def clip_gradients(model: FullyShardedDataParallel, max_norm: float) -> torch.Tensor:
-    """Clip to `max_norm` over the whole model's gradients; returns their total norm (every rank
-    the same). Each rank holds a shard of each gradient, so torch.nn.utils.clip_grad_norm_ would
-    clip by the local shard's norm; FSDP's reduces the norm over the ranks. Call on every rank."""
-    return model.clip_grad_norm_(max_norm)
 
 
 def peft_model_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -12,14 +12,8 @@ from qlora.cli.main import main
 from qlora.config import load_config, validate
 from qlora.job.run import run_job
 from qlora.plan.architecture import load_architecture
-from qlora.plan.checkpointing_mode import (
-    HEADROOM,
-    MemoryBudget,
-    choose_checkpointing,
-    read_budget,
-    resolve_checkpointing,
-    tightest,
-)
+from qlora.plan.budget import MemoryBudget, read_budget
+from qlora.plan.checkpointing_mode import HEADROOM, choose_checkpointing, resolve_checkpointing, tightest
 from qlora.plan.memory import make_plan
 from qlora.plan.settings import PlanSettings, settings_from_job
 from tests.tiny import write_job
@@ -97,10 +91,10 @@ def test_an_8bit_base_never_takes_selective(llama8):
 
 
 def test_the_budget_on_cpu_is_the_available_ram_shared_by_the_host_s_ranks(monkeypatch):
-    import qlora.plan.checkpointing_mode as checkpointing_mode
+    import qlora.plan.budget as budget
 
     assert read_budget("24GiB") == MemoryBudget(24 * 2**30, "train.memory_budget 24GiB")
-    monkeypatch.setattr(checkpointing_mode, "available_ram", lambda: 12 * 2**30)
+    monkeypatch.setattr(budget, "available_ram", lambda: 12 * 2**30)
     assert read_budget(None) == MemoryBudget(12 * 2**30, "available RAM")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert read_budget(None).bytes == 4 * 2**30

@@ -125,7 +125,8 @@ def auto_checkpointing(config, arch, settings, budget: Optional[int], budget_sou
     """gradient_checkpointing auto as the job would choose it, for the card the plan is asked about
     (--gpu, --gpu-memory), else train.memory_budget; never this machine's memory: a plan is for a
     card, answered anywhere. None when the job names a mode."""
-    from qlora.plan.checkpointing_mode import AUTO, MemoryBudget, choose_checkpointing, read_budget
+    from qlora.plan.budget import MemoryBudget, read_budget
+    from qlora.plan.checkpointing_mode import AUTO, choose_checkpointing
 
     if config.train.gradient_checkpointing != AUTO:
         return None

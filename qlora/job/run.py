@@ -22,7 +22,8 @@ from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, ru
 from qlora.model.base import load_tokenizer
 from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 from qlora.output_dir import check_output_dir, claim_output_dir, unfinished
-from qlora.plan.checkpointing_mode import AUTO, read_budget, resolve_checkpointing, tightest
+from qlora.plan.budget import read_budget
+from qlora.plan.checkpointing_mode import AUTO, resolve_checkpointing, tightest
 from qlora.plan.mfu import job_flop_meter
 from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch, set_micro_batch
 from qlora.training.builders import build_optimizer, build_schedule, loop_settings

@@ -20,16 +20,16 @@ that pays, and the micro-batch takes what memory the mode leaves.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Union
 
 from qlora.config import JobConfig
 from qlora.plan.architecture import Architecture, load_architecture
+from qlora.plan.budget import MemoryBudget
 from qlora.plan.memory import make_plan
 from qlora.plan.micro_batch import launched_settings
 from qlora.plan.settings import AUTO_WITHOUT_BUDGET, PlanSettings
-from qlora.sizes import format_bytes, parse_bytes
+from qlora.sizes import format_bytes
 
 AUTO = "auto"
 # auto wants this share of the budget spare: the plan's logits, backward and allocator lines are
@@ -37,12 +37,6 @@ AUTO = "auto"
 # auto is not confirmed by a dry run, so a mode that fits only to the last byte is not chosen.
 HEADROOM = 0.10
 MODES: tuple[Union[bool, str], ...] = (False, "selective", True)  # every value auto can resolve to
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    bytes: int
-    source: str  # where the number came from, as the choice's line names it
 
 
 @dataclass(frozen=True)
@@ -63,45 +57,6 @@ class CheckpointingChoice:
 def mode_word(mode: Union[bool, str]) -> str:
     """The value as the job file writes it."""
     return {True: "true", False: "false"}.get(mode, mode)
-
-
-def read_budget(setting: Optional[Union[int, str]]) -> Optional[MemoryBudget]:
-    """The memory auto plans for (train.memory_budget, the CUDA card, or the available RAM);
-    None when none is known. Never raises: under torchrun every rank must reach the gather of
-    these readings, so a missing one is decided after it."""
-    if setting is not None:
-        return MemoryBudget(parse_bytes(str(setting)), f"train.memory_budget {setting}")
-    import torch
-
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return MemoryBudget(device.total_memory, f"the {device.name}'s total memory")
-    available = available_ram()
-    if available is None:
-        return None
-    # The ranks of one host draw on the same RAM (torchrun sets LOCAL_WORLD_SIZE).
-    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    source = "available RAM" + (f" / {sharing} processes on this host" if sharing > 1 else "")
-    return MemoryBudget(available // sharing, source)
-
-
-def available_ram() -> Optional[int]:
-    """RAM a new allocation can take without swapping: psutil if installed (any OS), else Linux's
-    MemAvailable (free + reclaimable caches, the kernel's own estimate)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for row in meminfo:
-                if row.startswith("MemAvailable:"):
-                    return int(row.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def tightest(budgets: list[Optional[MemoryBudget]]) -> Optional[MemoryBudget]:

@@ -16,9 +16,10 @@ from typing import Callable, Optional
 from qlora.config import JobConfig
 from qlora.errors import ConfigError
 from qlora.plan.architecture import load_architecture
+from qlora.plan.budget import read_budget
 from qlora.plan.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan
 from qlora.plan.settings import PlanSettings, settings_from_job
-from qlora.sizes import format_bytes, parse_bytes
+from qlora.sizes import format_bytes
 
 
 def resolve_micro_batch(config: JobConfig, echo: Callable[[str], None] = print) -> Optional[int]:
@@ -62,12 +63,12 @@ def set_micro_batch(config: JobConfig, at_most: int, effective: int) -> None:
 
 
 def memory_budget(text) -> int:
-    if text is not None:
-        return parse_bytes(str(text))
+    """train.memory_budget, else the CUDA card's total (qlora.plan.budget); on CPU auto needs
+    train.memory_budget (see the module's docstring)."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if text is not None or torch.cuda.is_available():
+        return read_budget(text).bytes
     raise ConfigError(
         "train.micro_batch_size: auto needs a memory budget without a CUDA GPU: "
         "set train.memory_budget (e.g. 16GiB) or a number"

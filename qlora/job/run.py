@@ -137,7 +137,11 @@ def run_job(
     join(world)
     try:
         echo = echo if world.is_main else silent
-        run = agreed(world, lambda: plan_run(config, overwrite, resume_from, resume_anyway, world, echo))
+        # Collectives stay outside `agreed`'s checks: a rank failing before one would leave the
+        # others waiting at another, and their exchanges would cross.
+        checkpoint, budget = agreed(world, lambda: first_checks(config, overwrite, resume_from))
+        seen = from_every_rank(world, (checkpoint.name if checkpoint else None, budget))
+        run = agreed(world, lambda: plan_run(config, overwrite, checkpoint, seen, resume_anyway, world, echo))
         output_dir = Path(config.output.dir)
         with contextlib.ExitStack() as claimed:
             # Rank 0 owns the output folder; the others read a checkpoint in it, never write.
@@ -166,18 +170,31 @@ class RunPlan:
     auto_budget: Optional[int]
 
 
-def plan_run(
-    config: JobConfig, overwrite: bool, resume_from: Optional[str], resume_anyway: bool, world: World, echo
-) -> RunPlan:
-    """Every check before the model loads; nothing written."""
+def first_checks(config: JobConfig, overwrite: bool, resume_from: Optional[str]) -> tuple:
+    """(the checkpoint to resume or None, this rank's memory budget for auto or None): the checks
+    before the ranks compare what they see; no collective, nothing written."""
     output_dir = Path(config.output.dir)
     if overwrite and resume_from:
         raise ConfigError("--overwrite and --resume-from: choose one (start over, or resume)")
     check_output_dir(output_dir, overwrite)
     checkpoint = None if overwrite else find_checkpoint(output_dir, resume_from)
-    # Read here, where every rank is: all ranks must train one checkpointing mode, chosen for the tightest.
+    # Every rank reads its own: all must train one checkpointing mode, chosen for the tightest.
     budget = read_budget(config.train.memory_budget) if auto_mode(config) else None
-    seen = from_every_rank(world, (checkpoint.name if checkpoint else None, budget))
+    return checkpoint, budget
+
+
+def plan_run(
+    config: JobConfig,
+    overwrite: bool,
+    checkpoint: Optional[Path],
+    seen: list,
+    resume_anyway: bool,
+    world: World,
+    echo,
+) -> RunPlan:
+    """Every check before the model loads, given what first_checks found on each rank (`seen`: its
+    (checkpoint name, budget) by rank); no collective, nothing written."""
+    output_dir = Path(config.output.dir)
     names = [name for name, _ in seen]
     if len(set(names)) > 1:
         raise CheckpointError(

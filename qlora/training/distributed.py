@@ -125,7 +125,8 @@ def barrier(world: World) -> None:
 def agreed(world: World, action: Callable[[], Result]) -> Result:
     """Run `action` on every rank; if it fails on any, fail on all with the lowest failing rank's
     error, marked `agreed` (rank 0 prints it, the others stay silent), so one bad input never
-    leaves the other ranks waiting at a collective."""
+    leaves the other ranks waiting at a collective. `action` itself must call no collective: a
+    rank failing before it would meet the others' at this one, and the exchanges would cross."""
     try:
         result, failure = action(), None
     except QloraError as error:

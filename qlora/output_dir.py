@@ -52,10 +52,14 @@ def unfinished(output_dir: Path) -> bool:
 
 
 def in_use(output_dir: Path) -> bool:
-    """Whether another process holds the output dir's lock (see claim_output_dir)."""
+    """Whether a running job holds the output dir's lock (see claim_output_dir).
+
+    The trial lock is shared: only a claim's exclusive lock blocks it. With an exclusive trial,
+    the ranks of one job checking the folder at the same moment saw each other's trial as a
+    running job."""
     with open(output_dir / OWNER_MARKER, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)

@@ -407,3 +407,18 @@ def test_one_job_per_output_dir(interrupted_job, capsys):
         assert main(["train", str(interrupted_job)]) == 4
         assert "is in use by another running qlora job" in one_line_error(capsys)
         assert digest(output) == before
+
+
+def test_checking_an_output_dir_while_another_process_checks_it_is_not_in_use(tmp_path):
+    """The ranks of one job check the folder at the same moment: one's trial is no running job."""
+    import fcntl
+
+    from qlora.output_dir import OWNER_MARKER, claim_output_dir, in_use
+
+    output = tmp_path / "out"
+    with claim_output_dir(output, wipe=False):
+        assert in_use(output)
+    with open(output / OWNER_MARKER, "a") as other_rank:  # its trial, held while we check
+        fcntl.flock(other_rank, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        assert not in_use(output)
+    assert not in_use(output)

@@ -3,6 +3,7 @@ VmRSS sampled every 10 ms and glibc's heap statistics read at each phase boundar
 
     python bench/rss_trace.py                         # compare.py's settings and ours@tied, 30 steps
     python bench/rss_trace.py --steps 10 --fresh-cache
+    python bench/rss_trace.py --run ours-full-checkpointing
 
 Prints one line per phase (RSS at its end, the highest RSS inside it, the process peak so far,
 glibc heap bytes in use / free-but-kept / mmapped) and a final JSON line. Linux only (/proc).
@@ -113,6 +114,7 @@ def wrap(module, name: str, sampler: Sampler, label: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--run", default="ours", help="one of compare.py's ours runs (bench/compare_runs.OURS_RUNS)")
     parser.add_argument(
         "--fresh-cache",
         action="store_true",
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench import compare, compare_runs
-    from qlora.job import artifacts
+    from qlora.job import artifacts, placement
     from qlora.job import run as job
     from qlora.training import metrics
 
@@ -137,8 +139,8 @@ def main(argv=None) -> int:
     settings = compare.settings_of(bench_args)
     fixture = compare.fixture_of(bench_args, "tied")
     wrap(job, "prepare_data", sampler, "data read + tokenized")
-    wrap(job, "load_base", sampler, "base loaded (4-bit)")
-    wrap(job, "attach_lora", sampler, "LoRA attached")
+    wrap(placement, "load_base", sampler, "base loaded (4-bit)")
+    wrap(placement, "attach_lora", sampler, "LoRA attached")
     wrap(job, "job_flop_meter", sampler, "peak-FLOPs rate (probe on a miss)")
     wrap(artifacts, "write_artifacts", sampler, "adapter written")
     log_write = metrics.MetricsLog.write
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     metrics.MetricsLog.write = step_written
     adapter_dir = Path(args.work) / "runs" / "rss-trace"
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    record = compare_runs.run_ours(settings, fixture, {}, adapter_dir)
+    record = compare_runs.run_ours(settings, fixture, compare_runs.OURS_RUNS[args.run], adapter_dir)
     record["eval_loss"] = compare_runs.evaluate_adapters(settings, fixture, settings["compute_dtype"], [adapter_dir])[
         str(adapter_dir)
     ]

@@ -28,3 +28,9 @@ def trained_adapter(tiny_model_dir, tmp_path_factory):
     job = write_job(directory, tiny_model_dir, train={"max_steps": 6, "learning_rate": 1e-2})
     run_job(load_config(job), echo=lambda line: None)
     return directory / "out"
+
+
+@pytest.fixture(scope="session")
+def tiny256(tmp_path_factory):
+    """A 2-layer Llama with hidden 256: LoRA A matrices at r=16 reach bitsandbytes' 8-bit optimizer threshold."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny256"), hidden=256, layers=2)

@@ -14,8 +14,8 @@ from qlora.config import LoraSection
 from qlora.plan.architecture import load_architecture, shipped_architectures
 from qlora.plan.memory import largest_micro_batch, make_plan
 from qlora.plan.settings import PlanSettings
-from tests.tiny import build_tiny_model, write_job
-from tests.tiny_training import tiny_base
+from tests.tiny import write_job
+from tests.tiny_training import saved_activation_bytes, tiny_base
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,12 +77,6 @@ def test_breakdown_sums_to_the_total_and_checkpointing_saves_memory():
     assert largest_micro_batch(arch, PlanSettings(seq_len=4096), 4 * 2**30) == 0
 
 
-@pytest.fixture(scope="module")
-def tiny256(tmp_path_factory):
-    """A 2-layer Llama with hidden 256: LoRA A matrices at r=16 reach bitsandbytes' 8-bit optimizer threshold."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny256"), hidden=256, layers=2)
-
-
 @pytest.mark.parametrize("compute_dtype,double_quant", [("float32", True), ("bfloat16", True), ("float32", False)])
 def test_planned_weight_bytes_equal_the_loaded_4bit_model(tiny256, compute_dtype, double_quant):
     from qlora.model.base import weight_bytes
@@ -123,29 +117,15 @@ def test_lora_and_optimizer_bytes_equal_the_real_tensors(tiny256, optimizer):
     assert abs(line(plan, "optimizer_state").bytes - state) / state < 0.02, (line(plan, "optimizer_state").bytes, state)
 
 
-def saved_activation_bytes(model, input_ids) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward, parameters excluded."""
-    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        key = tensor.untyped_storage().data_ptr()
-        if key not in parameters:
-            saved[key] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=input_ids, use_cache=False)
-    return sum(saved.values())
-
-
-@pytest.mark.parametrize("checkpointing,dropout", [(False, 0.0), (False, 0.1), (True, 0.0)])
-def test_activation_formula_matches_the_tensors_autograd_saves(tiny256, checkpointing, dropout):
-    """The per-layer formula in qlora/plan/memory.py against a real forward (float32 on CPU, where a
-    dropout mask has the activation's dtype), within 2%."""
+@pytest.mark.parametrize(
+    "checkpointing,dropout,compute_dtype",
+    [(False, 0.0, "float32"), (False, 0.1, "float32"), (False, 0.1, "bfloat16"), (True, 0.0, "float32")],
+)
+def test_activation_formula_matches_the_tensors_autograd_saves(tiny256, checkpointing, dropout, compute_dtype):
+    """The per-layer formula in qlora/plan/activations.py against a real forward on CPU, within 2%."""
     from qlora.adapters import attach_lora
 
-    base = tiny_base(tiny256, gradient_checkpointing=True)
+    base = tiny_base(tiny256, compute_dtype=compute_dtype, gradient_checkpointing=True)
     if not checkpointing:
         base.gradient_checkpointing_disable()  # input grads stay on, as in training
     model = attach_lora(base, LoraSection(r=8, alpha=16, dropout=dropout), seed=0)
@@ -156,10 +136,36 @@ def test_activation_formula_matches_the_tensors_autograd_saves(tiny256, checkpoi
         micro_batch=batch,
         seq_len=seq_len,
         gradient_checkpointing=checkpointing,
-        compute_dtype="float32",
+        compute_dtype=compute_dtype,
         lora_r=8,
         lora_dropout=dropout,
+    )
+    planned = line(make_plan(load_architecture(str(tiny256)), settings), "activations").bytes
+    assert abs(planned - measured) / measured < 0.02, (planned, measured)
+
+
+def test_activation_formula_under_fsdp_counts_peft_forward_copies(tiny256):
+    """FSDP's LoRA units take peft's own forward (qlora.adapters.lean_lora): every target keeps its
+    own dropped copy and mask, in float32 on CPU (4-byte masks), as the fsdp formula counts."""
+    from qlora.adapters import attach_lora
+
+    base = tiny_base(tiny256, gradient_checkpointing=True)
+    base.gradient_checkpointing_disable()
+    model = attach_lora(base, LoraSection(r=8, alpha=16, dropout=0.1), seed=0)
+    for module in model.modules():
+        module.__dict__.pop("forward", None)  # peft's forward, as a layer whose adapters FSDP wraps runs
+    model.train()
+    measured = saved_activation_bytes(model, torch.randint(0, 320, (2, 96)))
+    settings = PlanSettings(
+        micro_batch=2,
+        seq_len=96,
+        gradient_checkpointing=False,
+        compute_dtype="float32",
+        lora_r=8,
+        lora_dropout=0.1,
         dropout_mask_bytes=4,
+        strategy="fsdp",
+        world_size=2,
     )
     planned = line(make_plan(load_architecture(str(tiny256)), settings), "activations").bytes
     assert abs(planned - measured) / measured < 0.02, (planned, measured)
@@ -273,9 +279,12 @@ def test_fsdp_shards_the_resident_lines_and_adds_the_gathered_units():
         two_layers = 2 * (codes_per_layer + 2 * 8192 * 2 + lora_per_layer * 4)
         assert line(fsdp, "fsdp_gathered_layers").bytes == two_layers
         assert line(fsdp, "fsdp_layer_grads").bytes == lora_per_layer * 4
-        # Every rank runs a whole micro-batch: activations and phases are one GPU's.
-        for name in ("activations", "logits_and_loss", "layer_backward", "dequant_workspace"):
+        # Every rank runs a whole micro-batch: activations and phases are one GPU's, but for the
+        # recomputed layer: FSDP's LoRA units take peft's forward (each target keeps its own
+        # dropped input; qlora.adapters.lean_lora).
+        for name in ("activations", "logits_and_loss", "dequant_workspace"):
             assert line(fsdp, name).bytes == line(single, name).bytes, name
+        assert line(fsdp, "layer_backward").bytes > line(single, "layer_backward").bytes
         weights = sum(line(fsdp, name).bytes for name in ("base_linear_weights", "base_dense_weights"))
         single_weights = sum(line(single, name).bytes for name in ("base_linear_weights", "base_dense_weights"))
         assert abs(weights - (single_weights - statistics) / gpus - statistics) < 64 * 1024

@@ -7,6 +7,8 @@ import itertools
 import json
 from typing import Optional
 
+import torch
+
 from qlora import data
 from qlora.adapters import attach_lora
 from qlora.config import LoraSection, ModelSection, QuantizationSection, TrainSection
@@ -102,3 +104,19 @@ def kill_before_step(step):
         return False
 
     return stop_requested
+
+
+def saved_activation_bytes(model, input_ids) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward, parameters excluded."""
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in parameters:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=input_ids, use_cache=False)
+    return sum(saved.values())

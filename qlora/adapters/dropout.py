@@ -20,14 +20,22 @@ class CheapMaskDropout(torch.nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        dropped_levels = round(self.p * LEVELS)
-        count = x.numel()
-        # Four int16 uniforms per int64 draw; a kept element is one whose uniform is not among the
-        # lowest dropped_levels.
-        bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + 3) // 4,), dtype=torch.int64, device=x.device)
-        uniform = bits.view(torch.int16)[:count].view(x.shape)
-        keep = uniform >= -(LEVELS // 2) + dropped_levels
-        return x * (keep * (LEVELS / (LEVELS - dropped_levels))).to(x.dtype)
+        keep, keep_scale = keep_mask(x, self.p)
+        return x * (keep * keep_scale).to(x.dtype)
+
+
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A bool mask of x's shape keeping each element with probability 1 - p, and the scale that
+    keeps the expectation (the cheap draw on CPU, torch's uniform elsewhere)."""
+    if x.device.type != "cpu":
+        return torch.rand(x.shape, device=x.device) >= p, 1 / (1 - p)
+    dropped_levels = round(p * LEVELS)
+    count = x.numel()
+    # Four int16 uniforms per int64 draw; a kept element is one whose uniform is not among the
+    # lowest dropped_levels.
+    bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + 3) // 4,), dtype=torch.int64, device=x.device)
+    uniform = bits.view(torch.int16)[:count].view(x.shape)
+    return uniform >= -(LEVELS // 2) + dropped_levels, LEVELS / (LEVELS - dropped_levels)
 
 
 def use_cheap_mask_dropout(peft_model) -> int:

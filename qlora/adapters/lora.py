@@ -40,8 +40,10 @@ def attach_lora(model, lora: LoraSection, *, seed: int):
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
     from qlora.adapters.dropout import use_cheap_mask_dropout
+    from qlora.adapters.lean_lora import use_lean_lora
 
     use_cheap_mask_dropout(peft_model)  # 2.4x cheaper masks on CPU (see its module)
+    use_lean_lora(peft_model)  # no float32 copies of the activations kept for backward (see its module)
     return peft_model
 
 

@@ -48,7 +48,7 @@ class QuantizationSection(_Strict):
     double_quant: bool = True
     """Quantize the quantization constants too (saves ~0.37 bits/param)."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Dtype of the base's matmuls (and of autocast on a GPU); LoRA weights stay float32."""
+    """Dtype of the base's matmuls and of the LoRA update (autocast on a GPU); LoRA weights and grads stay float32."""
 
     @field_validator("bits", mode="before")
     @classmethod

@@ -25,11 +25,13 @@ def layer_activation_bytes_per_token(arch: Architecture, settings: PlanSettings)
       norms          4h + 4 each: RMSNorm upcasts its input to float32 and saves it (and rsqrt)
       attention      e*(q_dim + 2 kv_dim) for rotated q, k, v + e*q_dim output + 4 B/head logsumexp
       MLP            3 e*i: gate output (for act), act(gate) and up output (for their product)
-      LoRA inputs    without dropout: e*h per norm output feeding targets (q/k/v share one, gate/up
-                     another), + e*i for down_proj's input (the product); o_proj's input is the
-                     attention output, saved anyway. With dropout every target saves its own dropped
-                     copy and mask instead: (e + mask bytes) * in_features
-      LoRA A outputs e*r per target, saved by B
+      LoRA inputs    e*h per norm output feeding targets (q/k/v share one, gate/up another), + e*i
+                     for down_proj's input (the product); o_proj's input is the attention output,
+                     saved anyway (qlora.adapters.lean_lora keeps each input once, in e). With
+                     dropout + 1 B of bool mask per target input element. Under FSDP, peft's own
+                     forward: every target saves its own dropped copy and mask instead,
+                     (e + mask bytes) * in_features
+      LoRA A outputs e*r per target
     """
     e = DTYPE_BYTES[settings.compute_dtype]
     h, i = arch.hidden, arch.intermediate
@@ -38,13 +40,15 @@ def layer_activation_bytes_per_token(arch: Architecture, settings: PlanSettings)
     norms = arch.norms_per_layer * (4 * h + 4)
     attention = e * (2 * arch.q_dim + 2 * arch.kv_dim) + 4 * arch.heads
     mlp = 3 * e * i
-    if settings.lora_dropout > 0:
+    if settings.lora_dropout > 0 and settings.strategy == "fsdp" and settings.world_size > 1:
         lora_inputs = sum((e + settings.dropout_mask_bytes) * linear.in_features for linear in targets)
     else:
         short = lambda linear: linear.name.rsplit(".", 1)[-1]  # noqa: E731
         norm_fed = {linear.name.rsplit(".", 1)[0] for linear in targets if short(linear) not in OUTPUT_PROJECTIONS}
         products = [linear for linear in targets if short(linear) in MLP_OUTPUT_PROJECTIONS]
         lora_inputs = e * h * len(norm_fed) + sum(e * linear.in_features for linear in products)
+        if settings.lora_dropout > 0:
+            lora_inputs += sum(linear.in_features for linear in targets)  # the bool masks
     lora_outputs = e * settings.lora_r * len(targets)
     return norms + lora_inputs + lora_outputs + attention + mlp
 

@@ -138,6 +138,33 @@ def test_two_ranks_train_the_steps_of_one_process_accumulating_both(reference, o
     assert max(max(pair) / min(pair) for pair in halves) > 2, halves
 
 
+@pytest.mark.parametrize(
+    "strategy,rows,per_rank,single",
+    [("ddp", 30, {}, {"grad_accum_steps": 2}), ("fsdp", 29, FSDP, {"micro_batch_size": 1, "grad_accum_steps": 4})],
+)
+def test_an_epochs_short_last_step_trains_every_row_once_on_two_ranks_as_in_one_process(
+    tiny_model_dir, tmp_path, strategy, rows, per_rank, single
+):
+    """`epochs: 1`, 8 steps, the last of ONE micro-batch: rank 0 trains it while rank 1 runs an
+    uncounted filler (DDP's all-reduce and FSDP's gathers must meet); the steps of one process."""
+    from qlora.config import load_config
+    from qlora.job.run import prepare_data, run_job
+
+    steps = {"max_steps": None, "epochs": 1, "eval_every": None}
+    code, out, err = finish(launcher(make_job(tmp_path / "ranks", tiny_model_dir, rows=rows, **steps, **per_rank)))
+    assert code == 0, err
+    single_job = make_job(tmp_path / "single", tiny_model_dir, rows=rows, **steps, **single)
+    run_job(load_config(single_job), echo=lambda line: None)
+    single, ranks = ([row for row in metrics(tmp_path / run / "out") if "loss" in row] for run in ("single", "ranks"))
+    assert [row["step"] for row in ranks] == [row["step"] for row in single] == list(range(1, 9))
+    for one, two in zip(single, ranks):
+        assert one["supervised_tokens"] == two["supervised_tokens"]
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-4), one["step"]
+    assert_close_adapters(tmp_path / "single" / "out", tmp_path / "ranks" / "out", 1e-4)
+    prepared = prepare_data(load_config(single_job), echo=lambda line: None)
+    assert sum(row["supervised_tokens"] for row in ranks) == prepared.train.stats["supervised_tokens"]
+
+
 def test_fsdp_ranks_train_the_steps_of_one_process_and_the_adapter_loads_in_plain_peft(fsdp_reference, one_process):
     import torch
     from peft import PeftModel

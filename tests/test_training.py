@@ -166,3 +166,45 @@ def test_logged_lr_is_the_rate_each_step_applied(tiny_model_dir, tmp_path):
     )
     expected = [peak / 3, 2 * peak / 3] + [peak * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert [r["lr"] for r in rows] == pytest.approx(expected)
+
+
+def test_an_epochs_last_step_is_short_so_every_row_trains_once_per_epoch(tiny_model_dir, tmp_path):
+    """7 micro-batches an epoch, 2 per step: steps of 2, 2, 2 and 1, then the next epoch's order."""
+    from qlora.config import JobConfig
+    from qlora.job.run import total_steps
+
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=21)
+    epoch_batches = batches_fn(examples, tokenizer.pad_token_id, 3)
+    assert len(epoch_batches(0)) == 7
+    rows = run_logged(
+        build_model(tiny_model_dir),
+        epoch_batches,
+        (),
+        settings(max_steps=8, grad_accum_steps=2),
+        tmp_path / "metrics.jsonl",
+    )
+    expected = []
+    for epoch in (0, 1):
+        sizes = [batch.supervised_tokens for batch in epoch_batches(epoch)]
+        expected += [sum(sizes[0:2]), sum(sizes[2:4]), sum(sizes[4:6]), sizes[6]]
+    assert [row["supervised_tokens"] for row in rows] == expected
+
+    def steps(epochs, world_size=1, grad_accum_steps=2):
+        config = JobConfig.model_validate(
+            {
+                "model": {"name_or_path": "m"},
+                "data": {"train": "t.jsonl"},
+                "train": {"epochs": epochs, "grad_accum_steps": grad_accum_steps},
+                "output": {"dir": "out"},
+            }
+        )
+        return total_steps(config, 7, world_size)
+
+    assert (steps(1), steps(2), steps(1.5), steps(0.5), steps(1, world_size=2), steps(1, grad_accum_steps=7)) == (
+        4,
+        8,
+        6,
+        2,
+        2,
+        1,
+    )

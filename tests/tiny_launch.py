@@ -27,9 +27,9 @@ def write_uneven_data(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-def make_job(directory: Path, model_dir: Path, **train) -> Path:
+def make_job(directory: Path, model_dir: Path, rows: int = 32, **train) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    write_uneven_data(directory / "train.jsonl", 32, seed=3)
+    write_uneven_data(directory / "train.jsonl", rows, seed=3)
     write_uneven_data(directory / "eval.jsonl", 10, seed=4)  # 5 eval batches: uneven over 2 ranks
     job = {
         "model": {"name_or_path": str(model_dir)},

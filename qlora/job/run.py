@@ -375,8 +375,12 @@ def check_device_support(config: JobConfig) -> None:
 
 
 def total_steps(config: JobConfig, batches_per_epoch: int, world_size: int = 1) -> int:
-    """Optimizer steps; each takes grad_accum_steps micro-batches on each of `world_size` ranks."""
+    """Optimizer steps; each takes grad_accum_steps micro-batches on each of `world_size` ranks,
+    but an epoch's last, which takes what the epoch has left (the loop's window ends with it)."""
     if config.train.max_steps is not None:
         return config.train.max_steps
     epochs = config.train.epochs if config.train.epochs is not None else 1.0
-    return max(1, math.ceil(epochs * batches_per_epoch / (config.train.grad_accum_steps * world_size)))
+    window = config.train.grad_accum_steps * world_size
+    whole, part = divmod(epochs, 1)
+    per_epoch = math.ceil(batches_per_epoch / window)
+    return max(1, int(whole) * per_epoch + math.ceil(round(part * batches_per_epoch, 6) / window))

@@ -8,6 +8,7 @@ function here is then a no-op or the identity, so single-process runs take no ot
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -185,9 +186,15 @@ def on_cpu(value: Any) -> Any:
     return value
 
 
-def share(world: World, items: Sequence, per_rank: int) -> Sequence:
-    """This rank's `per_rank` consecutive items of a window of world.size * per_rank."""
-    return items[world.rank * per_rank : (world.rank + 1) * per_rank]
+def share(world: World, items: Sequence, per_rank: int) -> list[tuple[Any, bool]]:
+    """This rank's consecutive items of a window, as (item, counted) pairs: `per_rank` of a whole
+    window (world.size * per_rank items), an even split of a short one (an epoch's last), padded
+    with uncounted repeats of the window's first item so every rank runs as many forward and
+    backward passes as the others (DDP's all-reduce and FSDP's gathers must meet)."""
+    whole = len(items) == world.size * per_rank
+    per = per_rank if whole else math.ceil(len(items) / world.size)
+    mine = [(item, True) for item in items[world.rank * per : (world.rank + 1) * per]]
+    return mine + [(items[0], False)] * (per - len(mine))
 
 
 def replicated(model, world: World):

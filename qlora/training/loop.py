@@ -174,24 +174,28 @@ def train(
             # so a token weighs the same whichever micro-batch and rank it landed in (per-micro-batch
             # or per-rank means do not). Every rank holds the whole window, so the count needs no
             # all-reduce; x N because DDP and FSDP average the ranks' gradients.
-            window = []
-            for _ in range(settings.grad_accum_steps * world.size):
-                epoch, next_index, batch = next(micro_batches)
+            # An epoch's last window is short, as Trainer's is: `epochs: 1` trains every row once
+            # and none of the next epoch's order.
+            window, epoch_ends = [], False
+            while len(window) < settings.grad_accum_steps * world.size and not epoch_ends:
+                epoch, next_index, batch, epoch_ends = next(micro_batches)
                 window.append(batch)
                 position = (epoch, next_index)
             window_supervised = sum(batch.supervised_tokens for batch in window)
             mine = share(world, window, settings.grad_accum_steps)
             loss_sum = torch.zeros((), device=device)
-            for index, batch in enumerate(mine):
+            for index, (batch, counted) in enumerate(mine):
                 # DDP: gradients cross the ranks once per step, after the window's last micro-batch.
                 # FSDP reduce-scatters every micro-batch's: no rank ever holds whole gradients.
                 with gradients_kept_local(model, index < len(mine) - 1 and world.strategy != "fsdp"):
                     with saved_for_backward_on_host(settings.offload_activations):
                         with precision.autocast():
                             batch_loss_sum = summed_loss(model, batch, device, settings.loss_chunk_tokens)
+                        if not counted:  # a short window's filler: its passes only keep the ranks in step
+                            batch_loss_sum = batch_loss_sum * 0
                         scaler.scale(batch_loss_sum * world.size / max(window_supervised, 1)).backward()
                 loss_sum += batch_loss_sum.detach()
-                useful_flops += flop_meter.of_batch(batch) if flop_meter else 0.0
+                useful_flops += flop_meter.of_batch(batch) if flop_meter and counted else 0.0
             total_tokens += sum(batch.input_ids.numel() for batch in window)
             lr = schedule.get_last_lr()[0]  # the rate this step uses; after schedule.step() it is the next one's
             grad_norm = None
@@ -344,14 +348,15 @@ def evaluate(
 
 
 def data_stream(epoch_batches: Callable[[int], Sequence], epoch: int = 0, index: int = 0):
-    """(epoch, index of the next micro-batch, micro-batch) from a position on, across epochs;
-    each epoch has its own seeded order, so a position alone restores the data order."""
+    """(epoch, index of the next micro-batch, micro-batch, whether it is the epoch's last) from a
+    position on, across epochs; each epoch has its own seeded order, so a position alone restores
+    the data order."""
     while True:
         batches = epoch_batches(epoch)
         if not batches:
             raise TrainingError("the training data produced no batches")
         for position in range(index, len(batches)):
-            yield epoch, position + 1, batches[position]
+            yield epoch, position + 1, batches[position], position + 1 == len(batches)
         epoch, index = epoch + 1, 0
 
 

@@ -132,7 +132,8 @@ class TrainSection(_Strict):
     max_steps: Optional[int] = Field(None, gt=0)
     """Number of optimizer steps; set this or epochs."""
     epochs: Optional[float] = Field(None, gt=0)
-    """Passes over the training data (fractions allowed); default 1 when max_steps is not set. An epoch's last step takes the micro-batches it has left, so each row trains once per epoch."""
+    """Passes over the training data (fractions allowed); default 1 when max_steps is not set. An
+    epoch's last step takes the micro-batches it has left, so each row trains once per epoch."""
     micro_batch_size: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = 1
     """Sequences per forward pass; auto: the largest that `qlora plan` says fits (grad_accum_steps
     then keeps effective_batch_size)."""

@@ -62,6 +62,12 @@ def test_train_writes_exactly_the_artifacts_and_a_summary(tiny_model_dir, tmp_pa
     ):
         assert expected in completed.stdout
     assert "⟦" in completed.stdout  # the rendered example with supervised spans
+    # No terminal here (a pipe, as docker logs / a pod log / the service's job log): plain lines, no \r bar.
+    progress = [line for line in completed.stderr.splitlines() if line.startswith("training: ")]
+    assert "\r" not in completed.stderr
+    assert [line.split(",")[0] for line in progress] == [f"training: {step}/4" for step in (1, 2, 3, 4)]
+    assert all("loss " in line and "eval " in line and "tok_s " in line and "nan" not in line for line in progress)
+    assert "eta " in progress[0] and "elapsed " in progress[-1]
 
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 0 and "eval_loss" in rows[0]

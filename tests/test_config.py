@@ -73,6 +73,15 @@ def test_out_of_range_and_conflicting_keys(tmp_path):
     )
 
 
+def test_eval_every_needs_eval_data_and_zero_means_off(tmp_path):
+    message = error_for(tmp_path, minimal(train={"eval_every": 5}))
+    assert "train.eval_every: 5 needs eval data" in message and "data.eval_fraction" in message
+    assert load_config(write(tmp_path, minimal(train={"eval_every": 5}, data={"eval_fraction": 0.1}))).train.eval_every
+    config = load_config(write(tmp_path, minimal(train={"eval_every": 0, "save_every": 0})))
+    assert (config.train.eval_every, config.train.save_every) == (None, None)
+    assert "greater than or equal to 0" in error_for(tmp_path, minimal(train={"save_every": -1}))
+
+
 def test_missing_section_is_named(tmp_path):
     job = minimal()
     del job["output"]

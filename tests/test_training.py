@@ -208,3 +208,46 @@ def test_an_epochs_last_step_is_short_so_every_row_trains_once_per_epoch(tiny_mo
         2,
         1,
     )
+
+
+def test_progress_is_a_bar_on_a_terminal_and_one_line_per_log_every_steps_elsewhere(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import sys
+    import termios
+
+    from qlora.training.metrics import progress_bar
+
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=8)
+    capsys.readouterr()
+    train_tiny(
+        build_model(tiny_model_dir),
+        batches_fn(examples, tokenizer.pad_token_id, 2),
+        section=settings(max_steps=5, log_every=2),
+    )
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training: ")]
+    assert [line.split(",")[0] for line in lines] == ["training: 2/5", "training: 4/5", "training: 5/5"]
+    assert all("nan" not in line and "eval" not in line for line in lines)  # no eval data: no eval column
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    with os.fdopen(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        with progress_bar(3, "training") as bar:
+            for _ in range(3):
+                bar.set_postfix(loss="1.0000", refresh=False)
+                bar.update(1)
+    drawn = b""
+    while select.select([leader], [], [], 0.5)[0]:
+        try:
+            drawn += os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and everything was read
+            break
+    os.close(leader)
+    drawn = drawn.decode()
+    assert "\r" in drawn and "3/3" in drawn and "loss=1.0000" in drawn

@@ -176,10 +176,11 @@ class TrainSection(_Strict):
     """Under torchrun / accelerate launch with N processes: ddp copies the base to every GPU and
     splits each step's micro-batches; fsdp shards the frozen 4-bit base (and the adapters) across
     the GPUs, for a base that does not fit one (needs quantization.bits 4 or none)."""
-    eval_every: Optional[int] = Field(None, gt=0)
-    """Evaluate every N optimizer steps (and always at the end when there is eval data)."""
-    save_every: Optional[int] = Field(None, gt=0)
-    """Write a checkpoint every N optimizer steps."""
+    eval_every: Optional[int] = Field(None, ge=0)
+    """Evaluate every N optimizer steps (and always at the end when there is eval data); needs
+    data.eval or data.eval_fraction; 0 or null: only at the end."""
+    save_every: Optional[int] = Field(None, ge=0)
+    """Write a checkpoint every N optimizer steps; 0 or null: none (a stop request still writes one)."""
     keep_checkpoints: int = Field(2, gt=0)
     """How many recent checkpoints to keep."""
     log_every: int = Field(1, gt=0)
@@ -207,6 +208,11 @@ class TrainSection(_Strict):
         if not isinstance(value, bool) and str(value).strip().lower() not in allowed:
             raise ValueError(f"train.gradient_checkpointing: expected auto, true, false or selective (got {value!r})")
         return value
+
+    @field_validator("eval_every", "save_every")
+    @classmethod
+    def _zero_is_off(cls, value: Optional[int]) -> Optional[int]:
+        return value or None  # users write 0 for off: the same as null
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainSection":
@@ -252,6 +258,11 @@ class JobConfig(_Strict):
             raise ValueError(
                 "train.gradient_checkpointing: selective keeps the 4-bit matmuls' outputs; "
                 f"it needs quantization.bits: 4 (got {self.quantization.bits})"
+            )
+        if self.train.eval_every and self.data.eval is None and self.data.eval_fraction is None:
+            raise ValueError(
+                f"train.eval_every: {self.train.eval_every} needs eval data; set data.eval or data.eval_fraction "
+                "(or remove train.eval_every)"
             )
         if self.train.distributed == "fsdp" and self.quantization.bits == 8:
             # bitsandbytes' 8-bit weights keep int8 data and row statistics FSDP cannot flatten.

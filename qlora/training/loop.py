@@ -242,9 +242,10 @@ def train(
             if save_checkpoint and settings.save_every and step % settings.save_every == 0:
                 saved_path, saved_step = save_checkpoint(snapshot(step)), step
             if step % settings.log_every == 0 or last_step:
-                bar.set_postfix(
-                    loss=f"{loss:.4f}", eval=f"{eval_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False
-                )
+                shown = {"loss": f"{loss:.4f}"}
+                if math.isfinite(eval_loss):  # no eval yet (or no eval data): nothing, not "nan"
+                    shown["eval"] = f"{eval_loss:.4f}"
+                bar.set_postfix(**shown, tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
 
     kind, peak = peak_memory()

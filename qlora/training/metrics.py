@@ -6,6 +6,7 @@ import json
 import math
 import resource
 import sys
+import time
 from pathlib import Path
 
 
@@ -32,6 +33,10 @@ def clean(value):
 
 
 def progress_bar(total: int, description: str, initial: int = 0, disable: bool = False):
+    """tqdm's bar on a terminal; elsewhere (docker logs, a pod log, a Slurm .out file, the
+    service's job log) plain lines, where a carriage-return bar would become one endless line."""
+    if not sys.stderr.isatty():
+        return PlainProgress(total, description, initial, disable)
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -43,6 +48,48 @@ def progress_bar(total: int, description: str, initial: int = 0, disable: bool =
         file=sys.stderr,
         disable=disable,
     )
+
+
+class PlainProgress:
+    """The part of tqdm's interface the loop and the CLI use, printing one line per update that
+    follows a set_postfix (the loop calls it every train.log_every steps) and one at the end."""
+
+    def __init__(self, total: int, description: str, initial: int = 0, disable: bool = False):
+        self.total, self.description, self.n, self.disable = total, description, initial, disable
+        self.started_at, self.started, self.postfix = initial, time.monotonic(), None
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = values
+
+    def update(self, count: int = 1) -> None:
+        self.n += count
+        if self.disable or (self.postfix is None and self.n < self.total):
+            return
+        parts = [f"{self.description}: {self.n}/{self.total}"]
+        parts += [f"{key} {value}" for key, value in (self.postfix or {}).items()]
+        elapsed = time.monotonic() - self.started
+        if self.n < self.total and self.n > self.started_at:
+            remaining = elapsed / (self.n - self.started_at) * (self.total - self.n)
+            parts.append(f"eta {format_seconds(remaining)}")
+        else:
+            parts.append(f"elapsed {format_seconds(elapsed)}")
+        print(", ".join(parts), file=sys.stderr, flush=True)
+        self.postfix = None
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
 def reset_peak_memory() -> None:

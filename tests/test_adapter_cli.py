@@ -244,3 +244,36 @@ def test_inspect_a_trained_adapter_and_an_untrained_one(tiny_model_dir, trained_
     )
     untrained.save_pretrained(str(tmp_path / "zero"))
     assert all((layer.effective_rank_90, layer.norm) == (0, 0.0) for layer in inspect_adapter(tmp_path / "zero").layers)
+
+
+def test_generate_hints_at_chat_for_an_adapter_trained_on_chat_rows(trained_adapter, capsys):
+    manifest = json.loads((trained_adapter / "qlora_manifest.json").read_text())
+    assert manifest["data_formats"] == ["chat"]
+    code, _, err = run(capsys, "generate", "--adapter", trained_adapter, "--max-new-tokens", 4, "reverse abc")
+    assert code == 0 and "hint: adapter" in err and "chat rows; add --chat" in err
+    code, _, err = run(capsys, "generate", "--adapter", trained_adapter, "--chat", "--max-new-tokens", 4, "reverse abc")
+    assert code == 0 and "hint:" not in err
+
+
+def test_generate_says_so_when_the_answer_is_empty(trained_adapter, tiny_model_dir, tmp_path, capsys):
+    """A base whose embeddings are zero gives all-zero logits: greedy takes id 0, <|endoftext|>,
+    a turn terminator, so the model ends its turn at once."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    silent = tmp_path / "silent-base"
+    shutil.copytree(tiny_model_dir, silent)
+    weights = load_file(str(silent / "model.safetensors"))
+    save_file(
+        {name: value.zero_() if "embed" in name or "lm_head" in name else value for name, value in weights.items()},
+        str(silent / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    common = ["generate", "--adapter", trained_adapter, "--base", silent, "--chat", "--max-new-tokens", 4]
+    code, out, err = run(capsys, *common, "reverse abc")
+    assert code == 0 and out.strip() == "" and "note: the answer is empty" in err
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "reverse abc"}\n{"prompt": "reverse de"}\n')
+    code, out, err = run(capsys, *common, "--file", prompts)
+    assert code == 0 and "note: 2 of 2 answers are empty" in err

@@ -82,12 +82,14 @@ def write_manifest(
     quantization: QuantizationSection,
     data_files: list[str],
     processes: Optional[dict] = None,
+    data_formats: Optional[list[str]] = None,
 ) -> Path:
     """Write qlora_manifest.json into an adapter folder peft has just written, and set
     adapter_config.json's base_model_name_or_path / revision to the base as the job named it.
 
     `quantization` is recorded as the job's section: {bits, quant_type, double_quant, compute_dtype};
-    `processes` how training was spread: {"world_size": N, "strategy": "ddp" | "fsdp"}.
+    `processes` how training was spread: {"world_size": N, "strategy": "ddp" | "fsdp"};
+    `data_formats` the row formats trained on (chat, alpaca, text): how to prompt the adapter.
     """
     directory = Path(directory)
     adapter_config_path = directory / ADAPTER_CONFIG
@@ -111,6 +113,7 @@ def write_manifest(
         "versions": library_versions(),
         "files": {ADAPTER_WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
         "data": [data_record(name) for name in data_files],
+        "data_formats": data_formats,
         "training": processes or {"world_size": 1, "strategy": "ddp"},
     }
     path = directory / MANIFEST_NAME

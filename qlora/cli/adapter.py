@@ -132,16 +132,23 @@ def run_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_with_adapters(adapters, base=args.base, bits=args.bits)
     print(f"adapters: {', '.join(name for name, _ in adapters)}; answering with {default}", file=sys.stderr)
+    if not args.chat:
+        hint = chat_hint(adapters)
+        if hint:
+            print(hint, file=sys.stderr)
     if not args.file:
         select_adapter(model, None if default == "base" else default)
-        generate(
+        answer = generate(
             model, tokenizer, prompt_ids(tokenizer, args.prompt, args.chat), sampling, streamer=text_streamer(tokenizer)
         )
+        if not answer.strip():
+            print("note: the answer is empty (the model ended its turn at once)", file=sys.stderr)
         return 0
     from qlora.training.metrics import progress_bar
 
     output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     bar = progress_bar(len(prompts), "generating")
+    empty = 0
     try:
         for prompt in prompts:
             name = prompt.adapter or default
@@ -152,12 +159,30 @@ def run_generate(args: argparse.Namespace) -> int:
                 record.update(expected=prompt.expected, match=answer.strip() == prompt.expected.strip())
             output.write(json.dumps(record, ensure_ascii=False) + "\n")
             output.flush()
+            empty += not answer.strip()
             bar.update(1)
     finally:
         bar.close()
         if output is not sys.stdout:
             output.close()
+    if empty:
+        print(f"note: {empty} of {len(prompts)} answers are empty (the model ended its turn at once)", file=sys.stderr)
     return 0
+
+
+def chat_hint(adapters) -> str:
+    """A hint when an adapter trained on chat / alpaca rows is prompted as plain text: it learnt
+    answers after the chat template's turn markers, and without them it rambles on."""
+    from qlora.adapters import read_manifest
+
+    for name, directory in adapters:
+        formats = (read_manifest(directory) or {}).get("data_formats") or []
+        if formats and "text" not in formats:
+            return (
+                f"hint: adapter {name} was trained on {' and '.join(formats)} rows; add --chat to prompt it "
+                "through the chat template it was trained with"
+            )
+    return ""
 
 
 def run_eval(args: argparse.Namespace) -> int:

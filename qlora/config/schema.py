@@ -184,7 +184,8 @@ class TrainSection(_Strict):
     keep_checkpoints: int = Field(2, gt=0)
     """How many recent checkpoints to keep."""
     log_every: int = Field(1, gt=0)
-    """Update the progress bar's loss every N optimizer steps (metrics.jsonl gets every step)."""
+    """Show loss, eval loss and tokens/s every N optimizer steps: the bar on a terminal, a plain
+    line elsewhere (metrics.jsonl gets every step)."""
     eval_exact_match: int = Field(0, ge=0)
     """Greedy-decode this many held-out prompts before and after training and report exact match of the answers."""
     eval_max_new_tokens: int = Field(64, gt=0)

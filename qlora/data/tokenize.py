@@ -30,7 +30,7 @@ class Example:
 class TokenizedSet:
     examples: list[Example]
     stats: dict
-    """rows, kept, truncated, dropped_too_long, dropped_no_supervision_after_truncation,
+    """rows, formats (of the rows), kept, truncated, dropped_too_long, dropped_no_supervision_after_truncation,
     rows_over_max_seq_len, total_tokens and supervised_tokens (of the kept examples, as trained),
     length_min/mean/p50/p95/max (tokens per row before truncation)."""
 
@@ -72,6 +72,7 @@ def tokenize_rows(rows: list[Row], tokenizer, max_seq_len: int, train_on: str, t
     row_lengths = [len(input_ids) for input_ids, _ in labelled]
     stats = {
         "rows": len(rows),
+        "formats": sorted({row.format for row in rows}),
         "kept": len(examples),
         "truncated": truncated,
         "dropped_too_long": dropped_too_long,

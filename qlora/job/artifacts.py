@@ -53,7 +53,8 @@ def publish(
     `exact` the exact match (before, after) training; `world` the processes that trained;
     `adapter_state` the adapter's tensors gathered from FSDP shards (None: the model's own)."""
     output_dir = Path(config.output.dir)
-    adapter_path = write_artifacts(model, tokenizer, output_dir, config, world, adapter_state)
+    formats = data_stats["train_data"].get("formats")
+    adapter_path = write_artifacts(model, tokenizer, output_dir, config, world, adapter_state, formats)
     result = JobResult(
         output_dir=output_dir,
         adapter_path=adapter_path,
@@ -114,7 +115,13 @@ def run_exact_match(model, tokenizer, rows, config: JobConfig, echo, when: str) 
 
 
 def write_artifacts(
-    model, tokenizer, output_dir: Path, config: JobConfig, world: World = World(), adapter_state=None
+    model,
+    tokenizer,
+    output_dir: Path,
+    config: JobConfig,
+    world: World = World(),
+    adapter_state=None,
+    data_formats: Optional[list[str]] = None,
 ) -> Path:
     """Adapter + tokenizer written to a temp dir, then moved in file by file with atomic renames,
     so a reader never sees a half-written adapter_model.safetensors."""
@@ -130,6 +137,7 @@ def write_artifacts(
             data_files=[source.path for source in config.data.sources()]
             + ([config.data.eval] if config.data.eval else []),
             processes={"world_size": world.size, "strategy": world.strategy},
+            data_formats=data_formats,
         )
         tokenizer.save_pretrained(str(staging))
         apply_umask(staging)

@@ -7,13 +7,16 @@ marker also carries the job's lock, and summary.json (written last) marks a fini
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Optional
 
 from qlora.errors import OutputError
+from qlora.sizes import format_bytes
 
 FINISHED_MARKER = "summary.json"
 OWNER_MARKER = ".qlora-run"
@@ -101,3 +104,29 @@ def apply_umask(folder: Path) -> None:
     os.umask(umask)
     for path in [folder, *folder.rglob("*")]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def disk_full_explained(
+    what: str, folder: Path, last_good: Callable[[], Optional[Path]], needed: Optional[Callable[[], int]] = None
+):
+    """A full disk (or quota) while writing `what` into `folder`, as one OutputError (exit 4)
+    instead of an unexpected OSError: what was being written, where, about how much it needs and
+    how much is free, and the checkpoint a rerun resumes from. The writers remove their own
+    partial temp folders, so the space they took is free again."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+        last = last_good()
+        then = (
+            f"the last complete checkpoint is {last}: free space and rerun to resume from it"
+            if last
+            else "no complete checkpoint yet: a rerun starts over"
+        )
+        needs = f"it needs about {format_bytes(needed())}, " if needed else ""
+        raise OutputError(
+            f"no space left on device writing {what} to {folder}: {needs}{format_bytes(free)} free; {then}"
+        ) from None

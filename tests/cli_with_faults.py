@@ -9,6 +9,9 @@ bitsandbytes), for tests that must kill or signal a real process at a known mome
                                      (before its delay: a test knows a forward is under way)
     QLORA_TEST_DUMP_WEIGHTS=DIR      after the loop, every rank writes its trainable weights to
                                      DIR/rank-$RANK.safetensors (are the replicas identical?)
+    QLORA_TEST_FILL_DISK=step-4      just before the step-4 checkpoint's adapter (or `final`: the
+                                     finished adapter) is written, fill the disk with the file
+                                     $QLORA_TEST_FILLER until it is full (a real ENOSPC follows)
 """
 
 import os
@@ -30,6 +33,8 @@ real_summed_loss = qlora.training.loop.summed_loss
 real_save_state = qlora.training.checkpoint.save_training_state
 dump_dir = os.environ.get("QLORA_TEST_DUMP_WEIGHTS")
 real_run_loop = qlora.job.run.run_loop
+real_save_adapter = qlora.job.artifacts.save_adapter
+fill_at = os.environ.get("QLORA_TEST_FILL_DISK")
 forward_calls = 0
 
 
@@ -51,6 +56,19 @@ def save_training_state(folder, state, run):
         time.sleep(600)
 
 
+def save_adapter(model, folder, *rest, **named):
+    staged = Path(folder).name  # .tmp-step-00000004-... for a checkpoint, .artifacts-... for the finished adapter
+    if fill_at and staged.startswith(".artifacts-" if fill_at == "final" else f".tmp-step-{int(fill_at[5:]):08d}-"):
+        with open(os.environ["QLORA_TEST_FILLER"], "wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * (1 << 16))
+                    filler.flush()
+            except OSError:
+                pass
+    return real_save_adapter(model, folder, *rest, **named)
+
+
 def run_loop(placed, *rest, **named):
     result = real_run_loop(placed, *rest, **named)
     model = placed.model
@@ -65,6 +83,7 @@ def run_loop(placed, *rest, **named):
 qlora.training.loop.summed_loss = summed_loss
 qlora.job.run.run_loop = run_loop
 qlora.job.artifacts.save_training_state = save_training_state
+qlora.job.artifacts.save_adapter = save_adapter
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -22,7 +22,7 @@ from qlora import data
 from qlora.adapters import attach_lora, load_adapter_weights, save_adapter
 from qlora.cli.main import main
 from qlora.config import LoraSection, load_config
-from qlora.errors import EXIT_ABORTED, EXIT_CHECKPOINT, EXIT_INTERRUPTED, EXIT_TRAINING, CheckpointError
+from qlora.errors import EXIT_ABORTED, EXIT_CHECKPOINT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_TRAINING, CheckpointError
 from qlora.job.run import run_job
 from qlora.model.base import load_tokenizer
 from qlora.training.checkpoint import (
@@ -33,6 +33,8 @@ from qlora.training.checkpoint import (
 )
 from tests.tiny import write_chat_data, write_job
 from tests.tiny_training import Killed, kill_before_step, settings, tiny_base, train_tiny
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("step", "loss", "lr", "grad_norm", "supervised_tokens", "eval_loss")
@@ -423,3 +425,54 @@ def test_checking_an_output_dir_while_another_process_checks_it_is_not_in_use(tm
         fcntl.flock(other_rank, fcntl.LOCK_SH | fcntl.LOCK_NB)
         assert not in_use(output)
     assert not in_use(output)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: a disk that really fills. Root only: skipped where mounting is refused,
+    but never under CI (CI=true), where the test must run."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs under CI: {mounted.stderr.decode().strip()}")
+        pytest.skip("mounting a tmpfs is not allowed here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize(
+    "fill_at,what,last_good",
+    [
+        ("step-4", "the step-4 checkpoint", "step-00000002"),
+        ("final", "the adapter, its tokenizer, manifest, plot and summary", "step-00000004"),
+    ],
+)
+def test_a_full_disk_names_what_it_was_writing_exits_4_and_the_rerun_resumes(
+    tiny_model_dir, tmp_path, small_disk, fill_at, what, last_good
+):
+    output = small_disk / "out"
+    job = write_job(tmp_path, tiny_model_dir, train={"max_steps": 4, "save_every": 2}, output={"dir": str(output)})
+    filler = small_disk / "filler"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", QLORA_TEST_FILL_DISK=fill_at, QLORA_TEST_FILLER=str(filler))
+    command = [sys.executable, "-m", "tests.cli_with_faults", "train", str(job)]
+    full = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert full.returncode == EXIT_OUTPUT, full.stderr
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr
+    assert errors[0].startswith(f"error: no space left on device writing {what} to {output}")
+    assert "it needs about" in errors[0] and " free; the last complete checkpoint is " in errors[0]
+    assert errors[0].endswith(f"{output / 'checkpoints' / last_good}: free space and rerun to resume from it")
+    # Nothing half-written is left to be taken for a good file.
+    assert not list(output.rglob(".tmp-*")) and not list(output.glob(".artifacts-*"))
+    assert not (output / "summary.json").exists()
+
+    filler.unlink()
+    env.pop("QLORA_TEST_FILL_DISK")
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from {output / 'checkpoints' / last_good}" in rerun.stdout + rerun.stderr
+    steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step in steps if step > 0] == [1, 2, 3, 4]
+    assert (output / "summary.json").exists() and (output / "adapter_model.safetensors").exists()

@@ -16,10 +16,16 @@ from typing import Callable, Optional
 from qlora.adapters import save_adapter, write_manifest
 from qlora.adapters.exact_match import ExactMatch, exact_match
 from qlora.config import JobConfig
-from qlora.output_dir import FINISHED_MARKER, apply_umask, write_atomically
+from qlora.output_dir import FINISHED_MARKER, apply_umask, disk_full_explained, write_atomically
 from qlora.sizes import file_size, format_bytes
-from qlora.training.checkpoint import PREFIX, TrainingState, save_checkpoint, save_training_state
-from qlora.training.distributed import World, barrier
+from qlora.training.checkpoint import (
+    PREFIX,
+    TrainingState,
+    complete_checkpoints,
+    save_checkpoint,
+    save_training_state,
+)
+from qlora.training.distributed import World, agreed
 from qlora.training.loop import LoopResult
 from qlora.training.plot import write_loss_plot
 
@@ -54,23 +60,29 @@ def publish(
     `adapter_state` the adapter's tensors gathered from FSDP shards (None: the model's own)."""
     output_dir = Path(config.output.dir)
     formats = data_stats["train_data"].get("formats")
-    adapter_path = write_artifacts(model, tokenizer, output_dir, config, world, adapter_state, formats)
-    result = JobResult(
-        output_dir=output_dir,
-        adapter_path=adapter_path,
-        adapter_bytes=file_size(adapter_path),
-        trainable_parameters=parameters[0],
-        total_parameters=parameters[1],
-        loop=loop,
-        exact_match_before=exact[0],
-        exact_match_after=exact[1],
-    )
-    metrics_rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    title = f"{'/'.join(Path(config.model.name_or_path).parts[-2:])} + LoRA r={config.lora.r}"
-    write_loss_plot(metrics_rows, output_dir / "loss.svg", title=title)
-    write_atomically(output_dir / FINISHED_MARKER, json.dumps(summary_record(result, data_stats), indent=2))
-    echo(describe_result(result))
-    return result
+    with disk_full_explained(
+        "the adapter, its tokenizer, manifest, plot and summary",
+        output_dir,
+        last_good=lambda: newest_checkpoint(output_dir),
+        needed=lambda: trainable_bytes(model),
+    ):
+        adapter_path = write_artifacts(model, tokenizer, output_dir, config, world, adapter_state, formats)
+        result = JobResult(
+            output_dir=output_dir,
+            adapter_path=adapter_path,
+            adapter_bytes=file_size(adapter_path),
+            trainable_parameters=parameters[0],
+            total_parameters=parameters[1],
+            loop=loop,
+            exact_match_before=exact[0],
+            exact_match_after=exact[1],
+        )
+        metrics_rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+        title = f"{'/'.join(Path(config.model.name_or_path).parts[-2:])} + LoRA r={config.lora.r}"
+        write_loss_plot(metrics_rows, output_dir / "loss.svg", title=title)
+        write_atomically(output_dir / FINISHED_MARKER, json.dumps(summary_record(result, data_stats), indent=2))
+        echo(describe_result(result))
+        return result
 
 
 def checkpoint_writer(
@@ -92,12 +104,44 @@ def checkpoint_writer(
             save_adapter(model, folder, state_dict=gathered)
             save_training_state(folder, state, run)
 
-        if world.is_main:
-            written = save_checkpoint(output_dir / "checkpoints", state.step, write, keep)
-        barrier(world)
-        return written if world.is_main else output_dir / "checkpoints" / f"{PREFIX}{state.step:08d}"
+        root = output_dir / "checkpoints"
+
+        def publish() -> Optional[Path]:
+            if not world.is_main:
+                return None
+            with disk_full_explained(
+                f"the step-{state.step} checkpoint",
+                root,
+                last_good=lambda: newest_checkpoint(output_dir),
+                needed=lambda: trainable_bytes(model) + tensor_bytes(state.optimizer),
+            ):
+                return save_checkpoint(root, state.step, write, keep)
+
+        # agreed, not a bare barrier: a write failing on rank 0 (a full disk) fails every rank.
+        written = agreed(world, publish)
+        return written if world.is_main else root / f"{PREFIX}{state.step:08d}"
 
     return save
+
+
+def newest_checkpoint(output_dir: Path) -> Optional[Path]:
+    complete = complete_checkpoints(output_dir / "checkpoints")
+    return complete[-1] if complete else None
+
+
+def trainable_bytes(model) -> int:
+    return sum(parameter.nbytes for parameter in model.parameters() if parameter.requires_grad)
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in a (nested) state dict."""
+    if hasattr(value, "nbytes") and hasattr(value, "dim"):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
 
 
 def restore_exact_match(saved: Optional[dict]) -> Optional[ExactMatch]:

@@ -16,12 +16,19 @@ from typing import Callable, Optional
 from qlora import data
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
-from qlora.job.artifacts import JobResult, checkpoint_writer, publish, restore_exact_match, run_exact_match
+from qlora.job.artifacts import (
+    JobResult,
+    checkpoint_writer,
+    newest_checkpoint,
+    publish,
+    restore_exact_match,
+    run_exact_match,
+)
 from qlora.job.placement import PlacedModel, place_model
 from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
 from qlora.model.base import load_tokenizer
 from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
-from qlora.output_dir import check_output_dir, claim_output_dir, unfinished
+from qlora.output_dir import check_output_dir, claim_output_dir, disk_full_explained, unfinished
 from qlora.plan.budget import read_budget
 from qlora.plan.checkpointing_mode import AUTO, resolve_checkpointing, tightest
 from qlora.plan.mfu import job_flop_meter
@@ -154,7 +161,10 @@ def run_job(
                 rewind_metrics(output_dir / "metrics.jsonl", run.resume.state.step)
                 note = f"; removed {len(removed)} partial checkpoint(s) a killed writer left" if removed else ""
                 echo(f"resuming from {run.resume.checkpoint} (step {run.resume.state.step} of {run.max_steps}){note}")
-            return train_and_publish(config, run, world, stop_requested, echo)
+            # The checkpoint and artifact writers name what they were writing; this catches the rest
+            # (metrics.jsonl, config.yaml) the same way.
+            with disk_full_explained("the run's files", output_dir, last_good=lambda: newest_checkpoint(output_dir)):
+                return train_and_publish(config, run, world, stop_requested, echo)
     finally:
         leave(world)
 

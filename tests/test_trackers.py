@@ -118,6 +118,16 @@ def test_a_killed_run_resumed_logs_every_step_once_to_each_tracker(tiny_model_di
     scalars = tensorboard_scalars(output / "tensorboard", "loss")
     assert [step for step, _ in scalars] == [1, 2, 3, 4]
     assert all(value == np.float32(expected[step]) for step, value in scalars)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    assert events.Tensors("adapter/text_summary")[-1].tensor_proto.string_val == [adapter.encode()]
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]  # the HParams tab's
+    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["lora.r"].number_value == 8 and hparams["train.report_to"].string_value.startswith("[")
     eval_steps = [row["step"] for row in rows if "eval_loss" in row]
     assert [step for step, _ in tensorboard_scalars(output / "tensorboard", "eval_loss")] == eval_steps == [0, 2, 4]
 

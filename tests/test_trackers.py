@@ -16,6 +16,7 @@ from qlora.cli.main import main
 from qlora.config import JobConfig, load_config
 from qlora.errors import EXIT_CONFIG, ConfigError
 from qlora.job.run import run_job
+from qlora.job.tracking import job_trackers
 from tests.tiny import write_job
 from tests.tiny_training import Killed, kill_before_step
 
@@ -69,9 +70,28 @@ def test_a_tracker_not_installed_is_a_one_line_error_before_anything_loads(
     assert errors == [
         "error: train.report_to: mlflow is not installed; pip install 'qlora[mlflow]' (or remove it from the list)"
     ]
+    assert main(["validate", str(job)]) == EXIT_CONFIG
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError):
         run_job(load_config(job), echo=lambda line: None)
+
+
+def test_only_rank_0_opens_trackers(tmp_path):
+    config = JobConfig.model_validate(
+        {
+            "model": {"name_or_path": "m"},
+            "data": {"train": "t.jsonl"},
+            "output": {"dir": str(tmp_path / "out")},
+            "train": {"report_to": ["tensorboard"]},
+        }
+    )
+    (tmp_path / "out").mkdir()
+    with job_trackers(config, None, 0, print, main=False) as trackers:
+        assert not trackers
+    assert list((tmp_path / "out").iterdir()) == []
+    with job_trackers(config, None, 0, print, main=True) as trackers:
+        assert [tracker.name for tracker in trackers.trackers] == ["tensorboard"]
+    assert (tmp_path / "out" / "tensorboard").is_dir()
 
 
 def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:

@@ -78,6 +78,7 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
 
 def validate_job(config: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """Everything `train` checks before loading the model, as a report; loads no weights."""
+    check_installed(config.train.report_to)
     prepared = prepare_data(config, echo)
     resolve_checkpointing(config, read_budget(config.train.memory_budget) if auto_mode(config) else None, echo)
     resolve_micro_batch(config, echo)
@@ -302,8 +303,7 @@ def train_and_publish(config: JobConfig, run: RunPlan, world: World, stop_reques
         torch.manual_seed(config.train.seed + world.rank)
     run_info = {**run.record, "exact_match_before": asdict(exact_before) if exact_before else None}
     resume_step = resume.state.step if resume else None
-    trackers = job_trackers(config, resume_step, run.logged_through, echo) if world.is_main else Trackers([], echo)
-    try:
+    with job_trackers(config, resume_step, run.logged_through, echo, world.is_main) as trackers:
         loop = run_loop(placed, config, prepared, run_info, resume, run.max_steps, stop_requested, world, trackers)
         adapter_state = placed.adapter_state()  # every rank: under FSDP, gathering the adapter is collective
         if not world.is_main:
@@ -325,8 +325,6 @@ def train_and_publish(config: JobConfig, run: RunPlan, world: World, stop_reques
         )
         trackers.finish(str(result.adapter_path), {"peak_memory_bytes": loop.peak_memory_bytes, "mfu": loop.mfu})
         return result
-    finally:
-        trackers.close()  # a stop or an error: the tracker runs stay open for the resume
 
 
 def confirm_on_every_rank(config: JobConfig, run: RunPlan, model, world: World, echo) -> None:

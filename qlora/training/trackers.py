@@ -121,7 +121,8 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=[Metric(key, value, stamp, step) for key, value in values.items()])
 
     def finish(self, adapter: str, values: dict) -> None:
-        self.log(self.last_step, values) if self.last_step > self.logged_through else None
+        if self.last_step > self.logged_through:
+            self.log(self.last_step, values)
         self.client.set_tag(self.run_id, "adapter", adapter)
         self.close(finished=True)
 

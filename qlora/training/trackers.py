@@ -10,6 +10,7 @@ OUTPUT/trackers.json.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -22,17 +23,22 @@ from qlora.errors import ConfigError
 from qlora.output_dir import write_atomically
 
 STATE_FILE = "trackers.json"
-# The module each tracker needs, and the extra that installs it.
-MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+# The package each tracker needs (its extra's name too), and the module the tracker imports.
+MODULES = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow.tracking", "wandb": "wandb"}
 
 
 def check_installed(names: list[str]) -> None:
     """A named tracker that cannot be imported is a config error, found before anything loads."""
     for name in names:
-        if importlib.util.find_spec(MODULES[name]) is None:
+        if importlib.util.find_spec(name) is None:
             raise ConfigError(
                 f"train.report_to: {name} is not installed; pip install 'qlora[{name}]' (or remove it from the list)"
             )
+        try:
+            importlib.import_module(MODULES[name])
+        except Exception as error:  # noqa: BLE001 - a broken install raises anything
+            reason = " ".join(str(error).split())[:200] or type(error).__name__
+            raise ConfigError(f"train.report_to: {name} is installed but cannot be imported ({reason})") from None
 
 
 def numbers(row: dict) -> dict:

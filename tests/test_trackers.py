@@ -208,3 +208,13 @@ def test_a_tracker_failing_mid_run_never_fails_the_training(tiny_model_dir, tmp_
     warnings = [line for line in lines if line.startswith("warning")]
     assert len(warnings) == 1 and warnings[0].startswith("warning: mlflow failed to start"), lines
     assert [row["step"] for row in rows_of(output)] == [0, 1, 2, 3, 4] and (output / "summary.json").is_file()
+
+
+def test_a_resume_keeps_the_stored_ids_of_trackers_not_started_this_time(tmp_path):
+    from qlora.training.trackers import STATE_FILE, open_trackers
+
+    stored = {"mlflow": {"run_id": "abc", "tracking_uri": "http://tracking"}, "wandb": {"run_id": "xyz"}}
+    (tmp_path / STATE_FILE).write_text(json.dumps(stored))
+    trackers = open_trackers(["tensorboard"], tmp_path, {}, resume_step=2, logged_through=3, warn=print)
+    trackers.close()
+    assert json.loads((tmp_path / STATE_FILE).read_text()) == stored

@@ -225,7 +225,8 @@ def open_trackers(
         except Exception as error:  # noqa: BLE001
             reason = " ".join(str(error).split())[:200] or type(error).__name__
             warn(f"warning: {name} failed to start ({reason}); training goes on without it")
-    state = {tracker.name: tracker.state for tracker in started if hasattr(tracker, "state")}
+    # A tracker that could not start this time keeps its stored id for the next resume.
+    state = {**saved, **{tracker.name: tracker.state for tracker in started if hasattr(tracker, "state")}}
     if state:
         write_atomically(output_dir / STATE_FILE, json.dumps(state, indent=2))
     return Trackers(started, warn)

@@ -69,7 +69,8 @@ def copy_job(source: Path, directory: Path, model_dir: Path, **train) -> Path:
 def reference(tiny_model_dir, tmp_path_factory):
     """One uninterrupted 2-rank run: its folder, and each rank's trainable weights."""
     directory = tmp_path_factory.mktemp("ddp-reference")
-    job = make_job(directory, tiny_model_dir)
+    # TensorBoard too (report_to is run-neutral): rank 0 alone must write events.
+    job = make_job(directory, tiny_model_dir, report_to=["tensorboard"])
     (directory / "dump").mkdir()
     code, out, err = finish(launcher(job, QLORA_TEST_DUMP_WEIGHTS=directory / "dump"))
     assert code == 0, err
@@ -224,6 +225,18 @@ def test_the_manifest_and_the_run_record_name_the_world(reference):
     assert manifest["training"] == {"world_size": 2, "strategy": "ddp"}
     assert len(metrics(output)) == STEPS + 1  # one row per step: rank 1 logs nothing
     assert json.loads((output / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_only_rank_0_reports_to_the_trackers(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = reference / "out"
+    assert len(list((output / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("loss")]
+    rows = [row for row in metrics(output) if "loss" in row]
+    assert logged == [(row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in rows]
 
 
 def test_sigterm_stops_every_rank_after_the_same_step_and_the_rerun_is_the_same_run(

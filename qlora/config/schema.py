@@ -186,6 +186,10 @@ class TrainSection(_Strict):
     log_every: int = Field(1, gt=0)
     """Show loss, eval loss and tokens/s every N optimizer steps: the bar on a terminal, a plain
     line elsewhere (metrics.jsonl gets every step)."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """Experiment trackers that also get every metrics.jsonl row, the resolved config and the adapter
+    path: tensorboard (OUTPUT/tensorboard/), mlflow (MLFLOW_TRACKING_URI, else OUTPUT/mlruns/), wandb
+    (WANDB_PROJECT, WANDB_MODE ...); none or [] for none."""
     eval_exact_match: int = Field(0, ge=0)
     """Greedy-decode this many held-out prompts before and after training and report exact match of the answers."""
     eval_max_new_tokens: int = Field(64, gt=0)
@@ -220,6 +224,19 @@ class TrainSection(_Strict):
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("train.max_steps and train.epochs: set one, not both")
         return self
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        # `none`, a bare name and a repeated name read as users mean them.
+        names = [] if value is None or value == "none" else [value] if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value
+        allowed = ("tensorboard", "mlflow", "wandb")
+        for name in names:
+            if name not in allowed:
+                raise ValueError(f"train.report_to: expected any of {', '.join(allowed)} or none (got {name!r})")
+        return list(dict.fromkeys(names))
 
     @field_validator("loss_chunk_tokens", mode="before")
     @classmethod

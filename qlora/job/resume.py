@@ -31,6 +31,7 @@ RUN_NEUTRAL_KEYS = frozenset(
         "train.eval_exact_match",
         "train.eval_max_new_tokens",
         "train.memory_budget",  # only steers micro_batch_size and gradient_checkpointing auto, whose picks are recorded
+        "train.report_to",  # where the numbers are also sent
     }
 )
 

@@ -26,6 +26,7 @@ from qlora.job.artifacts import (
 )
 from qlora.job.placement import PlacedModel, place_model
 from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
+from qlora.job.tracking import job_trackers, last_logged_step
 from qlora.model.base import load_tokenizer
 from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 from qlora.output_dir import check_output_dir, claim_output_dir, disk_full_explained, unfinished
@@ -39,6 +40,7 @@ from qlora.training.distributed import World, agreed, from_every_rank, join, lea
 from qlora.training.loop import LoopResult, train
 from qlora.training.metrics import MetricsLog
 from qlora.training.precision import build_precision
+from qlora.training.trackers import Trackers, check_installed
 
 
 @dataclass
@@ -83,6 +85,7 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
 
 def validate_job(config: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """Everything `train` checks before loading the model, as a report; loads no weights."""
+    check_installed(config.train.report_to)
     prepared = prepare_data(config, echo)
     resolve_checkpointing(config, read_budget(config.train.memory_budget) if auto_mode(config) else None, echo)
     resolve_micro_batch(config, echo)
@@ -158,6 +161,7 @@ def run_job(
                 agreed(world, lambda: None)
             if run.resume and world.is_main:
                 removed = remove_partial_checkpoints(output_dir / "checkpoints")
+                run.logged_through = last_logged_step(output_dir / "metrics.jsonl")
                 rewind_metrics(output_dir / "metrics.jsonl", run.resume.state.step)
                 note = f"; removed {len(removed)} partial checkpoint(s) a killed writer left" if removed else ""
                 echo(f"resuming from {run.resume.checkpoint} (step {run.resume.state.step} of {run.max_steps}){note}")
@@ -178,6 +182,8 @@ class RunPlan:
     resume: Optional[ResumePoint]
     max_steps: int
     auto_budget: Optional[int]
+    logged_through: int = 0
+    """The last step a killed run logged (and sent its trackers) before this resume."""
 
 
 def first_checks(config: JobConfig, overwrite: bool, resume_from: Optional[str]) -> tuple:
@@ -187,6 +193,7 @@ def first_checks(config: JobConfig, overwrite: bool, resume_from: Optional[str])
     if overwrite and resume_from:
         raise ConfigError("--overwrite and --resume-from: choose one (start over, or resume)")
     check_output_dir(output_dir, overwrite)
+    check_installed(config.train.report_to)
     checkpoint = None if overwrite else find_checkpoint(output_dir, resume_from)
     # Every rank reads its own: all must train one checkpointing mode, chosen for the tightest.
     budget = read_budget(config.train.memory_budget) if auto_mode(config) else None
@@ -305,16 +312,29 @@ def train_and_publish(config: JobConfig, run: RunPlan, world: World, stop_reques
         # Dropout draws its own masks on each rank; a resume restores every rank's generators.
         torch.manual_seed(config.train.seed + world.rank)
     run_info = {**run.record, "exact_match_before": asdict(exact_before) if exact_before else None}
-    loop = run_loop(placed, config, prepared, run_info, resume, run.max_steps, stop_requested, world)
-    adapter_state = placed.adapter_state()  # every rank: under FSDP, gathering the adapter is collective
-    if not world.is_main:
-        return None
-    exact_after = run_exact_match(placed.model, prepared.tokenizer, exact_rows, config, echo, "after training")
-    data_stats = {"train_data": prepared.train.stats, "eval_data": prepared.eval.stats if prepared.eval else None}
-    exact = (exact_before, exact_after)
-    return publish(
-        placed.model, prepared.tokenizer, config, data_stats, loop, placed.parameters, exact, echo, world, adapter_state
-    )
+    resume_step = resume.state.step if resume else None
+    with job_trackers(config, resume_step, run.logged_through, echo, world.is_main) as trackers:
+        loop = run_loop(placed, config, prepared, run_info, resume, run.max_steps, stop_requested, world, trackers)
+        adapter_state = placed.adapter_state()  # every rank: under FSDP, gathering the adapter is collective
+        if not world.is_main:
+            return None
+        exact_after = run_exact_match(placed.model, prepared.tokenizer, exact_rows, config, echo, "after training")
+        data_stats = {"train_data": prepared.train.stats, "eval_data": prepared.eval.stats if prepared.eval else None}
+        exact = (exact_before, exact_after)
+        result = publish(
+            placed.model,
+            prepared.tokenizer,
+            config,
+            data_stats,
+            loop,
+            placed.parameters,
+            exact,
+            echo,
+            world,
+            adapter_state,
+        )
+        trackers.finish(str(result.adapter_path), {"peak_memory_bytes": loop.peak_memory_bytes, "mfu": loop.mfu})
+        return result
 
 
 def confirm_on_every_rank(config: JobConfig, run: RunPlan, model, world: World, echo) -> None:
@@ -334,6 +354,7 @@ def run_loop(
     max_steps: int,
     stop_requested: Callable[[], bool],
     world: World,
+    trackers: Optional[Trackers] = None,
 ) -> LoopResult:
     """The loop, handed what the builders make of the config; metrics.jsonl closed on every way out."""
     import torch
@@ -346,7 +367,7 @@ def run_loop(
     optimizer = build_optimizer(trained, config.train)
     schedule = build_schedule(optimizer, config.train, max_steps)
     precision = build_precision(config.quantization.compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
-    metrics = MetricsLog(output_dir / "metrics.jsonl") if world.is_main else None
+    metrics = MetricsLog(output_dir / "metrics.jsonl", trackers) if world.is_main else None
     try:
         model_source = config.model
         meter = job_flop_meter(

@@ -1,4 +1,4 @@
-"""Where numbers go: metrics.jsonl, the progress bar, peak memory."""
+"""Where numbers go: metrics.jsonl (and the experiment trackers it feeds), the progress bar, peak memory."""
 
 from __future__ import annotations
 
@@ -11,15 +11,19 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Appends one JSON object per line and flushes it, so a killed run keeps every step it logged."""
+    """Appends one JSON object per line and flushes it, so a killed run keeps every step it logged;
+    then hands the row to `trackers` (qlora.training.trackers.Trackers: never raises)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, trackers=None):
         self.path = Path(path)
         self.file = open(self.path, "a", encoding="utf-8")
+        self.trackers = trackers
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps({key: clean(value) for key, value in row.items()}) + "\n")
         self.file.flush()
+        if self.trackers:
+            self.trackers.log(row)
 
     def close(self) -> None:
         self.file.close()

@@ -118,7 +118,7 @@ def assert_close_adapters(first: Path, second: Path, tolerance: float) -> None:
 def test_two_ranks_train_the_steps_of_one_process_accumulating_both(reference, one_process):
     from qlora import data
     from qlora.config import load_config
-    from qlora.job.run import prepare_data
+    from qlora.job.prepared import prepare_data
 
     assert_same_steps(metrics(one_process / "out"), metrics(reference / "out"), 1e-5)
     assert_close_adapters(one_process / "out", reference / "out", 1e-5)
@@ -149,7 +149,8 @@ def test_an_epochs_short_last_step_trains_every_row_once_on_two_ranks_as_in_one_
     """`epochs: 1`, 8 steps, the last of ONE micro-batch: rank 0 trains it while rank 1 runs an
     uncounted filler (DDP's all-reduce and FSDP's gathers must meet); the steps of one process."""
     from qlora.config import load_config
-    from qlora.job.run import prepare_data, run_job
+    from qlora.job.prepared import prepare_data
+    from qlora.job.run import run_job
 
     steps = {"max_steps": None, "epochs": 1, "eval_every": None}
     code, out, err = finish(launcher(make_job(tmp_path / "ranks", tiny_model_dir, rows=rows, **steps, **per_rank)))

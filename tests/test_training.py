@@ -171,7 +171,7 @@ def test_logged_lr_is_the_rate_each_step_applied(tiny_model_dir, tmp_path):
 def test_an_epochs_last_step_is_short_so_every_row_trains_once_per_epoch(tiny_model_dir, tmp_path):
     """7 micro-batches an epoch, 2 per step: steps of 2, 2, 2 and 1, then the next epoch's order."""
     from qlora.config import JobConfig
-    from qlora.job.run import total_steps
+    from qlora.job.prepared import total_steps
 
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=21)
     epoch_batches = batches_fn(examples, tokenizer.pad_token_id, 3)

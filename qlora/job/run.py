@@ -8,12 +8,10 @@ before anything is written.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from qlora import data
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError
 from qlora.job.artifacts import (
@@ -25,9 +23,9 @@ from qlora.job.artifacts import (
     run_exact_match,
 )
 from qlora.job.placement import PlacedModel, place_model
+from qlora.job.prepared import PreparedData, batch_maker, epoch_length, prepare_data, total_steps
 from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
 from qlora.job.tracking import job_trackers, last_logged_step
-from qlora.model.base import load_tokenizer
 from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 from qlora.output_dir import check_output_dir, claim_output_dir, disk_full_explained, unfinished
 from qlora.plan.budget import read_budget
@@ -44,43 +42,11 @@ from qlora.training.trackers import Trackers, check_installed
 
 
 @dataclass
-class PreparedData:
-    train: data.TokenizedSet
-    eval: Optional[data.TokenizedSet]
-    eval_rows: list
-    tokenizer: object
-
-
-@dataclass
 class ResumePoint:
     checkpoint: Path
     state: TrainingState
     run: dict
     """The run record saved with the checkpoint."""
-
-
-def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> PreparedData:
-    """Tokenizer + every row read, validated and tokenized: all data errors surface here."""
-    check_device_support(config)
-    tokenizer = load_tokenizer(
-        config.model.tokenizer or config.model.name_or_path, config.model.revision, config.model.trust_remote_code
-    )
-    rows = data.read_rows([(source.path, source.format) for source in config.data.sources()])
-    if config.data.eval is not None:
-        eval_rows = data.read_rows([(config.data.eval, config.data.format)], key="data.eval")
-    elif config.data.eval_fraction is not None:
-        rows, eval_rows = data.split_eval(rows, config.data.eval_fraction, config.train.seed)
-    else:
-        eval_rows = []
-    shape = dict(max_seq_len=config.data.max_seq_len, train_on=config.data.train_on, too_long=config.data.too_long)
-    # Tokenized sets are reused across runs (qlora/data/cache.py).
-    train_set, cache_hit = data.tokenize_rows_cached(rows, tokenizer, **shape)
-    eval_set = data.tokenize_rows_cached(eval_rows, tokenizer, **shape)[0] if eval_rows else None
-    echo(data.describe_data("train", train_set.stats) + (" (tokenized earlier: from the cache)" if cache_hit else ""))
-    if eval_set:
-        echo(data.describe_data("eval", eval_set.stats))
-    echo("example (supervised spans in ⟦ ⟧):\n" + data.render_supervision(train_set.examples[0], tokenizer))
-    return PreparedData(train=train_set, eval=eval_set, eval_rows=eval_rows, tokenizer=tokenizer)
 
 
 def validate_job(config: JobConfig, echo: Callable[[str], None] = print) -> dict:
@@ -98,32 +64,6 @@ def validate_job(config: JobConfig, echo: Callable[[str], None] = print) -> dict
         "micro_batches_per_epoch": batches_per_epoch,
         "optimizer_steps": steps,
     }
-
-
-def batch_maker(config: JobConfig, examples: list, pad_id: int, shuffle: bool = True) -> Callable[[int], list]:
-    """epoch -> that epoch's micro-batches, in an order fixed by (seed, epoch)."""
-
-    def epoch_batches(epoch: int) -> list:
-        return data.epoch_batches(
-            examples,
-            micro_batch_size=config.train.micro_batch_size,
-            packing=config.data.packing,
-            padding_free=config.data.padding_free,
-            max_seq_len=config.data.max_seq_len,
-            pad_id=pad_id,
-            seed=config.train.seed,
-            epoch=epoch,
-            shuffle=shuffle,
-        )
-
-    return epoch_batches
-
-
-def epoch_length(config: JobConfig, examples: list) -> int:
-    """Micro-batches per epoch, counted without building them."""
-    return data.batches_per_epoch(
-        examples, config.train.micro_batch_size, config.data.packing, config.data.max_seq_len, config.train.seed
-    )
 
 
 def run_job(
@@ -396,22 +336,3 @@ def run_loop(
     finally:
         if metrics:
             metrics.close()
-
-
-def check_device_support(config: JobConfig) -> None:
-    import torch
-
-    if config.quantization.compute_dtype == "float16" and not torch.cuda.is_available():
-        raise ConfigError("quantization.compute_dtype: float16 needs a CUDA GPU; use bfloat16 or float32 on CPU")
-
-
-def total_steps(config: JobConfig, batches_per_epoch: int, world_size: int = 1) -> int:
-    """Optimizer steps; each takes grad_accum_steps micro-batches on each of `world_size` ranks,
-    but an epoch's last, which takes what the epoch has left (the loop's window ends with it)."""
-    if config.train.max_steps is not None:
-        return config.train.max_steps
-    epochs = config.train.epochs if config.train.epochs is not None else 1.0
-    window = config.train.grad_accum_steps * world_size
-    whole, part = divmod(epochs, 1)
-    per_epoch = math.ceil(batches_per_epoch / window)
-    return max(1, int(whole) * per_epoch + math.ceil(round(part * batches_per_epoch, 6) / window))

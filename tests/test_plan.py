@@ -194,6 +194,9 @@ def test_cli_plan_json_for_a_named_gpu_and_text_for_a_job(tmp_path, tiny_model_d
     assert (
         "FITS in 1.0 GiB" in text.stdout and "base_linear_weights" in text.stdout and "logits_and_loss" in text.stdout
     )
+    # A tiny model's compute per token in a unit that shows it (not "0.0 GFLOP").
+    (compute,) = [line for line in text.stdout.splitlines() if line.strip().startswith("compute:")]
+    assert "MFLOP per training token" in compute and float(compute.split()[1]) > 0
 
     too_small = run_cli("plan", "llama-3.3-70b", "--gpu", "A100-40", "--json")
     assert too_small.returncode == 0 and json.loads(too_small.stdout)["fits"] is False

@@ -183,7 +183,10 @@ def describe_plan(
     ]
     if plan.budget_bytes is not None:
         lines += fit_lines(plan, gpu_name, auto)
-    lines.append(f"  compute: {plan.flops_per_token / 1e9:.1f} GFLOP per training token")
+    per_token = plan.flops_per_token
+    # A demo-sized model does well under a GFLOP a token: "0.0 GFLOP" would say nothing.
+    compute = f"{per_token / 1e9:.1f} GFLOP" if per_token >= 1e8 else f"{per_token / 1e6:.2f} MFLOP"
+    lines.append(f"  compute: {compute} per training token")
     if tflops:
         lines.append(time_line(plan.flops_per_token, tflops, utilization, epoch_tokens, settings["world_size"]))
     return "\n".join(lines)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora.cli.serve import claim_root, gpu_slots
+from qlora.cli.serve import claim_root, gpu_slots, slots_from_listing
 from qlora.errors import ConfigError, OutputError
+from qlora.service.process import child_environment
 from qlora.service.security import PathRejected, inside_root, load_or_create_token, token_matches
 from qlora.service.store import Store
 
@@ -63,10 +64,32 @@ def test_gpu_slots_follow_the_visible_devices(monkeypatch):
     assert gpu_slots(None) == ["2", "3"] and gpu_slots(1) == ["2"]
     with pytest.raises(ConfigError, match="only 2 GPU"):
         gpu_slots(3)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert gpu_slots(None) == ["0"] and gpu_slots(2) == ["0", "1"]  # no GPU: N slots on the CPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,-1,0")  # CUDA stops at the first invalid entry
+    assert gpu_slots(None) == ["1"]
+    for hidden in ("", "-1"):  # the operator hid every GPU: N slots on the CPU, handing out no GPU
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert gpu_slots(None) == ["cpu0"] and gpu_slots(2) == ["cpu0", "cpu1"]
+        child = child_environment(",".join(gpu_slots(2)))
+        assert child["CUDA_VISIBLE_DEVICES"] == hidden and "CUDA_DEVICE_ORDER" not in child
     with pytest.raises(ConfigError, match="--gpus"):
         gpu_slots(0)
+    # A GPU slot: that GPU, numbered as nvidia-smi numbers it.
+    assert {key: child_environment("2,3")[key] for key in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")} == {
+        "CUDA_VISIBLE_DEVICES": "2,3",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    }
+
+
+def test_slots_from_nvidia_smi_use_its_order_and_the_mig_instances_of_a_split_gpu():
+    listing = """GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-aaaa)
+  MIG 3g.40gb     Device  0: (UUID: MIG-1111)
+  MIG 3g.40gb     Device  1: (UUID: MIG-2222)
+GPU 1: NVIDIA A100-SXM4-80GB (UUID: GPU-bbbb)
+GPU 2: NVIDIA H100 80GB HBM3 (UUID: GPU-cccc)
+  MIG 7g.80gb     Device  0: (UUID: MIG-3333)
+"""
+    assert slots_from_listing(listing) == ["MIG-1111", "MIG-2222", "1", "MIG-3333"]
+    assert slots_from_listing("") == []
 
 
 def test_the_queue_runs_higher_priority_first_then_oldest_first(tmp_path):

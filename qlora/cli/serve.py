@@ -99,9 +99,14 @@ def claim_root(root: Path):
     return handle
 
 
+CPU_SLOT = "cpu"  # the name of a slot without a GPU: cpu0, cpu1, ...
+
+
 def gpu_slots(count: Optional[int]) -> list[str]:
     """The CUDA_VISIBLE_DEVICES value of each slot: the GPUs this service may use, one process each.
-    Without a GPU, --gpus N still runs N processes at once (on the CPU; a 2-GPU job there is 2 gloo ranks)."""
+    Without a GPU (none present, or hidden by the operator's CUDA_VISIBLE_DEVICES "" or -1), --gpus N
+    still runs N processes at once on the CPU (a 2-slot job there is 2 gloo ranks): slots cpu0,
+    cpu1, ..., which hand a child no GPU."""
     visible = visible_gpus()
     if count is None:
         count = max(len(visible), 1)
@@ -109,15 +114,36 @@ def gpu_slots(count: Optional[int]) -> list[str]:
         raise ConfigError(f"--gpus: {count}: needs at least 1")
     if visible and count > len(visible):
         raise ConfigError(f"--gpus: {count}: only {len(visible)} GPU(s) visible ({', '.join(visible)})")
-    return visible[:count] if visible else [str(index) for index in range(count)]
+    return visible[:count] if visible else [f"{CPU_SLOT}{index}" for index in range(count)]
 
 
 def visible_gpus() -> list[str]:
-    """From $CUDA_VISIBLE_DEVICES when set, else from nvidia-smi: no torch (and no CUDA context) in the service."""
+    """From $CUDA_VISIBLE_DEVICES when set (as CUDA reads it: up to the first invalid entry, so ""
+    and "-1" hide every GPU), else from nvidia-smi: no torch (and no CUDA context) in the service."""
     declared = os.environ.get("CUDA_VISIBLE_DEVICES")
     if declared is not None:
-        return [part.strip() for part in declared.split(",") if part.strip() and part.strip() != "-1"]
+        kept = []
+        for part in (part.strip() for part in declared.split(",")):
+            if not part or part.startswith("-"):
+                break
+            kept.append(part)
+        return kept
     if shutil.which("nvidia-smi") is None:
         return []
-    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return [str(index) for index, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU ")]
+    return slots_from_listing(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout)
+
+
+def slots_from_listing(listing: str) -> list[str]:
+    """`nvidia-smi -L`'s devices as CUDA_VISIBLE_DEVICES values: a GPU's index (the children get
+    CUDA_DEVICE_ORDER=PCI_BUS_ID, so CUDA numbers GPUs in nvidia-smi's order), or, for a GPU split
+    into MIG instances, each instance's MIG UUID (a MIG instance is addressed by UUID only)."""
+    slots: list[str] = []
+    for line in listing.splitlines():
+        if line.startswith("GPU "):
+            slots.append(line.split(":", 1)[0].split()[1])
+        elif line.strip().startswith("MIG ") and "(UUID: " in line and slots:
+            uuid = line.split("(UUID: ", 1)[1].rstrip(")").strip()
+            if not slots[-1].startswith("MIG-"):
+                slots.pop()  # the whole GPU is not usable once it is split
+            slots.append(uuid)
+    return slots

@@ -197,11 +197,14 @@ def test_loss_computes_logits_only_at_supervised_positions_and_equals_the_full_l
 
 
 def test_activation_offload_gives_the_same_losses_and_adapter(tiny_model_dir, tmp_path):
-    """train.offload_activations under gradient checkpointing: on a CPU the saved tensors go to
-    host memory either way, so the numbers must not move at all (on CUDA they would be copies)."""
-    from qlora.training.loop import saved_for_backward_on_host
+    """train.offload_activations under gradient checkpointing: on a CPU the saved tensors stay in
+    host memory, so the numbers must not move at all (on CUDA the activations would be copies,
+    the weights never: tests/test_gpu.py)."""
+    from qlora.training.loop import is_weight, saved_for_backward_on_host
 
-    assert isinstance(saved_for_backward_on_host(True), torch.autograd.graph.save_on_cpu)
+    assert isinstance(saved_for_backward_on_host(True), torch.autograd.graph.saved_tensors_hooks)
+    weight = torch.nn.Parameter(torch.ones(3, 2))
+    assert is_weight(weight) and is_weight(weight.t()) and not is_weight(weight * 2)
     tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=16)
     runs = []
     for offload in (False, True):

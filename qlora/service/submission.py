@@ -108,7 +108,7 @@ def output_notes(raw: dict, job_id: str) -> tuple[str, ...]:
     if output.get("dir") is None:
         return ()
     return (
-        f"output.dir: {output['dir']} is not used: the output goes to {JOBS_FOLDER}/{job_id}/output "
+        f"output.dir: {output['dir']!r} is not used: the output goes to {JOBS_FOLDER}/{job_id}/output "
         f"(download the adapter with GET /v1/jobs/{job_id}/adapter)",
     )
 

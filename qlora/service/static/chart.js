@@ -30,10 +30,12 @@ function logTicks(low, high) {
       if (value >= low * 0.999 && value <= high * 1.001) ticks.push(value);
     }
   }
-  return ticks.length >= 2 ? ticks : [low, high];
+  if (ticks.length >= 3) return ticks;
+  // A narrow range holds no round values: five evenly spaced (on the log axis) instead.
+  return [0, 1, 2, 3, 4].map((index) => low * (high / low) ** (index / 4));
 }
 
-const tickLabel = (value, scale) => (scale === "log" ? String(Number(value.toPrecision(2))) : value.toFixed(3));
+const tickLabel = (value, scale) => (scale === "log" ? String(Number(value.toPrecision(3))) : value.toFixed(3));
 
 // series: [{ id, className, color, dashed, dots, points: [[step, value], ...] }]; lastStep: the x range.
 function drawChart(svg, series, scale, lastStep) {
@@ -41,7 +43,7 @@ function drawChart(svg, series, scale, lastStep) {
   const maxStep = Math.max(1, lastStep || 0, ...series.flatMap((line) => line.points.map(([step]) => step)));
   let low = values.length ? Math.min(...values) : scale === "log" ? 0.1 : 0;
   let high = values.length ? Math.max(...values) : 1;
-  if (scale === "log" && high / low < 1.1) [low, high] = [low / 1.05, high * 1.05];
+  if (high === low) [low, high] = scale === "log" ? [low / 1.05, high * 1.05] : [low - 0.5, high + 0.5];
   const span = high - low || 1;
   const plotWidth = BOX.width - BOX.left - BOX.right;
   const plotHeight = BOX.height - BOX.top - BOX.bottom;

@@ -110,7 +110,7 @@ async function uploadFiles() {
     const name = (folder ? folder + "/" : "") + (file.webkitRelativePath || file.name);
     const response = await api(`/v1/files/${encodePath(name)}${overwrite}`, { method: "PUT", body: file });
     const body = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
-    lines.push(response.ok ? `uploaded ${body.path} (${bytes(body.bytes)})` : `${name}: ${body.detail}`);
+    lines.push(response.ok ? `uploaded ${body.path} (${bytes(body.bytes)})` : body.detail);  // the detail names the path
   }
   $("upload-result").textContent = lines.join("\n") || "choose one or more files first";
   await refreshFiles();

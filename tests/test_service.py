@@ -426,6 +426,10 @@ def test_requests_without_the_right_token_get_401(server):
             ("POST", "/v1/jobs"),
             ("PUT", "/v1/files/x.jsonl"),
             ("GET", "/v1/adapters"),
+            ("GET", "/v1/jobs/20261123-000000-abcdef/summary"),
+            ("GET", "/v1/jobs/20261123-000000-abcdef/metrics"),
+            ("GET", "/v1/jobs/20261123-000000-abcdef/config"),
+            ("GET", "/v1/files/tiny/train.jsonl"),
         ]:
             response = httpx.request(method, server.url + path, headers=headers, content=b"{}")
             assert response.status_code == 401, (method, path, headers)
@@ -445,6 +449,9 @@ def test_requests_without_the_right_token_get_401(server):
         "/v1/jobs/{job_id}/adapter",
         "/v1/adapters",
         "/v1/files/{path}",
+        "/v1/jobs/{job_id}/summary",
+        "/v1/jobs/{job_id}/metrics",
+        "/v1/jobs/{job_id}/config",
         "/healthz",
     } <= set(schema["paths"])
 

@@ -488,6 +488,10 @@ def test_paths_outside_the_root_are_refused(server, client, tmp_path):
         response = client.put(f"/v1/files/{path}", content=b"{}\n")
         assert response.status_code in (400, 404), path
     assert not (tmp_path / "new.jsonl").exists() and not (server.root.parent / "escape.jsonl").exists()
+    for path in ["escape.jsonl", "escape-folder/secret.jsonl"]:  # reading a file follows the same rules
+        response = client.get(f"/v1/files/{path}")
+        assert response.status_code == 400 and "resolves outside the service root" in response.json()["detail"]
+    assert client.get("/v1/files/..%2Fservice_token").status_code == 400
 
 
 def test_an_invalid_config_gets_400_with_the_clis_one_line_error(server, client, tmp_path):

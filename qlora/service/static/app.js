@@ -182,6 +182,7 @@ function handle(type, data) {
   } else if (type === "state" || type === "end") {
     showJob(data);
     $("curve").dataset.state = data.state;
+    if (type === "end") refreshJobs().catch(() => {});  // the list and the summary catch up at once
   }
   return type === "end";
 }

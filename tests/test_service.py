@@ -22,6 +22,7 @@ from qlora.config import load_config
 from qlora.errors import EXIT_INTERRUPTED, ConfigError
 from qlora.job.run import run_job
 from qlora.output_dir import in_use
+from tests.browser import Browser
 from tests.service_server import (
     ROOT,
     TOKEN,
@@ -182,6 +183,175 @@ def test_the_web_page_shows_the_job_and_its_loss_curve(server, client, demo_job,
     assert page.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and page.screenshot.stat().st_size > 20_000
 
 
+def test_the_page_endpoints_answer_the_jobs_numbers_and_refuse_bad_input_in_one_line(server, client, demo_job):
+    wait_for_state(client, demo_job, ("succeeded",), server)
+    record = client.get(f"/v1/jobs/{demo_job}").json()
+    # The demo config says output.dir: ../runs/demo, which the service does not use: the record says so.
+    assert record["notes"] == [
+        f"output.dir: '../runs/demo' is not used: the output goes to jobs/{demo_job}/output "
+        f"(download the adapter with GET /v1/jobs/{demo_job}/adapter)"
+    ]
+    summary = client.get(f"/v1/jobs/{demo_job}/summary").json()
+    assert (summary["base"], summary["lora"], summary["learning_rate"]) == (
+        "files/demo-model",
+        {"r": 16, "alpha": 32, "dropout": 0.05},
+        2e-3,
+    )
+    assert summary["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    assert (summary["step"], summary["total_steps"], summary["finished"]) == (4, 4, True)
+    output = server.root / "jobs" / demo_job / "output"
+    assert summary["adapter_bytes"] == (output / "adapter_model.safetensors").stat().st_size
+    assert summary["peak_memory_bytes"] > 0 and summary["supervised_tokens_per_s"] > 0 and summary["duration_s"] > 0
+    assert 8.5 < summary["initial_eval_loss"] < 8.7 and summary["final_eval_loss"] == record["eval_loss"]
+    assert [row["step"] for row in client.get(f"/v1/jobs/{demo_job}/metrics").json()["rows"]] == [0, 1, 2, 3, 4]
+    config = yaml.safe_load(client.get(f"/v1/jobs/{demo_job}/config").json()["yaml"])
+    assert "output" not in config and config["model"]["name_or_path"] == "files/demo-model"
+    assert config["data"]["train"] == "files/demo/train.jsonl" and config["train"]["max_steps"] == 4
+
+    for path in ("summary", "metrics", "config"):
+        response = client.get(f"/v1/jobs/20261123-000000-abcdef/{path}")
+        assert (response.status_code, response.json()) == (404, {"detail": "no job 20261123-000000-abcdef"})
+    assert client.get("/v1/files/demo/train.jsonl").json()["text"].startswith('{"')
+    assert client.put("/v1/files/binary/bytes.bin", content=b"\xff\xfe\x00").status_code == 201
+    for path, status, detail in [
+        ("nothing.yaml", 404, "path: nothing.yaml: no such file under files/"),
+        ("demo", 400, "path: demo: is a folder"),
+        ("..%2Fservice.db", 400, "path: ../service.db: '..' is refused; give a path inside the service root"),
+        ("binary/bytes.bin", 400, "path: binary/bytes.bin: not a UTF-8 text file"),
+        (
+            "demo-model/model.safetensors",
+            400,
+            "path: demo-model/model.safetensors: 1743136 bytes is over the limit of 1048576 bytes",
+        ),
+    ]:
+        response = client.get(f"/v1/files/{path}")
+        assert (response.status_code, response.json()) == (status, {"detail": detail}), path
+
+
+def test_the_page_submits_shows_the_400_runs_the_job_on_a_log_axis_and_compares_two_jobs(
+    server, client, demo_job, tmp_path
+):
+    wait_for_state(client, demo_job, ("succeeded",), server)
+    job_file = tiny_job(6)
+    job_file["model"]["name_or_path"] = "PICK_MODEL"
+    job_file["data"]["train"] = "files/page/train.jsonl"
+    job_file["train"]["max_stepz"] = job_file["train"].pop("max_steps")
+    shots = []
+    with Browser(tmp_path / "browser") as page:
+        page.open(f"{server.url}/#token={server.token}&job={demo_job}")
+        summary = "document.querySelector('#summary dd[data-key=\"{}\"]').textContent"
+        page.wait_for("document.querySelectorAll('#summary dd').length === 12", "the demo job's summary")
+        assert page.run(summary.format("base")) == "files/demo-model"
+        assert page.run(summary.format("quantization")) == "4-bit nf4, double quant, compute float32"
+        assert page.run(summary.format("lora")) == "r=16, alpha=32, dropout 0.05"
+        assert page.run(summary.format("learning_rate")) == "0.002"
+        assert page.run(summary.format("steps")) == "4 of 4"
+        assert page.run(summary.format("eval_loss")).startswith("8.58")
+        assert page.run(summary.format("adapter")).endswith("KiB") and "(" in page.run(summary.format("peak_memory"))
+
+        # Uploads: the data and a job file into files/page/, listed at once; a second time is refused.
+        rows = json.dumps((server.root / "files/tiny/train.jsonl").read_text())
+        upload = f"""(() => {{
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([{rows}], "train.jsonl"));
+            transfer.items.add(new File([{json.dumps(yaml.safe_dump(job_file))}], "job.yaml"));
+            document.getElementById("upload-input").files = transfer.files;
+            document.getElementById("upload-folder").value = "page";
+            document.getElementById("upload-button").click();
+        }})()"""
+        page.run(upload)
+        page.wait_for("!!document.querySelector('button.path[data-path=\"files/page/job.yaml\"]')", "the uploads")
+        assert page.run("document.getElementById('upload-result').textContent").startswith(
+            "uploaded files/page/train.jsonl"
+        )
+        page.run(upload)
+        page.wait_for("document.getElementById('upload-result').textContent.includes('already exists')", "a 409")
+        assert (server.root / "files/page/train.jsonl").read_bytes() == (
+            server.root / "files/tiny/train.jsonl"
+        ).read_bytes()
+
+        # Prefill from a finished job, then from the uploaded file; pick the model from the root's list.
+        prefill = "(() => {{ $('prefill').value = '{}'; $('prefill-load').click(); }})()"
+        page.run(prefill.format(f"job:{demo_job}"))
+        page.wait_for("document.getElementById('editor').value.includes('name_or_path: files/demo-model')", "a config")
+        page.wait_for(
+            "[...document.getElementById('prefill').options].some((o) => o.value === 'file:files/page/job.yaml')",
+            "the option",
+        )
+        page.run(prefill.format("file:files/page/job.yaml"))
+        page.wait_for("document.getElementById('editor').value.includes('PICK_MODEL')", "the uploaded config")
+        page.run("""(() => {
+            const editor = document.getElementById("editor");
+            const at = editor.value.indexOf("PICK_MODEL");
+            editor.setSelectionRange(at, at + "PICK_MODEL".length);
+            document.querySelector('button.path[data-path="files/tiny-model"]').click();
+            document.getElementById("submit-name").value = "from-the-page";
+            document.getElementById("submit-priority").value = "3";
+            document.getElementById("submit-button").click();
+        })()""")
+        error = page.wait_for(
+            "!document.getElementById('submit-error').hidden && document.getElementById('submit-error').textContent",
+            "the 400",
+        )
+        assert error.startswith("jobs/") and error.endswith(
+            ": train.max_stepz: unknown key (did you mean 'train.max_steps'?)"
+        )
+        shots.append(page.screenshot(tmp_path / "page-1-validation-error.png"))
+
+        page.run("""(() => {
+            const editor = document.getElementById("editor");
+            editor.value = editor.value.replace("max_stepz", "max_steps");
+            document.getElementById("submit-button").click();
+        })()""")
+        job_id = page.wait_for("document.getElementById('submit-result').dataset.job", "the 201")
+        assert page.run("document.getElementById('submit-error').hidden")
+        assert "is not used: the output goes to jobs/" in page.run(
+            "document.getElementById('submit-result').textContent"
+        )
+        record = client.get(f"/v1/jobs/{job_id}").json()
+        assert (record["name"], record["priority"], record["total_steps"]) == ("from-the-page", 3, 6)
+        assert yaml.safe_load((server.root / "jobs" / job_id / "job.yaml").read_text())["model"]["name_or_path"] == str(
+            server.root.resolve() / "files/tiny-model"
+        )
+
+        # The page follows the new job to its end; its loss spans less than a decade: linear, until ticked.
+        page.wait_for(f"document.getElementById('job-id').textContent === '{job_id}'", "the new job selected")
+        page.wait_for("document.getElementById('job-state').textContent === 'succeeded'", "the job to succeed")
+        page.wait_for("document.getElementById('loss-path').dataset.points === '6'", "its six steps")
+        page.wait_for(
+            "document.querySelector('#summary dd[data-key=\"adapter\"]').textContent.endsWith('KiB')", "the summary"
+        )
+        assert page.run("document.getElementById('curve').dataset.scale") == "linear"
+        assert page.run("[defaultScale([8.6, 1.2, 0.003]), defaultScale([5.75, 5.4]), defaultScale([9])]") == [
+            "log",
+            "linear",
+            "linear",
+        ]
+        page.run("document.getElementById('log-scale').click()")
+        assert page.run("document.getElementById('curve').dataset.scale") == "log"
+        ticks = page.run("[...document.querySelectorAll('#curve text.y-tick')].map((t) => Number(t.textContent))")
+        rows = client.get(f"/v1/jobs/{job_id}/metrics").json()["rows"]
+        drawn = [row[key] for row in rows for key in ("loss", "eval_loss") if row.get(key) is not None]
+        assert len(ticks) == 5 and min(drawn) - 0.01 <= min(ticks) < max(ticks) <= max(drawn) + 0.01, ticks
+        shots.append(page.screenshot(tmp_path / "page-2-new-job-log-axis.png"))
+
+        # Compare: tick both jobs; one chart, a train-loss line for each.
+        for compared in (demo_job, job_id):
+            page.run(f"document.querySelector('tr[data-job=\"{compared}\"] input.compare').click()")
+        page.wait_for("!document.getElementById('compare').hidden", "the comparison")
+        points = "document.querySelector('#compare-chart path.loss[data-job=\"{}\"]')?.dataset.points"
+        page.wait_for(points.format(job_id), "the new job's line")
+        assert (page.run(points.format(demo_job)), page.run(points.format(job_id))) == ("4", "6")
+        assert page.run("document.getElementById('compare-legend').textContent").count(": loss ") == 2
+        page.run("document.getElementById('compare').scrollIntoView()")
+        shots.append(page.screenshot(tmp_path / "page-3-compare.png"))
+        assert page.errors == [] and server.token not in page.run("document.documentElement.outerHTML")
+    for shot in shots:
+        print(f"screenshot: {shot}")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    wait_for_state(client, job_id, ("succeeded",), server)
+
+
 # --------------------------------------------------------------------------- cancel, queue, load
 
 
@@ -256,6 +426,10 @@ def test_requests_without_the_right_token_get_401(server):
             ("POST", "/v1/jobs"),
             ("PUT", "/v1/files/x.jsonl"),
             ("GET", "/v1/adapters"),
+            ("GET", "/v1/jobs/20261123-000000-abcdef/summary"),
+            ("GET", "/v1/jobs/20261123-000000-abcdef/metrics"),
+            ("GET", "/v1/jobs/20261123-000000-abcdef/config"),
+            ("GET", "/v1/files/tiny/train.jsonl"),
         ]:
             response = httpx.request(method, server.url + path, headers=headers, content=b"{}")
             assert response.status_code == 401, (method, path, headers)
@@ -275,6 +449,9 @@ def test_requests_without_the_right_token_get_401(server):
         "/v1/jobs/{job_id}/adapter",
         "/v1/adapters",
         "/v1/files/{path}",
+        "/v1/jobs/{job_id}/summary",
+        "/v1/jobs/{job_id}/metrics",
+        "/v1/jobs/{job_id}/config",
         "/healthz",
     } <= set(schema["paths"])
 
@@ -311,6 +488,10 @@ def test_paths_outside_the_root_are_refused(server, client, tmp_path):
         response = client.put(f"/v1/files/{path}", content=b"{}\n")
         assert response.status_code in (400, 404), path
     assert not (tmp_path / "new.jsonl").exists() and not (server.root.parent / "escape.jsonl").exists()
+    for path in ["escape.jsonl", "escape-folder/secret.jsonl"]:  # reading a file follows the same rules
+        response = client.get(f"/v1/files/{path}")
+        assert response.status_code == 400 and "resolves outside the service root" in response.json()["detail"]
+    assert client.get("/v1/files/..%2Fservice_token").status_code == 400
 
 
 def test_an_invalid_config_gets_400_with_the_clis_one_line_error(server, client, tmp_path):

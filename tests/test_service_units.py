@@ -132,3 +132,106 @@ def test_one_service_per_root(tmp_path):
         claim_root(tmp_path)  # an flock on a second open file conflicts, even in one process
     held.close()
     claim_root(tmp_path).close()
+
+
+def test_notes_are_kept_in_the_record_and_an_older_database_gains_the_column(tmp_path):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "service.db") as database:  # a service.db from before the notes column
+        database.execute(
+            "CREATE TABLE jobs (id TEXT PRIMARY KEY, name TEXT, state TEXT NOT NULL,"
+            " priority INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, started REAL, finished REAL,"
+            " total_steps INTEGER, attempts INTEGER NOT NULL DEFAULT 0, exit_code INTEGER, error TEXT,"
+            " pid INTEGER, slot TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0)"
+        )
+        database.execute("INSERT INTO jobs (id, state, created) VALUES ('old', 'succeeded', 0)")
+    store = Store(tmp_path / "service.db")
+    assert store.get("old").record()["notes"] == [] and store.get("old").gpus == 1
+    store.add("new", None, 0, 4, notes=("output.dir: 'out' is not used",))
+    assert store.get("new").record()["notes"] == ["output.dir: 'out' is not used"]
+
+
+def test_a_submitted_output_dir_gets_a_note_saying_where_the_output_goes():
+    from qlora.service.submission import output_notes
+
+    assert output_notes({"model": {}}, "J") == () and output_notes({"output": {"keep_checkpoints": 2}}, "J") == ()
+    assert output_notes({"output": {"dir": "runs/mine"}}, "J") == (
+        "output.dir: 'runs/mine' is not used: the output goes to jobs/J/output (download the adapter with GET "
+        "/v1/jobs/J/adapter)",
+    )
+
+
+def test_the_summary_of_a_running_job_comes_from_its_metrics_and_of_a_finished_one_from_summary_json(tmp_path):
+    import json
+
+    from qlora.service.summary import job_summary, read_metrics
+
+    root = tmp_path / "root"
+    folder = root / "jobs" / "J"
+    (folder / "output").mkdir(parents=True)
+    (folder / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(root / "files/base")},
+                "lora": {"r": 4, "alpha": 8},
+                "data": {"train": str(root / "files/rows.jsonl")},
+                "train": {"max_steps": 3, "learning_rate": 5e-4},
+                "output": {"dir": str(folder / "output")},
+            }
+        )
+    )
+    rows = [
+        {"step": 0, "eval_loss": 3.0},
+        {"step": 1, "loss": 2.9, "tokens_per_s": 10.0, "mfu": 0.01, "elapsed_s": 1.0},
+        {"step": 2, "loss": 2.5, "tokens_per_s": 12.0, "mfu": 0.02, "elapsed_s": 2.0},
+        {"step": 2, "loss": 2.4, "tokens_per_s": 13.0, "mfu": 0.03, "elapsed_s": 2.1},  # a resumed run's rewrite
+    ]
+    metrics = folder / "output" / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 3, "lo')  # a line being written
+    assert [row["loss"] for row in read_metrics(metrics) if "loss" in row] == [2.9, 2.4]
+
+    store = Store(tmp_path / "service.db")
+    store.add("J", "mine", 0, 3)
+    store.transition("J", ("queued",), "running", started=1.0)
+    running = job_summary(store.get("J"), folder, root)
+    assert (running["base"], running["lora"], running["learning_rate"]) == (
+        "files/base",
+        {"r": 4, "alpha": 8.0, "dropout": 0.05},
+        5e-4,
+    )
+    assert running["quantization"]["bits"] == 4 and running["quantization"]["quant_type"] == "nf4"
+    assert (running["step"], running["supervised_tokens_per_s"], running["mfu"], running["final_loss"]) == (
+        2,
+        13.0,
+        0.03,
+        2.4,
+    )
+    assert (running["initial_eval_loss"], running["final_eval_loss"], running["peak_memory_bytes"]) == (3.0, 3.0, None)
+    assert running["finished"] is False and running["duration_s"] > 0
+
+    finished = {
+        "seconds": 3.0,
+        "tokens_per_s": 11.0,
+        "mfu": 0.02,
+        "peak_memory_bytes": 2**20,
+        "adapter_bytes": 99,
+        "peak_memory_kind": "process_rss",
+        "final_loss": 2.3,
+        "eval_loss": 2.2,
+        "eval_loss_before": 3.0,
+    }
+    (folder / "output" / "summary.json").write_text(json.dumps(finished))
+    store.transition("J", ("running",), "succeeded", finished=11.0)
+    done = job_summary(store.get("J"), folder, root)
+    assert (done["duration_s"], done["train_seconds"], done["supervised_tokens_per_s"], done["adapter_bytes"]) == (
+        10.0,
+        3.0,
+        11.0,
+        99,
+    )
+    assert (done["final_loss"], done["initial_eval_loss"], done["final_eval_loss"], done["finished"]) == (
+        2.3,
+        3.0,
+        2.2,
+        True,
+    )

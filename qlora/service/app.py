@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qlora.service.artifacts import adapter_archive, adapter_record
 from qlora.service.events import event_stream, job_view
-from qlora.service.files import UploadRejected, list_files, receive_upload, upload_target
+from qlora.service.files import UploadRejected, list_files, read_text_file, receive_upload, upload_target
 from qlora.service.runner import Runner
 from qlora.service.security import token_matches
 from qlora.service.store import STATES, Store
-from qlora.service.submission import Rejected, job_folder, prepare_job
+from qlora.service.submission import Rejected, job_folder, prepare_job, submitted_config
+from qlora.service.summary import job_summary, read_metrics
 
 STATIC = Path(__file__).parent / "static"
 JOB_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
@@ -180,9 +181,11 @@ def add_submit_route(v1: APIRouter, settings: Settings, store: Store, runner: Ru
             )
         except Rejected as error:
             raise HTTPException(400, str(error)) from None
-        job = store.add(prepared.job_id, submission.name, submission.priority, prepared.total_steps, submission.gpus)
+        job = store.add(
+            prepared.job_id, submission.name, submission.priority, prepared.total_steps, submission.gpus, prepared.notes
+        )
         runner.wake.set()
-        return {"id": job.id, "state": job.state}
+        return {"id": job.id, "state": job.state, "notes": list(prepared.notes)}
 
 
 def add_job_routes(v1: APIRouter, settings: Settings, store: Store, runner: Runner) -> None:
@@ -217,6 +220,26 @@ def add_job_routes(v1: APIRouter, settings: Settings, store: Store, runner: Runn
         return StreamingResponse(
             stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
+
+    @v1.get("/jobs/{job_id}/summary")
+    def get_summary(job_id: str) -> dict:
+        """The job's numbers: base, quantization, LoRA, learning rate, steps, duration, supervised
+        tokens/s, MFU, peak memory, adapter size, eval loss before and after (None: not known yet)."""
+        job = known_job(store, job_id)
+        return job_summary(job, job_folder(settings.root, job_id), settings.root)
+
+    @v1.get("/jobs/{job_id}/metrics")
+    def get_metrics(job_id: str) -> dict:
+        """Every metrics.jsonl row so far, one per step in step order (to draw or compare curves)."""
+        known_job(store, job_id)
+        return {"id": job_id, "rows": read_metrics(job_folder(settings.root, job_id) / "output" / "metrics.jsonl")}
+
+    @v1.get("/jobs/{job_id}/config")
+    def get_config(job_id: str) -> dict:
+        """The config as submitted, paths relative to the root and without output.dir: ready to
+        edit and submit again."""
+        known_job(store, job_id)
+        return {"id": job_id, "yaml": submitted_config(settings.root, job_id)}
 
     @v1.post("/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict:
@@ -271,6 +294,15 @@ def add_file_routes(v1: APIRouter, settings: Settings) -> None:
     @v1.get("/files")
     def uploaded_files() -> dict:
         return {"files": list_files(settings.root)}
+
+    @v1.get("/files/{path:path}")
+    def read_file(path: str) -> dict:
+        """A text file under ROOT/files (a job config to start from), up to the config size limit."""
+        try:
+            text = read_text_file(settings.root, path, settings.max_config_bytes)
+        except UploadRejected as error:
+            raise HTTPException(error.status, str(error)) from None
+        return {"path": f"files/{path}", "text": text}
 
 
 async def read_capped(request: Request, limit: int) -> bytes:

@@ -59,6 +59,24 @@ async def receive_upload(chunks: AsyncIterator[bytes], target: Path, limit: int)
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
+def read_text_file(root: Path, relative: str, limit: int) -> str:
+    """ROOT/files/<relative> as text: 404 if it is not there, 400 if a folder, too large or not UTF-8."""
+    try:
+        path = inside_root(root / FILES_FOLDER, relative, "path")
+    except PathRejected as error:
+        raise UploadRejected(400, str(error)) from None
+    if path.is_dir():
+        raise UploadRejected(400, f"path: {relative}: is a folder")
+    if not path.is_file():
+        raise UploadRejected(404, f"path: {relative}: no such file under {FILES_FOLDER}/")
+    if path.stat().st_size > limit:
+        raise UploadRejected(400, f"path: {relative}: {path.stat().st_size} bytes is over the limit of {limit} bytes")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UploadRejected(400, f"path: {relative}: not a UTF-8 text file") from None
+
+
 def list_files(root: Path) -> list[dict]:
     base = root / FILES_FOLDER
     if not base.is_dir():

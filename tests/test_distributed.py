@@ -84,7 +84,9 @@ def one_process(tiny_model_dir, tmp_path_factory):
     from qlora.job.run import run_job
 
     directory = tmp_path_factory.mktemp("one-process")
-    run_job(load_config(make_job(directory, tiny_model_dir, grad_accum_steps=2)), echo=lambda line: None)
+    # TensorBoard as the reference reports: the two runs must leave the same files.
+    job = make_job(directory, tiny_model_dir, grad_accum_steps=2, report_to=["tensorboard"])
+    run_job(load_config(job), echo=lambda line: None)
     return directory
 
 

@@ -51,7 +51,7 @@ def run_trl(settings: dict, fixture: dict, mode: str, adapter_dir) -> dict:
     from peft import LoraConfig
     from trl import SFTTrainer
 
-    from qlora.training.metrics import peak_memory
+    from qlora.training.metrics import peak_memory, reset_peak_memory
 
     torch.manual_seed(settings["seed"])
     model, tokenizer = load_quantized(settings, fixture)
@@ -79,6 +79,10 @@ def run_trl(settings: dict, fixture: dict, mode: str, adapter_dir) -> dict:
                 parameter.data = parameter.data.float()
     counter = {"supervised_tokens": 0, "tokens": 0}
     trainer.data_collator = counting(trainer.data_collator, counter)
+    # The rule our loop follows (qlora.training.loop): the GPU peak counts from the start of
+    # training, after the load; without this TRL's would count from process start (CPU runs are
+    # compared by the whole process's RSS, measured from outside, either way).
+    reset_peak_memory()
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

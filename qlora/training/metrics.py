@@ -97,9 +97,12 @@ def format_seconds(seconds: float) -> str:
 
 
 def reset_peak_memory() -> None:
+    """Start the GPU's peak counters over, from an emptied cache: without empty_cache the reserved
+    peak would start from the blocks loading and the peak-FLOPs probe left cached."""
     import torch
 
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 

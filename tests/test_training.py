@@ -251,3 +251,13 @@ def test_progress_is_a_bar_on_a_terminal_and_one_line_per_log_every_steps_elsewh
     os.close(leader)
     drawn = drawn.decode()
     assert "\r" in drawn and "3/3" in drawn and "loss=1.0000" in drawn
+
+
+def test_bf16_is_refused_on_gpus_without_bf16_tensor_cores():
+    from qlora.job.prepared import bf16_refusal
+
+    refusal = bf16_refusal("Tesla T4", (7, 5))
+    assert refusal.startswith("quantization.compute_dtype: bfloat16 needs") and "Tesla T4 is 7.5" in refusal
+    assert "compute_dtype: float16" in refusal and "\n" not in refusal
+    assert bf16_refusal("Tesla V100-SXM2-32GB", (7, 0)) is not None
+    assert bf16_refusal("NVIDIA A100-SXM4-80GB", (8, 0)) is None and bf16_refusal("NVIDIA H200", (9, 0)) is None

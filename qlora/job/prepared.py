@@ -75,8 +75,28 @@ def epoch_length(config: JobConfig, examples: list) -> int:
 def check_device_support(config: JobConfig) -> None:
     import torch
 
-    if config.quantization.compute_dtype == "float16" and not torch.cuda.is_available():
+    compute_dtype = config.quantization.compute_dtype
+    if compute_dtype == "float16" and not torch.cuda.is_available():
         raise ConfigError("quantization.compute_dtype: float16 needs a CUDA GPU; use bfloat16 or float32 on CPU")
+    if compute_dtype == "bfloat16" and torch.cuda.is_available():
+        refusal = bf16_refusal(torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+        if refusal:
+            raise ConfigError(refusal)
+
+
+# Ampere: the first CUDA GPUs with bf16 tensor cores. Older cards (T4, V100) run bf16 only emulated
+# (torch.cuda.is_bf16_supported() says yes to that), several times slower than their float16.
+BF16_CAPABILITY = (8, 0)
+
+
+def bf16_refusal(device_name: str, capability: tuple[int, int]) -> Optional[str]:
+    """The one-line error for compute bfloat16 on a GPU without bf16 tensor cores, else None."""
+    if tuple(capability) >= BF16_CAPABILITY:
+        return None
+    return (
+        f"quantization.compute_dtype: bfloat16 needs a GPU of compute capability 8.0 or newer (Ampere+); "
+        f"{device_name} is {capability[0]}.{capability[1]}: set quantization.compute_dtype: float16"
+    )
 
 
 def total_steps(config: JobConfig, batches_per_epoch: int, world_size: int = 1) -> int:

@@ -91,3 +91,20 @@ def test_the_pins_resolve_for_the_gpu_machine_on_the_index():
     installed = re.search(r"^index: Would install (.+)$", result.stdout, flags=re.MULTILINE)
     assert installed, result.stdout
     assert len(installed.group(1).split()) == len(pins())
+
+
+def test_the_plan_proof_step_runs_end_to_end_on_the_cpu(tmp_path):
+    """The proof's second step, on the demo model: it must run here, or the one GPU run loses it
+    (it once imported a function that had moved). Tokens/s leaves the first (warm-up) step out."""
+    import json
+    import os
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "bench/plan_proof.py", "--models", "qlora/demo/model", "--seq-len", "64", "--steps", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "error" not in record, record
+    assert record["steps"] == 3 and record["planned_total_bytes"] > 0 and record["measured_peak_rss_bytes"] > 0
+    assert record["tokens_per_s"] > 0 and record["tokens_per_s_with_first_step"] > 0

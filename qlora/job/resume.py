@@ -127,19 +127,21 @@ def describe_changes(before: dict, after: dict, most: int = 4) -> list[str]:
 
 
 def rewind_metrics(path: Path, step: int) -> int:
-    """Drop the rows a killed run logged after its checkpoint (and a torn last line); returns rows kept."""
+    """Drop the rows a killed run logged after its checkpoint (and a torn last line); returns the
+    last step it had logged (0 if none): it fed its experiment trackers up to there."""
     if not path.is_file():
         return 0
-    kept = []
+    kept, logged_through = [], 0
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except ValueError:
             continue
+        logged_through = max(logged_through, row.get("step", 0))
         if row.get("step", 0) <= step:
             kept.append(line)
     write_atomically(path, "".join(line + "\n" for line in kept))
-    return len(kept)
+    return logged_through
 
 
 def data_fingerprint(*example_sets: list) -> str:

@@ -25,7 +25,7 @@ from qlora.job.artifacts import (
 from qlora.job.placement import PlacedModel, place_model
 from qlora.job.prepared import PreparedData, batch_maker, epoch_length, prepare_data, total_steps
 from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
-from qlora.job.tracking import job_trackers, last_logged_step
+from qlora.job.tracking import job_trackers
 from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 from qlora.output_dir import check_output_dir, claim_output_dir, disk_full_explained, unfinished
 from qlora.plan.budget import read_budget
@@ -101,8 +101,7 @@ def run_job(
                 agreed(world, lambda: None)
             if run.resume and world.is_main:
                 removed = remove_partial_checkpoints(output_dir / "checkpoints")
-                run.logged_through = last_logged_step(output_dir / "metrics.jsonl")
-                rewind_metrics(output_dir / "metrics.jsonl", run.resume.state.step)
+                run.logged_through = rewind_metrics(output_dir / "metrics.jsonl", run.resume.state.step)
                 note = f"; removed {len(removed)} partial checkpoint(s) a killed writer left" if removed else ""
                 echo(f"resuming from {run.resume.checkpoint} (step {run.resume.state.step} of {run.max_steps}){note}")
             # The checkpoint and artifact writers name what they were writing; this catches the rest

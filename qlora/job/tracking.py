@@ -3,7 +3,6 @@ only sees metrics rows (qlora.training.trackers)."""
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,15 +27,3 @@ def job_trackers(
         yield trackers
     finally:
         trackers.close()
-
-
-def last_logged_step(metrics_path: Path) -> int:
-    """The highest step in metrics.jsonl (0 if none): a killed run fed its trackers up to there."""
-    last = 0
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                last = max(last, int(json.loads(line).get("step", 0)))
-            except (ValueError, TypeError, AttributeError):
-                continue
-    return last

@@ -25,13 +25,19 @@ class UploadRejected(ValueError):
         self.status = status
 
 
-def upload_target(root: Path, relative: str, overwrite: bool) -> Path:
+def file_path(root: Path, relative: str) -> Path:
+    """ROOT/files/<relative>, confined to that folder and not a folder itself (else a 400)."""
     try:
-        target = inside_root(root / FILES_FOLDER, relative, "path")
+        path = inside_root(root / FILES_FOLDER, relative, "path")
     except PathRejected as error:
         raise UploadRejected(400, str(error)) from None
-    if target.is_dir():
+    if path.is_dir():
         raise UploadRejected(400, f"path: {relative}: is a folder")
+    return path
+
+
+def upload_target(root: Path, relative: str, overwrite: bool) -> Path:
+    target = file_path(root, relative)
     if target.exists() and not overwrite:
         raise UploadRejected(409, f"path: {relative}: already exists; pass ?overwrite=true to replace it")
     return target
@@ -61,12 +67,7 @@ async def receive_upload(chunks: AsyncIterator[bytes], target: Path, limit: int)
 
 def read_text_file(root: Path, relative: str, limit: int) -> str:
     """ROOT/files/<relative> as text: 404 if it is not there, 400 if a folder, too large or not UTF-8."""
-    try:
-        path = inside_root(root / FILES_FOLDER, relative, "path")
-    except PathRejected as error:
-        raise UploadRejected(400, str(error)) from None
-    if path.is_dir():
-        raise UploadRejected(400, f"path: {relative}: is a folder")
+    path = file_path(root, relative)
     if not path.is_file():
         raise UploadRejected(404, f"path: {relative}: no such file under {FILES_FOLDER}/")
     if path.stat().st_size > limit:

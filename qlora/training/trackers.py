@@ -37,8 +37,14 @@ def check_installed(names: list[str]) -> None:
         try:
             importlib.import_module(MODULES[name])
         except Exception as error:  # noqa: BLE001 - a broken install raises anything
-            reason = " ".join(str(error).split())[:200] or type(error).__name__
-            raise ConfigError(f"train.report_to: {name} is installed but cannot be imported ({reason})") from None
+            raise ConfigError(
+                f"train.report_to: {name} is installed but cannot be imported ({reason_of(error)})"
+            ) from None
+
+
+def reason_of(error: BaseException) -> str:
+    """A library's error as one short line (its message's whitespace collapsed, at most 200 chars)."""
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def numbers(row: dict) -> dict:
@@ -202,8 +208,7 @@ class Trackers:
             except Exception as error:  # noqa: BLE001 - whatever a tracker's library raises
                 self.trackers.remove(tracker)
                 if not quiet:
-                    reason = " ".join(str(error).split())[:200] or type(error).__name__
-                    self.warn(f"warning: {tracker.name} failed to {what} ({reason}); no more logging to it")
+                    self.warn(f"warning: {tracker.name} failed to {what} ({reason_of(error)}); no more logging to it")
 
 
 def open_trackers(
@@ -223,8 +228,7 @@ def open_trackers(
         try:
             started.append(start(name, output_dir, params, resume_step, saved.get(name, {}), logged_through))
         except Exception as error:  # noqa: BLE001
-            reason = " ".join(str(error).split())[:200] or type(error).__name__
-            warn(f"warning: {name} failed to start ({reason}); training goes on without it")
+            warn(f"warning: {name} failed to start ({reason_of(error)}); training goes on without it")
     # A tracker that could not start this time keeps its stored id for the next resume.
     state = {**saved, **{tracker.name: tracker.state for tracker in started if hasattr(tracker, "state")}}
     if state:

@@ -16,6 +16,7 @@ from typing import Optional
 
 from qlora.cli.commands import command_parser
 from qlora.errors import ConfigError, OutputError, QloraError
+from qlora.service.process import CPU_SLOT
 
 LOCK_FILE = ".service.lock"
 
@@ -97,9 +98,6 @@ def claim_root(root: Path):
     except BlockingIOError:
         raise OutputError(f"--root: {root} is in use by another qlora serve") from None
     return handle
-
-
-CPU_SLOT = "cpu"  # the name of a slot without a GPU: cpu0, cpu1, ...
 
 
 def gpu_slots(count: Optional[int]) -> list[str]:

@@ -30,6 +30,9 @@ def train_command(job_file: str, gpus: int) -> list[str]:
     return qlora_command("train", job_file, "--nproc", str(gpus))
 
 
+CPU_SLOT = "cpu"  # the name of a slot without a GPU (qlora serve's cpu0, cpu1, ...)
+
+
 def child_environment(device: Optional[str]) -> dict:
     """The service's environment, plus the GPUs this child may see ("0" or "2,3": its slots; cpu
     slots change nothing, so GPUs the operator hid stay hidden) and the path to this qlora (a child
@@ -37,7 +40,7 @@ def child_environment(device: Optional[str]) -> dict:
     package_parent = str(Path(qlora.__file__).resolve().parents[1])
     paths = [package_parent, *[part for part in os.environ.get("PYTHONPATH", "").split(os.pathsep) if part]]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "PYTHONUNBUFFERED": "1"}
-    if device is not None and not device.startswith("cpu"):  # cpu slots: the GPUs stay as the operator left them
+    if device is not None and not device.startswith(CPU_SLOT):  # cpu slots: the GPUs stay as the operator left them
         environment["CUDA_VISIBLE_DEVICES"] = device
         environment["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # the numbering of nvidia-smi, which named the slots
     return environment

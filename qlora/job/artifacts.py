@@ -106,7 +106,7 @@ def checkpoint_writer(
 
         root = output_dir / "checkpoints"
 
-        def publish() -> Optional[Path]:
+        def written_by_rank_0() -> Optional[Path]:
             if not world.is_main:
                 return None
             with disk_full_explained(
@@ -118,7 +118,7 @@ def checkpoint_writer(
                 return save_checkpoint(root, state.step, write, keep)
 
         # agreed, not a bare barrier: a write failing on rank 0 (a full disk) fails every rank.
-        written = agreed(world, publish)
+        written = agreed(world, written_by_rank_0)
         return written if world.is_main else root / f"{PREFIX}{state.step:08d}"
 
     return save

@@ -1,4 +1,4 @@
-"""The adapter commands of `qlora`: generate, eval, merge, inspect. Parse, check, call, print.
+"""The adapter commands of `qlora`: generate, eval, merge, export, inspect. Parse, check, call, print.
 
 Every flag and prompt file is checked before a model is loaded; problems are QloraErrors that
 the CLI prints as one line with their exit code.
@@ -13,13 +13,14 @@ from pathlib import Path
 
 from qlora.cli.commands import command_parser
 
-ADAPTER_COMMANDS = ("generate", "eval", "merge", "inspect")
+ADAPTER_COMMANDS = ("generate", "eval", "merge", "export", "inspect")
 
 
 def add_adapter_commands(commands) -> None:
     add_generate_parser(commands)
     add_eval_parser(commands)
     add_merge_parser(commands)
+    add_export_parser(commands)
     add_inspect_parser(commands)
 
 
@@ -92,6 +93,28 @@ def add_merge_parser(commands) -> None:
     merge.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
+def add_export_parser(commands) -> None:
+    export = command_parser(
+        commands, "export", "merge an adapter and write one GGUF file (llama.cpp) or a GGUF + Modelfile folder (Ollama)"
+    )
+    export.add_argument("--adapter", required=True, help="adapter folder")
+    export.add_argument("--out", required=True, help="new FILE.gguf (--format gguf) or new folder (--format ollama)")
+    export.add_argument("--format", default="gguf", help="gguf (default) or ollama")
+    export.add_argument("--dtype", default="f16", help="f16 (default), bf16 or q8_0")
+    export.add_argument("--base", help="base model folder or hub id (default: the one the adapter records)")
+    export.add_argument("--name", help="model name in the GGUF and the Ollama command (default: the adapter folder's)")
+    check = export.add_mutually_exclusive_group()
+    check.add_argument(
+        "--check",
+        action="store_true",
+        default=None,
+        help="read the GGUF back with transformers and compare logits (default: on up to 4 GiB of weights)",
+    )
+    check.add_argument("--no-check", dest="check", action="store_false", help="skip the read-back comparison")
+    export.add_argument("--prompt", action="append", help="prompt to compare logits on (repeatable)")
+    export.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
 def add_inspect_parser(commands) -> None:
     inspect = command_parser(
         commands, "inspect", "what an adapter learned: parameter budget and delta-W spectra per layer"
@@ -103,7 +126,13 @@ def add_inspect_parser(commands) -> None:
 
 
 def run_adapter_command(args: argparse.Namespace) -> int:
-    return {"generate": run_generate, "eval": run_eval, "merge": run_merge, "inspect": run_inspect}[args.command](args)
+    return {
+        "generate": run_generate,
+        "eval": run_eval,
+        "merge": run_merge,
+        "export": run_export,
+        "inspect": run_inspect,
+    }[args.command](args)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -231,13 +260,41 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from qlora.adapters.export import describe_export, export_adapter
+    from qlora.adapters.merge import DEFAULT_PROMPTS
+
+    report = export_adapter(
+        Path(args.adapter),
+        Path(args.out),
+        format=args.format,
+        dtype=args.dtype,
+        base=args.base,
+        name=args.name,
+        check=args.check,
+        prompts=tuple(args.prompt) if args.prompt else DEFAULT_PROMPTS,
+        echo=lambda line: print(line, file=sys.stderr),
+    )
+    print(json.dumps(asdict(report)) if args.json else describe_export(report))
+    return 0
+
+
 def run_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from qlora.adapters.spectra import describe_report, inspect_adapter, plot_spectra, report_json, require_matplotlib
+    from qlora.adapters.vllm_check import describe_verdict, read_verdict
 
     if args.plot:
         require_matplotlib()
     report = inspect_adapter(Path(args.adapter))
+    verdict = read_verdict(Path(args.adapter))
     if args.plot:
         print(f"spectra plot: {plot_spectra(report, Path(args.plot))}", file=sys.stderr)
-    print(report_json(report, Path(args.adapter)) if args.json else describe_report(report, top=args.top))
+    if args.json:
+        print(json.dumps({**json.loads(report_json(report, Path(args.adapter))), "vllm": asdict(verdict)}, indent=2))
+    else:
+        print(describe_report(report, top=args.top) + "\n" + describe_verdict(verdict))
     return 0

@@ -1,0 +1,192 @@
+"""A merged 16-bit model folder -> one GGUF file, through llama.cpp's `gguf` package (its writer,
+tensor-name maps and quantizers), one tensor in memory at a time.
+
+The writer first declares every tensor's name, shape and type (read from the safetensors
+headers, no data), writes the header and metadata, then streams each tensor: read from its
+shard, transformed (gguf_arch), converted to the file's type, appended. The file grows at a
+temporary name in the destination folder and is renamed into place only once complete, so a
+kill or a full disk never leaves a truncated .gguf that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from qlora.adapters.gguf_arch import (
+    GgufArchitecture,
+    TensorNames,
+    add_architecture_metadata,
+    extra_tensors,
+    gguf_architecture,
+    transformed,
+)
+from qlora.adapters.gguf_vocab import add_vocabulary, read_vocabulary
+from qlora.errors import ConfigError
+from qlora.output_dir import apply_umask
+
+GGUF_DTYPES = ("f16", "bf16", "q8_0")
+# The 16-bit dtype the merge writes for each GGUF type: q8_0 is quantized from bf16 (its own
+# rounding, 8 bits per weight with a scale per 32, is far coarser than bf16's).
+MERGE_DTYPE_FOR = {"f16": "float16", "bf16": "bfloat16", "q8_0": "bfloat16"}
+
+
+@dataclass
+class GgufReport:
+    path: str
+    dtype: str
+    architecture: str
+    tensors: int
+    bytes: int
+    tokenizer: str
+
+
+def write_gguf(model_dir: Path, out: Path, dtype: str, name: str, progress: Callable[[int], None] = lambda _: None):
+    """Write `model_dir` (config.json, safetensors, tokenizer) as one GGUF at `out`."""
+    import gguf
+    from transformers import AutoConfig
+
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
+    arch = gguf_architecture(AutoConfig.from_pretrained(str(model_dir)))
+    vocabulary = read_vocabulary(model_dir, arch.vocab_size)
+    names = TensorNames(arch)
+    plan = list(planned_tensors(model_dir, arch, names, dtype))
+
+    handle, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        writer = writer_class(gguf)(temp, arch.gguf_name)
+        writer.add_name(name)
+        writer.add_file_type(file_types(gguf)[dtype])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_architecture_metadata(writer, arch)
+        add_vocabulary(writer, model_dir, vocabulary)
+        for tensor in plan:
+            writer.add_tensor_info(tensor.gguf_name, tensor.shape, tensor.numpy_dtype, tensor.nbytes, tensor.raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor, data in zip(plan, tensor_data(model_dir, plan, arch)):
+            writer.write_tensor_data(data)
+            progress(tensor.nbytes)
+        writer.close()
+        apply_umask(temp)
+        os.rename(temp, out)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return GgufReport(str(out), dtype, arch.gguf_name, len(plan), out.stat().st_size, vocabulary.model)
+
+
+def writer_class(gguf):
+    """gguf's writer, taking empty arrays too: llama.cpp refuses a byte-level vocabulary without
+    the merges key, and the demo's vocabulary (every byte a token) has no merges; the GGUF format
+    allows an empty array, only the writer's packing refuses one."""
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                prefix = self._pack("I", vtype) if add_vtype else b""
+                return prefix + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+
+    return Writer
+
+
+def file_types(gguf) -> dict:
+    return {
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
+
+
+@dataclass
+class PlannedTensor:
+    source: str
+    """checkpoint name, or the GGUF name of a tensor computed here (rope_freqs)."""
+    gguf_name: str
+    shape: tuple
+    """the logical shape, as numpy / the safetensors header have it (rows first)."""
+    raw_dtype: object
+    numpy_dtype: object
+    nbytes: int
+    shard: str = ""
+
+
+def planned_tensors(model_dir: Path, arch: GgufArchitecture, names: TensorNames, dtype: str) -> Iterator[PlannedTensor]:
+    from safetensors import safe_open
+
+    for shard, keys in shard_keys(model_dir).items():
+        with safe_open(str(model_dir / shard), framework="pt") as weights:
+            for key in keys:
+                gguf_name = names.gguf_name(key)
+                if gguf_name is not None:
+                    shape = tuple(weights.get_slice(key).get_shape())
+                    yield planned(key, gguf_name, shape, dtype, shard)
+    for gguf_name, tensor in extra_tensors(arch).items():
+        yield planned(gguf_name, gguf_name, tuple(tensor.shape), "f32", "")
+
+
+def planned(source: str, gguf_name: str, shape: tuple, dtype: str, shard: str) -> PlannedTensor:
+    """llama.cpp's convention: 1-D tensors (norms, biases) stay float32; q8_0 needs rows of
+    whole 32-value blocks, and a matrix that has none stays f16 as llama.cpp's converter does."""
+    import gguf
+    import numpy as np
+
+    elements = int(np.prod(shape))
+    if len(shape) == 1 or dtype == "f32":
+        return PlannedTensor(source, gguf_name, shape, gguf.GGMLQuantizationType.F32, np.float32, elements * 4, shard)
+    if dtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        kind = gguf.GGMLQuantizationType.Q8_0
+        byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
+        return PlannedTensor(source, gguf_name, byte_shape, kind, np.uint8, int(np.prod(byte_shape)), shard)
+    if dtype == "bf16":
+        return PlannedTensor(source, gguf_name, shape, gguf.GGMLQuantizationType.BF16, np.uint16, elements * 2, shard)
+    return PlannedTensor(source, gguf_name, shape, gguf.GGMLQuantizationType.F16, np.float16, elements * 2, shard)
+
+
+def tensor_data(model_dir: Path, plan: list[PlannedTensor], arch: GgufArchitecture) -> Iterator:
+    """Each planned tensor's bytes, in plan order, one shard open at a time."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    extras = extra_tensors(arch)
+    opened, weights = None, None
+    for tensor in plan:
+        if not tensor.shard:
+            yield extras[tensor.source].numpy()
+            continue
+        if tensor.shard != opened:
+            weights = safe_open(str(model_dir / tensor.shard), framework="pt")
+            opened = tensor.shard
+        value = transformed(tensor.source, weights.get_tensor(tensor.source), arch)
+        if tensor.raw_dtype == gguf.GGMLQuantizationType.F32:
+            yield value.float().numpy()
+        elif tensor.raw_dtype == gguf.GGMLQuantizationType.BF16:
+            yield value.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()
+        elif tensor.raw_dtype == gguf.GGMLQuantizationType.F16:
+            yield value.to(torch.float16).contiguous().numpy()
+        else:
+            yield gguf.quants.quantize(value.float().numpy(), tensor.raw_dtype)
+
+
+def shard_keys(model_dir: Path) -> dict[str, list[str]]:
+    """shard file -> its tensor names, in the index's order (one file: its header's order)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards: dict[str, list[str]] = {}
+        for key, shard in json.loads(index.read_text())["weight_map"].items():
+            shards.setdefault(shard, []).append(key)
+        return shards
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
+        return {"model.safetensors": list(weights.keys())}

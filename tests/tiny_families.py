@@ -23,7 +23,8 @@ LLAMA3_CHAT = (
 )
 MISTRAL_CHAT = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content']"
-    " + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    " + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
 )
 CORPUS = [
     "The quick brown fox jumps over the lazy dog 1234567 times.",
@@ -43,7 +44,10 @@ def byte_level_tokenizer(regex: str, specials: list[str], vocab_size: int, chat_
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(regex), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -75,7 +79,9 @@ def sentencepiece_style_tokenizer(vocab_size: int):
     )
     from tokenizers import AddedToken
 
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in ("<unk>", "<s>", "</s>")])
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in ("<unk>", "<s>", "</s>")]
+    )
     from tokenizers.processors import TemplateProcessing
 
     backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
@@ -91,7 +97,14 @@ def sentencepiece_style_tokenizer(vocab_size: int):
 
 def build_family_model(directory: Path, family: str, seed: int = 0) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     shape = dict(
         vocab_size=384,

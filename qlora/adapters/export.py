@@ -11,6 +11,8 @@ logits and token ids with the merged model's.
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -84,7 +86,7 @@ def export_adapter(
         # leaves nothing at --out, and a rerun is not refused by an unverified file.
         target = staging / "ollama"
         target.mkdir()
-        gguf_path = target / (f"{name}.gguf" if format == "ollama" else out.name)
+        gguf_path = target / (f"{ollama_name(name)}.gguf" if format == "ollama" else out.name)
         echo(f"writing {dtype} GGUF ({format_bytes(merge.bytes)} of merged weights)")
         written = write_gguf(merged_dir, gguf_path, dtype, name, progress=byte_progress(merge.bytes))
         report = ExportReport(
@@ -104,7 +106,9 @@ def export_adapter(
             echo("reading the GGUF back with transformers' GGUF loader to compare logits")
             read_back(report, merged_dir, gguf_path, prompts)
         elif check is None:
-            report.notes += (f"not read back (merged weights over {format_bytes(CHECK_BYTES_LIMIT)}; --check forces it)",)
+            report.notes += (
+                f"not read back (merged weights over {format_bytes(CHECK_BYTES_LIMIT)}; --check forces it)",
+            )
         if report.same_token_ids is False:
             raise ModelError(
                 "export: the GGUF's tokenizer, read back by transformers, gives other token ids than the model's; "
@@ -114,6 +118,17 @@ def export_adapter(
             finish_ollama(report, merged_dir, target, gguf_path.name, out, name)
         else:
             publish_file(gguf_path, out)
+    except OSError as error:
+        # numpy's tofile reports a short write without an errno: a disk with almost nothing free tells.
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(out.parent).free < 2**20
+        shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            free = shutil.disk_usage(out.parent).free
+            raise OutputError(
+                f"--out: the disk holding {out.parent} filled up during the export ({format_bytes(free)} free once "
+                "its temporary files were removed; it needs about twice the 16-bit model); nothing was written"
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -133,6 +148,8 @@ def check_export_request(adapter_dir: Path, out: Path, format: str, dtype: str, 
     config files, before anything is loaded or written."""
     from transformers import AutoConfig
 
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("export: needs llama.cpp's gguf package: pip install 'qlora[export]' (or pip install gguf)")
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"--format: {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     if dtype not in GGUF_DTYPES:
@@ -199,7 +216,9 @@ def read_back(report: ExportReport, merged_dir: Path, gguf_path: Path, prompts: 
         # transformers' GGUF reader drops llama3 rope scaling (llama.cpp reads it from rope_freqs):
         # the GGUF's weights are compared under the merged model's config.
         config = {"config": merged.config}
-        report.notes += ("read back with the merged model's config: transformers' GGUF reader drops llama3 rope scaling",)
+        report.notes += (
+            "read back with the merged model's config: transformers' GGUF reader drops llama3 rope scaling",
+        )
     del merged
     read = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, **config
@@ -221,16 +240,15 @@ def finish_ollama(report: ExportReport, merged_dir: Path, folder: Path, gguf_nam
     from qlora.adapters.ollama import modelfile
 
     text, notes = modelfile(gguf_name, merged_dir)
+    report.modelfile = str(out / "Modelfile")
+    report.ollama_command = f"ollama create {ollama_name(name)} -f {out.resolve() / 'Modelfile'}"
+    report.notes += tuple(notes)
     (folder / "Modelfile").write_text(text)
     (folder / "qlora_export.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     apply_umask(folder)
     if out.is_dir():
         out.rmdir()  # empty (checked before the merge): replaced by the complete folder
     os.rename(folder, out)
-    report.modelfile = str(out / "Modelfile")
-    report.ollama_command = f"ollama create {ollama_name(name)} -f {out.resolve() / 'Modelfile'}"
-    report.notes += tuple(notes)
-    (out / "qlora_export.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
 
 
 def ollama_name(name: str) -> str:

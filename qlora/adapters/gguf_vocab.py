@@ -122,9 +122,11 @@ def byte_level_regex(pre_tokenizer: dict | None) -> bool:
 def pre_steps(pre_tokenizer: dict | None) -> list[dict]:
     if not pre_tokenizer:
         return []
-    return pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer.get("type") == "Sequence" else [
-        pre_tokenizer
-    ]
+    return (
+        pre_tokenizer.get("pretokenizers", [pre_tokenizer])
+        if pre_tokenizer.get("type") == "Sequence"
+        else [pre_tokenizer]
+    )
 
 
 def add_vocabulary(writer, model_dir: Path, vocabulary: GgufVocabulary) -> None:

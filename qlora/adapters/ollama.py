@@ -128,11 +128,8 @@ def go_template(pieces: TemplatePieces) -> str:
     for keyword, role in zip(("if", "else if", "else if"), ROLES):
         before, after = pieces.wraps[role]
         branches.append(f'{{{{ {keyword} eq .Role "{role}" }}}}{literal(before)}{{{{ .Content }}}}{literal(after)}')
-    default_system = (
-        f'{{{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}}}{literal(pieces.default_system)}{{{{ end }}}}'
-        if pieces.default_system
-        else ""
-    )
+    no_system_first = '{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}'
+    default_system = f"{no_system_first}{literal(pieces.default_system)}{{{{ end }}}}" if pieces.default_system else ""
     return (
         literal(pieces.opening)
         + default_system

@@ -47,8 +47,13 @@ def vllm_verdict(adapter_config: dict, adapter_dir: Path, name: str = "") -> Vll
     targets = [targets] if isinstance(targets, str) else list(targets)
     embedding_targets = [target for target in targets if target.split(".")[-1] in EMBEDDING_MODULES]
     if embedding_targets:
-        reasons.append(f"LoRA on {', '.join(embedding_targets)}: vLLM serves LoRA on linear layers, not embeddings/heads")
-    ranks = [int(adapter_config.get("r", 8)), *(int(rank) for rank in (adapter_config.get("rank_pattern") or {}).values())]
+        reasons.append(
+            f"LoRA on {', '.join(embedding_targets)}: vLLM serves LoRA on linear layers, not embeddings/heads"
+        )
+    ranks = [
+        int(adapter_config.get("r", 8)),
+        *(int(rank) for rank in (adapter_config.get("rank_pattern") or {}).values()),
+    ]
     rank = max(ranks)
     fitting = [choice for choice in MAX_LORA_RANKS if choice >= max(rank, DEFAULT_MAX_LORA_RANK)]
     if not fitting:
@@ -69,5 +74,7 @@ def read_verdict(adapter_dir: Path) -> VllmVerdict:
 
 def describe_verdict(verdict: VllmVerdict) -> str:
     if verdict.served:
-        return f"vLLM: served by its LoRA path (rank fits --max-lora-rank {verdict.max_lora_rank}):\n  {verdict.command}"
+        return (
+            f"vLLM: served by its LoRA path (rank fits --max-lora-rank {verdict.max_lora_rank}):\n  {verdict.command}"
+        )
     return "vLLM: not served by its LoRA path:\n" + "\n".join(f"  - {reason}" for reason in verdict.reasons)

@@ -164,3 +164,62 @@ def test_merge_cli_check_flag(sharded_base, tmp_path, capsys):
     assert report["checked"] is False and report["max_diff_vs_16bit_adapter"] is None
     # Under the default 5GB, the output keeps the base's shards: one read, one written, at a time.
     assert report["shards"] == len(list(sharded_base.glob("*.safetensors"))) >= 3
+
+
+def test_fan_in_fan_out_layers_merge_transposed(tmp_path):
+    """GPT-2's Conv1D stores its weight as (in, out): peft's delta is (B A)^T there."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qlora.demo.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=320, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "gpt2"), max_shard_size="100KB")
+    build_tokenizer().save_pretrained(str(tmp_path / "gpt2"))
+    adapter = plain_peft_adapter(
+        tmp_path / "gpt2", tmp_path / "adapter", target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+    )
+    merge_adapter(adapter, tmp_path / "merged", dtype="float32", check=False, **quiet)
+    assert_same_tensors(merged_tensors(tmp_path / "merged"), peft_merged(tmp_path / "gpt2", adapter, torch.float32))
+
+
+def test_a_hub_id_merges_from_its_local_snapshot(sharded_base, tmp_path, monkeypatch):
+    """Offline (the tests' HF_HUB_OFFLINE=1), a hub id is its snapshot in the local cache."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--tiny-llama"
+    shutil.copytree(sharded_base, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # where this test's cache is, not the user's
+    adapter = plain_peft_adapter(sharded_base, tmp_path / "adapter", seed=9)
+    report = merge_adapter(adapter, tmp_path / "merged", base="tiny-org/tiny-llama", dtype="bfloat16", **quiet)
+    assert report.checked and report.max_diff_vs_16bit_adapter < 2e-2
+    assert_same_tensors(merged_tensors(tmp_path / "merged"), peft_merged(sharded_base, adapter, torch.bfloat16))
+
+    with pytest.raises(ModelError, match=r"^--base tiny-org/absent: no snapshot in the local cache \(offline\)"):
+        merge_adapter(adapter, tmp_path / "other", base="tiny-org/absent", **quiet)
+    assert not (tmp_path / "other").exists()
+
+
+def test_tensor_file_writer_writes_what_safetensors_reads(tmp_path):
+    from qlora.adapters.tensor_file import TensorFileWriter
+
+    tensors = {
+        "a": torch.randn(3, 5).bfloat16(),
+        "steps": torch.tensor(7),
+        "ids": torch.arange(6).reshape(2, 3),
+        "mask": torch.tensor([True, False]),
+    }
+    entries = [("a", "BF16", (3, 5)), ("steps", "I64", ()), ("ids", "I64", (2, 3)), ("mask", "BOOL", (2,))]
+    with TensorFileWriter(tmp_path / "t.safetensors", entries) as output:
+        for name, tensor in tensors.items():
+            output.write(name, tensor)
+    loaded = load_file(str(tmp_path / "t.safetensors"))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[key], tensors[key]) for key in tensors)
+    with pytest.raises(ValueError, match="got a F32 \\[3, 5\\], expected a BF16"):
+        with TensorFileWriter(tmp_path / "u.safetensors", entries) as output:
+            output.write("a", torch.randn(3, 5))

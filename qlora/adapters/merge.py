@@ -99,7 +99,8 @@ def merge_adapter(
     aliases = tied_weight_aliases(skeleton)
     plan = plan_merge(adapter_dir, layout, aliases, skeleton.base_model_prefix)
     round_trip = nf4_round_trip_of(skeleton, layout, plan, trained) if through_nf4 else None
-    tokenizer = inference_tokenizer(base, tokenizer_source(adapter_dir, base), revision)
+    # From here on the base is its local folder: the tokenizer and the check read the files merged.
+    tokenizer = inference_tokenizer(str(base_dir), tokenizer_source(adapter_dir, str(base_dir)))
     base_bytes = checkpoint_bytes(shards)
     check = base_bytes <= CHECK_BY_DEFAULT_BYTES if check is None else check
 
@@ -127,7 +128,7 @@ def merge_adapter(
             logits = check_merged_logits(
                 staging,
                 adapter_dir,
-                base,
+                str(base_dir),
                 trained,
                 tokenizer,
                 dtype=dtype,

@@ -1,9 +1,10 @@
 """Write a merged model shard by shard, reading the base's safetensors files, never the model.
 
-Each output shard is filled from one base shard: its tensors are read (safe_open, nothing else
-of the checkpoint), merged as the plan says, cast to the output dtype and written, then freed.
-Host memory is one output shard plus one weight's float32 delta, whatever the model's size, and
-no GPU is needed: the deltas are a few small matmuls next to the reading and writing.
+Each output shard is filled from one base shard, tensor by tensor: read (safe_open, nothing else
+of the checkpoint), merged as the plan says, cast to the output dtype, appended to the output file
+(qlora.adapters.tensor_file) and freed. Host memory is one weight and its float32 delta, plus the
+pages of the base shard being read (file cache, which the kernel can drop), whatever the model's
+size; no GPU is needed: the deltas are a few small matmuls next to the reading and writing.
 
 The arithmetic is peft's merge_and_unload, bit for bit: the base weight cast to the output dtype
 (as from_pretrained(dtype=...) loads it), the delta B A * scale computed in float32 from the
@@ -21,10 +22,7 @@ from typing import Callable, Optional
 
 from qlora.adapters.base_files import INDEX_FILE, SINGLE_FILE, StoredTensor
 from qlora.adapters.merge_plan import LoraDelta, MergePlan
-
-# safetensors' dtype names -> bytes per element, to size the output shards from headers alone.
-FLOAT_NAMES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+from qlora.adapters.tensor_file import FLOAT_NAMES, TORCH_NAMES, TensorFileWriter, tensor_bytes
 
 
 def write_merged_shards(
@@ -41,25 +39,30 @@ def write_merged_shards(
     `round_trip(key, tensor)`: the base weight as training's NF4 saw it, or None where it was not 4-bit."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    output_dtype = getattr(torch, dtype)
-    groups = output_groups(layout, output_dtype.itemsize, max_shard_bytes)
+    output_dtype, output_name = getattr(torch, dtype), TORCH_NAMES[dtype]
+
+    def stored_as(key: str) -> tuple[str, str, tuple[int, ...]]:
+        stored = layout[key]
+        return key, output_name if stored.dtype in FLOAT_NAMES else stored.dtype, stored.shape
+
+    groups = output_groups([stored_as(key) for key in layout], layout, max_shard_bytes)
     names = [SINGLE_FILE] if len(groups) == 1 else [shard_name(i, len(groups)) for i in range(len(groups))]
     weight_map, total_bytes = {}, 0
     with safe_open(str(adapter_file), framework="pt") as adapter:
-        for number, (name, keys) in enumerate(zip(names, groups), start=1):
-            tensors = {}
-            with safe_open(str(layout[keys[0]].shard), framework="pt") as source:
-                for key in keys:
+        for number, (name, entries) in enumerate(zip(names, groups), start=1):
+            with (
+                safe_open(str(layout[entries[0][0]].shard), framework="pt") as source,
+                TensorFileWriter(staging / name, entries) as output,
+            ):
+                for key, _, _ in entries:
                     value = adapter.get_tensor(plan.replaced[key]) if key in plan.replaced else source.get_tensor(key)
                     if round_trip is not None and key not in plan.replaced:
                         value = round_trip(key, value)
-                    tensors[key] = merged_tensor(key, value, plan, adapter, output_dtype)
-            save_file(tensors, str(staging / name), metadata={"format": "pt"})
-            total_bytes += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
-            weight_map.update(dict.fromkeys(tensors, name))
-            del tensors  # before the next shard is read: one shard in memory at a time
+                    output.write(key, merged_tensor(key, value, plan, adapter, output_dtype))
+                    del value  # one weight in memory at a time
+            total_bytes += sum(tensor_bytes(dtype_name, shape) for _, dtype_name, shape in entries)
+            weight_map.update({key: name for key, _, _ in entries})
             echo(f"merged shard {number}/{len(groups)}: {name}")
     if len(groups) > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
@@ -90,23 +93,21 @@ def lora_delta(adapter, lora: LoraDelta):
     return (product.T if lora.transpose else product) * lora.scale
 
 
-def output_groups(layout: dict[str, StoredTensor], float_bytes: int, max_shard_bytes: int) -> list[list[str]]:
-    """The checkpoint's keys cut into output shards of at most `max_shard_bytes` (a larger
-    tensor alone), in the base's order, each inside one base shard."""
-    groups: list[list[str]] = []
-    current: list[str] = []
+def output_groups(entries: list, layout: dict[str, StoredTensor], max_shard_bytes: int) -> list[list]:
+    """The output's (name, dtype, shape) entries cut into shards of at most `max_shard_bytes` (a
+    larger tensor alone), in the base's order, each inside one base shard."""
+    groups: list[list] = []
+    current: list = []
     size, shard = 0, None
-    for key, stored in layout.items():
-        numel = 1
-        for extent in stored.shape:
-            numel *= extent
-        nbytes = numel * (float_bytes if stored.dtype in FLOAT_NAMES else ELEMENT_BYTES.get(stored.dtype, 1))
-        if current and (stored.shard != shard or size + nbytes > max_shard_bytes):
+    for entry in entries:
+        key, dtype_name, shape = entry
+        nbytes = tensor_bytes(dtype_name, shape)
+        if current and (layout[key].shard != shard or size + nbytes > max_shard_bytes):
             groups.append(current)
             current, size = [], 0
-        current.append(key)
+        current.append(entry)
         size += nbytes
-        shard = stored.shard
+        shard = layout[key].shard
     if current:
         groups.append(current)
     return groups

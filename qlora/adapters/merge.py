@@ -43,7 +43,7 @@ from qlora.adapters.merge_plan import MergePlan, base_key, plan_merge
 from qlora.adapters.streamed_merge import write_merged_shards, write_model_files
 from qlora.config import QuantizationSection
 from qlora.errors import ConfigError, OutputError
-from qlora.model.skeleton import four_bit_weights, meta_skeleton, nf4_round_trip, tied_weight_aliases
+from qlora.model.skeleton import four_bit_weights, nf4_round_trip, quantizable_skeleton, tied_weight_aliases
 from qlora.output_dir import apply_umask
 from qlora.sizes import format_bytes
 
@@ -185,9 +185,9 @@ def recorded_revision(adapter_dir: Path, base: str) -> Optional[str]:
 def model_skeleton(base_dir: Path, trained: QuantizationSection, through_nf4: bool):
     """The base's module tree on the meta device: tied names, prefix, and (through_nf4) its 4-bit weights."""
     if not through_nf4:
-        return meta_skeleton(base_dir)
+        return quantizable_skeleton(base_dir)
     compute = usable_dtype(trained.compute_dtype, on_cpu=True)
-    return meta_skeleton(base_dir, quantization=trained.model_copy(update={"compute_dtype": compute}))
+    return quantizable_skeleton(base_dir, quantization=trained.model_copy(update={"compute_dtype": compute}))
 
 
 def nf4_round_trip_of(skeleton, layout: dict, plan: MergePlan, trained: QuantizationSection) -> Callable:

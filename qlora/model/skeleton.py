@@ -8,22 +8,27 @@ module tree `from_pretrained` builds, so they follow the architecture, not a tab
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from qlora.config import QuantizationSection
-from qlora.plan.architecture import load_hf_config
+from qlora.errors import ModelError
+from qlora.model.base import first_line
+from qlora.plan.architecture import load_hf_config, meta_skeleton
 
 
-def meta_skeleton(config_dir: Path, trust_remote_code: bool = False, quantization: QuantizationSection | None = None):
+def quantizable_skeleton(config_dir: Path, quantization: Optional[QuantizationSection] = None):
     """The causal LM of `config_dir`'s config.json on the meta device (no memory). With a 4-bit
     `quantization`, its linears are swapped for Linear4bit by transformers' own quantizer."""
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
-    hf_config = load_hf_config(Path(config_dir), trust_remote_code)
+    hf_config = load_hf_config(Path(config_dir))
     dtype = getattr(torch, quantization.compute_dtype) if quantization is not None else torch.float32
-    with init_empty_weights(include_buffers=True):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = meta_skeleton(hf_config, dtype)
+    except (ValueError, KeyError) as error:
+        raise ModelError(
+            f"{config_dir}/config.json: transformers cannot build this model ({first_line(error)})"
+        ) from None
     if quantization is not None and quantization.bits == 4:
         from qlora.model.random_init import four_bit_quantizer
 

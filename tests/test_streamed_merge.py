@@ -223,3 +223,25 @@ def test_tensor_file_writer_writes_what_safetensors_reads(tmp_path):
     with pytest.raises(ValueError, match="got a F32 \\[3, 5\\], expected a BF16"):
         with TensorFileWriter(tmp_path / "u.safetensors", entries) as output:
             output.write("a", torch.randn(3, 5))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # peft saves the head's weight with its LoRA here: refused as a replacement, or else as a second delta
+        (
+            {"target_modules": ["embed_tokens", "lm_head"]},
+            r"ties to model\.embed_tokens\.weight|model\.embed_tokens\.weight twice",
+        ),
+        (
+            {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+            r"replaces lm_head\.weight, which this base ties",
+        ),
+    ],
+)
+def test_a_tied_head_changed_apart_from_the_embedding_is_refused(tmp_path, options, message):
+    base = build_tiny_model(tmp_path / "base", seed=4, tied=True)
+    adapter = plain_peft_adapter(base, tmp_path / "adapter", **options)
+    with pytest.raises(ModelError, match=message):
+        merge_adapter(adapter, tmp_path / "merged", **quiet)
+    assert not (tmp_path / "merged").exists()

@@ -56,9 +56,6 @@ class MergePlan:
     replaced: dict[str, str] = field(default_factory=dict)
     """base key -> the adapter key whose full tensor takes its place."""
 
-    def touches(self, key: str) -> bool:
-        return key in self.deltas or key in self.bias_deltas or key in self.replaced
-
 
 def plan_merge(adapter_dir: Path, layout: dict[str, StoredTensor], aliases: dict[str, str], prefix: str) -> MergePlan:
     """The merge of `adapter_dir` into a checkpoint of `layout`; `aliases`: tied names -> the
@@ -71,11 +68,16 @@ def plan_merge(adapter_dir: Path, layout: dict[str, StoredTensor], aliases: dict
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as weights:
         shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
 
-    def stored(module: str, suffix: str) -> str:
+    def stored(module: str, suffix: str, taken: dict) -> str:
+        """The base key of `module`.`suffix`, not yet in `taken` (the plan's deltas, biases or replacements)."""
         key = base_key(f"{module}.{suffix}", layout, aliases, prefix)
         if key is None:
             raise ModelError(
                 f"adapter {adapter_dir} targets {module}, which this base does not have (another architecture?)"
+            )
+        if key in taken:
+            raise ModelError(
+                f"adapter {adapter_dir} changes {key} twice ({module} is tied to it); merge one of the two adapters"
             )
         return key
 
@@ -84,18 +86,18 @@ def plan_merge(adapter_dir: Path, layout: dict[str, StoredTensor], aliases: dict
         if (match := LORA_KEY.match(key)) and match["which"] == "A":
             module = match["module"]
             b_key = key.replace(".lora_A.weight", ".lora_B.weight")
-            target = stored(module, "weight")
+            target = stored(module, "weight", plan.deltas)
             transpose = bool(config.get("fan_in_fan_out"))
             check_lora_shapes(adapter_dir, module, shapes[key], shapes.get(b_key), layout[target].shape, transpose)
             scale = lora_scale(config, module)
             plan.deltas[target] = LoraDelta(module, key, b_key, scale, transpose, round_delta_first=False)
             if f"base_model.model.{module}.lora_B.bias" in shapes:
                 bias = LoraDelta(module, key, f"base_model.model.{module}.lora_B.bias", scale, False, False)
-                plan.bias_deltas[stored(module, "bias")] = bias
+                plan.bias_deltas[stored(module, "bias", plan.bias_deltas)] = bias
         elif (match := EMBEDDING_KEY.match(key)) and match["which"] == "A":
             module = match["module"]
             b_key = f"base_model.model.{module}.lora_embedding_B"
-            target = stored(module, "weight")
+            target = stored(module, "weight", plan.deltas)
             a_shape, b_shape = shapes[key], shapes.get(b_key)
             # peft stores an embedding's A as (r, rows) and B as (dim, r): (B A)^T is (rows, dim).
             check_lora_shapes(adapter_dir, module, a_shape, b_shape, layout[target].shape, transpose=True)
@@ -107,7 +109,7 @@ def plan_merge(adapter_dir: Path, layout: dict[str, StoredTensor], aliases: dict
         elif match := FULL_KEY.match(key):
             path = match["path"].replace(".base_layer.", ".")
             module, _, suffix = path.rpartition(".")
-            target = stored(module, suffix)
+            target = stored(module, suffix, plan.replaced)
             if target != base_key(path, layout, {}, prefix):
                 raise ModelError(
                     f"adapter {adapter_dir} replaces {path}, which this base ties to {target}; "
@@ -166,7 +168,9 @@ def check_lora_shapes(adapter_dir: Path, module: str, a_shape, b_shape, weight_s
 def base_key(name: str, layout: dict, aliases: dict[str, str], prefix: str) -> Optional[str]:
     """The checkpoint key holding the model's parameter `name`: itself, the tensor it is tied to,
     or the same name with / without the base model's prefix."""
-    for candidate in (name, aliases.get(name)):
+    # A tied name first: from_pretrained fills it from the tensor it is tied to, even where the
+    # checkpoint also stores a copy under its own name.
+    for candidate in (aliases.get(name), name):
         if candidate is None:
             continue
         if candidate in layout:

@@ -39,7 +39,7 @@ from qlora.adapters.loading import (
 )
 from qlora.adapters.manifest import ADAPTER_WEIGHTS, check_base, read_adapter_config, read_manifest
 from qlora.adapters.merge_check import CHECK_BY_DEFAULT_BYTES, check_merged_logits
-from qlora.adapters.merge_plan import MergePlan, base_key, plan_merge
+from qlora.adapters.merge_plan import base_key, plan_merge
 from qlora.adapters.streamed_merge import write_merged_shards, write_model_files
 from qlora.config import QuantizationSection
 from qlora.errors import ConfigError, OutputError
@@ -98,7 +98,7 @@ def merge_adapter(
     check_base(adapter_dir, skeleton.config.to_dict(), base)
     aliases = tied_weight_aliases(skeleton)
     plan = plan_merge(adapter_dir, layout, aliases, skeleton.base_model_prefix)
-    round_trip = nf4_round_trip_of(skeleton, layout, plan, trained) if through_nf4 else None
+    round_trip = nf4_round_trip_of(skeleton, layout, trained) if through_nf4 else None
     # From here on the base is its local folder: the tokenizer and the check read the files merged.
     tokenizer = inference_tokenizer(str(base_dir), tokenizer_source(adapter_dir, str(base_dir)))
     base_bytes = checkpoint_bytes(shards)
@@ -190,7 +190,7 @@ def model_skeleton(base_dir: Path, trained: QuantizationSection, through_nf4: bo
     return quantizable_skeleton(base_dir, quantization=trained.model_copy(update={"compute_dtype": compute}))
 
 
-def nf4_round_trip_of(skeleton, layout: dict, plan: MergePlan, trained: QuantizationSection) -> Callable:
+def nf4_round_trip_of(skeleton, layout: dict, trained: QuantizationSection) -> Callable:
     """(checkpoint key, tensor) -> the tensor as training's NF4 base held it (others unchanged)."""
     import torch
 

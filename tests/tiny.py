@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 
 def build_tiny_model(
-    directory: Path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 320, tied: bool = False
+    directory: Path,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 320,
+    tied: bool = False,
+    shard_size: Optional[str] = None,
+    dtype: str = "float32",
 ) -> Path:
+    """shard_size: save as model-XXXXX-of-YYYYY.safetensors + index, each at most this big;
+    dtype: the checkpoint's dtype (hub checkpoints are bfloat16)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -35,7 +45,9 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(str(directory), safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(
+        str(directory), safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {})
+    )
     tokenizer.save_pretrained(str(directory))
     return directory
 

@@ -7,21 +7,33 @@ from pathlib import Path
 
 
 def plain_peft_adapter(
-    model_dir: Path, directory: Path, seed: int = 0, r: int = 4, alpha: float = 8, spread: float = 0.05
+    model_dir: Path,
+    directory: Path,
+    seed: int = 0,
+    r: int = 4,
+    alpha: float = 8,
+    spread: float = 0.05,
+    target_modules="all-linear",
+    **options,
 ) -> Path:
-    """A LoRA adapter on every linear layer with random non-zero B (peft starts B at zero), so it
-    really changes the outputs; written by peft's own save_pretrained."""
+    """A LoRA adapter on every linear layer (or `target_modules`) with random non-zero B (peft
+    starts B at zero), so it really changes the outputs; written by peft's own save_pretrained.
+    options: more LoraConfig settings (use_rslora, rank_pattern, modules_to_save, use_dora ...)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0))
+    model = get_peft_model(
+        base, LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, **options)
+    )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding" in name:  # peft zeroes an embedding's A, not its B
                 parameter.normal_(0.0, spread)
+            elif "modules_to_save" in name:  # a fully trained copy: moved away from the base
+                parameter.add_(torch.randn_like(parameter) * spread)
     model.save_pretrained(str(directory))
     return directory
 

@@ -47,10 +47,12 @@ def load(
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
     tokenizer_from: Optional[str] = None,
+    on_cpu: bool = False,
 ):
     """(model, tokenizer) for inference: the base frozen, in eval mode, with the KV cache on.
 
     bits: 4 (NF4, as QLoRA trains), 8, or 16/None (unquantized, in compute_dtype).
+    on_cpu: in host memory even with a GPU (the merge's check compares models too big for one card).
     """
     if bits not in (*BITS_CHOICES, None):
         raise ConfigError(f"bits: {bits!r} is not one of 4, 8, 16")
@@ -60,14 +62,14 @@ def load(
             "bits": bits,
             "quant_type": quant_type,
             "double_quant": double_quant,
-            "compute_dtype": compute_dtype if bits is None else usable_dtype(compute_dtype),
+            "compute_dtype": compute_dtype if bits is None else usable_dtype(compute_dtype, on_cpu),
         },
         source="load",
         schema=QuantizationSection,
     )
     tokenizer = inference_tokenizer(base, tokenizer_from, revision, trust_remote_code)
     source = ModelSection(name_or_path=base, revision=revision, trust_remote_code=trust_remote_code)
-    model = load_base(source, quantization, gradient_checkpointing=False)
+    model = load_base(source, quantization, gradient_checkpointing=False, on_cpu=on_cpu)
     model.config.use_cache = True
     model.eval()
     return model, tokenizer
@@ -118,6 +120,7 @@ def load_with_adapters(
     bits: Optional[int] = None,
     compute_dtype: Optional[str] = None,
     warn: Callable[[str], None] = stderr_warning,
+    on_cpu: bool = False,
 ):
     """(model, tokenizer) for the command line: the base each adapter records (or `base`),
     loaded as the first adapter was trained unless `bits` / `compute_dtype` say otherwise,
@@ -134,6 +137,7 @@ def load_with_adapters(
         compute_dtype=compute_dtype or trained.compute_dtype,
         revision=record.get("revision") if base == record.get("name_or_path") else None,
         tokenizer_from=tokenizer_source(first, base),
+        on_cpu=on_cpu,
     )
     for name, directory in adapters:
         model = with_adapter(model, directory, name, warn=warn)
@@ -225,11 +229,12 @@ def check_shapes(base, directory: Path) -> None:
             )
 
 
-def usable_dtype(compute_dtype: str) -> str:
+def usable_dtype(compute_dtype: str, on_cpu: bool = False) -> str:
     """bitsandbytes computes float16 only on a GPU; CPU runs of a 4/8-bit base use bfloat16 then."""
     import torch
 
-    return "bfloat16" if compute_dtype == "float16" and not torch.cuda.is_available() else compute_dtype
+    on_gpu = torch.cuda.is_available() and not on_cpu
+    return "bfloat16" if compute_dtype == "float16" and not on_gpu else compute_dtype
 
 
 def adapter_name(directory: Path) -> str:

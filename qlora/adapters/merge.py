@@ -1,14 +1,22 @@
 """Merge an adapter into a 16-bit copy of its base: W' = W + scale * B A, for zero-latency serving.
 
-The delta is never rounded into 4-bit: the base is loaded unquantized in the output dtype and
-peft adds the float32 delta to it. The adapter was trained against the NF4 base, though, so the
-merged model differs a little from what training saw; the report measures both divergences
-(vs the 16-bit base + adapter and vs the NF4 base + adapter) on a few prompts. `through_nf4`
-first replaces each quantizable base weight by its NF4 round trip (quantized as training did,
-then dequantized), which matches training exactly at the price of the base's own NF4 error.
+The merge streams: it reads the base's safetensors files one shard at a time and writes the merged
+shards as it goes (qlora.adapters.streamed_merge), so a 70B merges in the host memory of one shard
+on any machine, with or without a GPU. The arithmetic is peft's merge_and_unload's, bit for bit,
+and the delta is never rounded into 4-bit. Every adapter tensor is mapped onto a base tensor and
+every shape checked from the files' headers first (qlora.adapters.merge_plan), so a bad adapter is
+one line before anything is written.
 
-The result is written to a temp folder next to the output and renamed into place: sharded
-safetensors + index, config, generation config and tokenizer, loadable by plain transformers.
+The adapter was trained against the NF4 base, though, so the merged model differs a little from
+what training saw; the report's check measures both divergences (vs the 16-bit base + adapter and
+vs the NF4 base + adapter) on a few prompts, loading models one at a time on the CPU
+(qlora.adapters.merge_check, which says what that costs; on by default for small bases only).
+`through_nf4` first replaces each quantizable base weight by its NF4 round trip (quantized as
+training did, then dequantized), which matches training exactly at the price of the base's own
+NF4 error.
+
+The result is written to a temp folder next to the output and renamed into place: safetensors
+shards + index, config, generation config and tokenizer, loadable by plain transformers.
 """
 
 from __future__ import annotations
@@ -21,10 +29,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from qlora.adapters.loading import load_with_adapters, select_adapter, trained_quantization
-from qlora.adapters.manifest import read_adapter_config, recorded_base
+from qlora.adapters.base_files import base_shards, checkpoint_bytes, resolve_base_dir, tensor_layout
+from qlora.adapters.loading import (
+    inference_tokenizer,
+    resolve_base,
+    tokenizer_source,
+    trained_quantization,
+    usable_dtype,
+)
+from qlora.adapters.manifest import ADAPTER_WEIGHTS, check_base, read_adapter_config, read_manifest
+from qlora.adapters.merge_check import CHECK_BY_DEFAULT_BYTES, check_merged_logits
+from qlora.adapters.merge_plan import base_key, plan_merge
+from qlora.adapters.streamed_merge import write_merged_shards, write_model_files
 from qlora.config import QuantizationSection
-from qlora.errors import ConfigError, ModelError, OutputError
+from qlora.errors import ConfigError, OutputError
+from qlora.model.skeleton import four_bit_weights, nf4_round_trip, quantizable_skeleton, tied_weight_aliases
 from qlora.output_dir import apply_umask
 from qlora.sizes import format_bytes
 
@@ -45,12 +64,14 @@ class MergeReport:
     shards: int
     bytes: int
     prompts: int
-    max_diff_vs_16bit_adapter: float
-    """max |logit| difference, merged vs the 16-bit base + adapter (unmerged)."""
+    max_diff_vs_16bit_adapter: Optional[float]
+    """max |logit| difference, merged vs the 16-bit base + adapter (unmerged); None: not checked."""
     max_diff_vs_nf4_adapter: Optional[float]
-    """max |logit| difference, merged vs the NF4 base + adapter training saw (None: trained 16-bit)."""
-    max_abs_logit: float
+    """max |logit| difference, merged vs the NF4 base + adapter training saw (None: trained 16-bit, or not checked)."""
+    max_abs_logit: Optional[float]
     """The largest |logit| of the merged model on those prompts: the scale the differences are on."""
+    checked: bool = True
+    """Whether the logit check ran (qlora.adapters.merge_check: off by default for large bases)."""
 
 
 def merge_adapter(
@@ -62,41 +83,72 @@ def merge_adapter(
     through_nf4: bool = False,
     max_shard_size: str = "5GB",
     prompts: tuple[str, ...] = DEFAULT_PROMPTS,
+    check: Optional[bool] = None,
     echo: Callable[[str], None] = print,
 ) -> MergeReport:
+    """Merge `adapter_dir` into its base (or `base`) and publish the model at `output_dir`.
+    check: compare logits after writing (None: only for bases under CHECK_BY_DEFAULT_BYTES)."""
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     base, trained = check_merge_request(adapter_dir, output_dir, dtype, base, through_nf4, max_shard_size)
+    revision = recorded_revision(adapter_dir, base)
+    base_dir = resolve_base_dir(base, revision)
+    shards = base_shards(base_dir)
+    layout = tensor_layout(shards)
+    skeleton = model_skeleton(base_dir, trained, through_nf4)
+    check_base(adapter_dir, skeleton.config.to_dict(), base)
+    aliases = tied_weight_aliases(skeleton)
+    plan = plan_merge(adapter_dir, layout, aliases, skeleton.base_model_prefix)
+    round_trip = nf4_round_trip_of(skeleton, layout, trained) if through_nf4 else None
+    # From here on the base is its local folder: the tokenizer and the check read the files merged.
+    tokenizer = inference_tokenizer(str(base_dir), tokenizer_source(adapter_dir, str(base_dir)))
+    base_bytes = checkpoint_bytes(shards)
+    check = base_bytes <= CHECK_BY_DEFAULT_BYTES if check is None else check
 
-    echo(f"loading {base} unquantized in {dtype}")
-    model, tokenizer = load_with_adapters(
-        [("merge", adapter_dir)], base=base, bits=16, compute_dtype=dtype, warn=lambda line: None
+    echo(
+        f"merging {base} ({len(shards)} shard{'s' if len(shards) != 1 else ''}, {format_bytes(base_bytes)}) "
+        f"into {dtype}: {len(plan.deltas)} LoRA deltas, {len(plan.replaced)} full tensors"
     )
-    input_ids = tokenize_prompts(tokenizer, prompts)
-    reference_16bit = all_logits(model, input_ids)
-    reference_nf4 = None
-    if trained.bits == 4 or through_nf4:
-        reference_nf4 = quantized_reference(model, adapter_dir, base, trained, input_ids, through_nf4, echo)
-
-    select_adapter(model, "merge")
-    merged = model.merge_and_unload()
-    merged_logits = all_logits(merged, input_ids)
-    report_16 = max_difference(merged_logits, reference_16bit)
-    report_nf4 = max_difference(merged_logits, reference_nf4) if reference_nf4 is not None else None
-
     # Written next to the output and renamed into place: a kill never leaves half a model at output_dir.
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        shards = save_merged(merged, tokenizer, staging, dtype, max_shard_size)
+        written = write_merged_shards(
+            layout,
+            plan,
+            adapter_dir / ADAPTER_WEIGHTS,
+            staging,
+            dtype,
+            shard_bytes(max_shard_size),
+            round_trip=round_trip,
+            echo=echo,
+        )
+        write_model_files(base_dir, staging, dtype)
+        tokenizer.save_pretrained(str(staging))
+        logits = None
+        if check:
+            logits = check_merged_logits(
+                staging,
+                adapter_dir,
+                str(base_dir),
+                trained,
+                tokenizer,
+                dtype=dtype,
+                prompts=prompts,
+                nf4_reference=trained.bits == 4 or through_nf4,
+                echo=echo,
+            )
+        else:
+            echo(f"logit check skipped: the base is over {format_bytes(CHECK_BY_DEFAULT_BYTES)} (--check runs it)")
         report = MergeReport(
             output_dir=str(output_dir),
             dtype=dtype,
             through_nf4=through_nf4,
-            shards=len(shards),
-            bytes=sum(path.stat().st_size for path in shards),
-            prompts=len(prompts),
-            max_diff_vs_16bit_adapter=report_16,
-            max_diff_vs_nf4_adapter=report_nf4,
-            max_abs_logit=max(logits.abs().max().item() for logits in merged_logits),
+            shards=len(written),
+            bytes=sum(path.stat().st_size for path in written),
+            prompts=len(prompts) if check else 0,
+            max_diff_vs_16bit_adapter=logits.max_diff_vs_16bit_adapter if logits else None,
+            max_diff_vs_nf4_adapter=logits.max_diff_vs_nf4_adapter if logits else None,
+            max_abs_logit=logits.max_abs_logit if logits else None,
+            checked=check,
         )
         record = {"adapter": str(adapter_dir.resolve()), "base": base, **asdict(report)}
         (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -109,65 +161,57 @@ def merge_adapter(
 
 def check_merge_request(
     adapter_dir: Path, output_dir: Path, dtype: str, base: Optional[str], through_nf4: bool, max_shard_size: str
-) -> tuple[Optional[str], QuantizationSection]:
+) -> tuple[str, QuantizationSection]:
     """The base to merge into and the quantization the adapter was trained on. Every flag is
-    checked here, before a weight is loaded, so a typo costs seconds, not a model load."""
+    checked here, before a weight is read, so a typo costs nothing."""
     if dtype not in MERGE_DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(MERGE_DTYPES)}")
     check_output(output_dir)
-    check_shard_size(max_shard_size)
+    shard_bytes(max_shard_size)
     read_adapter_config(adapter_dir)
-    base = base or recorded_base(adapter_dir)
+    base = resolve_base([("merge", adapter_dir)], base)
     trained = trained_quantization(adapter_dir)
     if through_nf4 and trained.bits == 8:
         raise ConfigError("--through-nf4: this adapter was trained on an 8-bit base, not NF4")
     return base, trained
 
 
-def tokenize_prompts(tokenizer, prompts: tuple[str, ...]) -> list:
+def recorded_revision(adapter_dir: Path, base: str) -> Optional[str]:
+    """The revision training used, when merging into the base it recorded."""
+    record = (read_manifest(adapter_dir) or {}).get("base", {})
+    return record.get("revision") if base == record.get("name_or_path") else None
+
+
+def model_skeleton(base_dir: Path, trained: QuantizationSection, through_nf4: bool):
+    """The base's module tree on the meta device: tied names, prefix, and (through_nf4) its 4-bit weights."""
+    if not through_nf4:
+        return quantizable_skeleton(base_dir)
+    compute = usable_dtype(trained.compute_dtype, on_cpu=True)
+    return quantizable_skeleton(base_dir, quantization=trained.model_copy(update={"compute_dtype": compute}))
+
+
+def nf4_round_trip_of(skeleton, layout: dict, trained: QuantizationSection) -> Callable:
+    """(checkpoint key, tensor) -> the tensor as training's NF4 base held it (others unchanged)."""
     import torch
 
-    return [torch.tensor([tokenizer(prompt)["input_ids"]]) for prompt in prompts]
+    aliases = tied_weight_aliases(skeleton)
+    four_bit = {
+        base_key(name, layout, aliases, skeleton.base_model_prefix): parameter
+        for name, parameter in four_bit_weights(skeleton).items()
+    }
+    compute = getattr(torch, usable_dtype(trained.compute_dtype, on_cpu=True))
+
+    def round_trip(key: str, value):
+        return nf4_round_trip(value, four_bit[key], compute) if key in four_bit else value
+
+    return round_trip
 
 
-def quantized_reference(
-    model16,
-    adapter_dir: Path,
-    base: Optional[str],
-    trained: QuantizationSection,
-    input_ids: list,
-    through_nf4: bool,
-    echo,
-) -> list:
-    """Logits of the 4-bit base + adapter that training saw. With through_nf4, `model16`'s base
-    weights also take their round trip through 4-bit, so the merge starts from training's base.
-    The quantized copy is freed on return, before the merge needs memory of its own."""
-    echo(f"loading the {trained.quant_type.upper()} base the adapter was trained on, for comparison")
-    quantized, _ = load_with_adapters([("merge", adapter_dir)], base=base, bits=4, warn=lambda line: None)
-    reference = all_logits(quantized, input_ids)
-    if through_nf4:
-        replaced = copy_dequantized_weights(quantized, model16)
-        echo(f"replaced {replaced} base weights by their {trained.quant_type.upper()} round trip")
-    return reference
-
-
-def save_merged(merged, tokenizer, staging: Path, dtype: str, max_shard_size: str) -> list[Path]:
-    """Write the merged model and tokenizer to `staging`; returns the safetensors shards."""
-    import torch
-
-    # The base loader turns the KV cache off for training; whoever loads the merged model generates.
-    merged.config.use_cache = True
-    merged.config.dtype = getattr(torch, dtype)
-    merged.save_pretrained(str(staging), max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(str(staging))
-    return sorted(staging.glob("*.safetensors"))
-
-
-def check_shard_size(max_shard_size: str) -> None:
+def shard_bytes(max_shard_size: str) -> int:
     from transformers.utils.hub import convert_file_size_to_int
 
     try:
-        convert_file_size_to_int(max_shard_size)
+        return convert_file_size_to_int(max_shard_size)
     except (ValueError, TypeError):
         raise ConfigError(f"--max-shard-size: {max_shard_size!r} is not a size like 5GB or 500MB") from None
 
@@ -189,47 +233,19 @@ def publish(staging: Path, output_dir: Path) -> None:
     os.rename(staging, output_dir)
 
 
-def copy_dequantized_weights(quantized_model, model16) -> int:
-    """Overwrite each base weight of `model16` that is 4-bit in `quantized_model` (same module
-    names: both carry the same adapter) with its dequantized NF4 value."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnb_functional
-
-    targets = dict(model16.named_modules())
-    replaced = 0
-    for name, module in quantized_model.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        if name not in targets:
-            raise ModelError(f"--through-nf4: {name} is 4-bit in the quantized base but missing from the 16-bit one")
-        weight = module.weight
-        dequantized = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
-        target = targets[name].weight
-        target.data.copy_(dequantized.to(device=target.device, dtype=target.dtype))
-        replaced += 1
-    return replaced
-
-
-def all_logits(model, input_ids_list: list) -> list:
-    import torch
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in input_ids_list]
-
-
-def max_difference(first: list, second: list) -> float:
-    return max((a - b).abs().max().item() for a, b in zip(first, second))
-
-
 def describe_merge(report: MergeReport) -> str:
     lines = [
         f"merged: {report.output_dir} ({report.shards} safetensors shard{'s' if report.shards != 1 else ''}, "
         f"{format_bytes(report.bytes)}, {report.dtype}{', base through NF4' if report.through_nf4 else ''})",
-        f"max |logit difference| on {report.prompts} prompts (largest |logit| {report.max_abs_logit:.3g}):",
-        f"  vs 16-bit base + adapter:             {report.max_diff_vs_16bit_adapter:.6g}",
     ]
-    if report.max_diff_vs_nf4_adapter is not None:
-        lines.append(f"  vs NF4 base + adapter (training's):   {report.max_diff_vs_nf4_adapter:.6g}")
+    if report.checked:
+        lines += [
+            f"max |logit difference| on {report.prompts} prompts (largest |logit| {report.max_abs_logit:.3g}):",
+            f"  vs 16-bit base + adapter:             {report.max_diff_vs_16bit_adapter:.6g}",
+        ]
+        if report.max_diff_vs_nf4_adapter is not None:
+            lines.append(f"  vs NF4 base + adapter (training's):   {report.max_diff_vs_nf4_adapter:.6g}")
+    else:
+        lines.append("logits not checked (run with --check to compare them, on the CPU, one model at a time)")
     lines.append("load it with transformers.AutoModelForCausalLM.from_pretrained(" + repr(report.output_dir) + ")")
     return "\n".join(lines)

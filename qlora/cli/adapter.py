@@ -90,6 +90,13 @@ def add_merge_parser(commands) -> None:
     )
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--prompt", action="append", help="prompt to measure the logit difference on (repeatable)")
+    merge.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare logits with the unmerged base + adapter, on the CPU, one model at a time "
+        "(default: on for small bases only: it loads the model three times)",
+    )
     merge.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -254,6 +261,7 @@ def run_merge(args: argparse.Namespace) -> int:
         through_nf4=args.through_nf4,
         max_shard_size=args.max_shard_size,
         prompts=tuple(args.prompt) if args.prompt else DEFAULT_PROMPTS,
+        check=args.check,
         echo=lambda line: print(line, file=sys.stderr),
     )
     print(json.dumps(asdict(report)) if args.json else describe_merge(report))

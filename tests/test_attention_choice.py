@@ -105,3 +105,29 @@ def test_the_fallback_keeps_packed_rows_apart_at_several_sequences_per_batch(tin
                 torch.testing.assert_close(together[sequence : sequence + 1, start:end], alone, rtol=1e-5, atol=1e-5)
                 compared[sequence] += 1
     assert min(compared) >= 2 and not pending  # several rows in each sequence, every row compared
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_in_bf16_flash_keeps_the_rows_of_a_padding_free_batch_apart(tiny_model_dir, tmp_path):
+    """What only a GPU shows: where flash-attn is usable load_base picks it, and a padding-free
+    sequence of rows gives each row its logits alone (bf16 rounding apart)."""
+    if not flash_attention_usable():
+        pytest.skip("flash-attn 2 is not installed (or does not import with this torch)")
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path, rows=3)
+    pad_id = tokenizer.pad_token_id
+    batch = data.epoch_batches(examples, 3, False, 64, pad_id, 0, 0, shuffle=False, padding_free=True)[0]
+    model = build_model(tiny_model_dir, compute_dtype="bfloat16").eval()
+    assert model.config._attn_implementation == FLASH_ATTENTION
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        together = model(
+            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False
+        ).logits.float()
+        start = 0
+        for row_id in batch.row_ids:
+            row = torch.tensor([examples[row_id].input_ids], device=device)
+            alone = model(input_ids=row, use_cache=False).logits.float()
+            end = start + row.shape[1]
+            torch.testing.assert_close(together[:, start:end], alone, rtol=0, atol=3e-2)
+            start = end

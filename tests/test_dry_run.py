@@ -149,3 +149,17 @@ def test_the_extra_bytes_read_the_architecture_with_the_jobs_trust_remote_code(t
     assert resident_extra_bytes(trusted) == resident_extra_bytes(plain) > 0  # same shapes, same optimizer state
     with pytest.raises(ModelError, match="custom code"):
         resident_extra_bytes(load_config(write_job(tmp_path, folder)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_dry_run_reads_a_peak_that_grows_with_the_micro_batch(wide_vocab_dir):
+    """What only a GPU shows: the allocator's peak around the same step (ids past the embedding
+    would be a device assert here, not an IndexError)."""
+    from qlora.training.dry_run import cuda_dry_run_peak
+
+    model = attach_lora(tiny_base(wide_vocab_dir, compute_dtype="bfloat16"), LoraSection(r=8, alpha=16), seed=0)
+    resident = torch.cuda.memory_allocated()
+    one, four = (cuda_dry_run_peak(model, micro, 256, VOCAB + 500, compute_dtype="bfloat16") for micro in (1, 4))
+    assert one is not None and four is not None and resident < one < four
+    assert all(parameter.grad is None for parameter in model.parameters())

@@ -4,8 +4,8 @@ The plan (qlora.plan.memory) picks it from config.json before anything loads; gr
 keeps the effective batch (sequences per optimizer step) exact, so `auto` changes speed and
 memory, never the optimization. On CUDA one dry-run training step at that size (the loop's own
 loss on a synthetic batch: qlora.training.dry_run, handed in by the job, as this layer sits below
-training) measures the real peak and steps down if the plan was optimistic. On CPU there is no device total to plan
-for, so auto needs train.memory_budget (and is not confirmed by a dry run).
+training) measures the real peak and steps down if the plan was optimistic. On CPU there is no
+device total to plan for, so auto needs train.memory_budget (and is not confirmed by a dry run).
 """
 
 from __future__ import annotations

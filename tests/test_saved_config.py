@@ -8,7 +8,7 @@ import yaml
 import qlora.job.run as job
 from qlora.config import load_config
 from qlora.job.run import run_job
-from qlora.plan.micro_batch import set_micro_batch
+from qlora.plan.micro_batch import step_down_until_fits
 from tests.tiny import write_job
 
 
@@ -22,9 +22,10 @@ def test_the_saved_config_is_the_micro_batch_that_trained_and_reproduces_the_run
     path = write_job(tmp_path, tiny_model_dir, train=auto)
 
     # On CUDA a dry run steps an optimistic plan down (qlora.plan.micro_batch.confirm_micro_batch);
-    # a CPU has no dry run, so step down here exactly as it would, through the same function.
-    def dry_run_steps_down(model, config, budget, vocab_size, echo):
-        set_micro_batch(config, 1, config.train.micro_batch_size * config.train.grad_accum_steps)
+    # a CPU has no peak to read, so step down here through the same rule, with peaks over the
+    # budget above one sequence.
+    def dry_run_steps_down(config, budget, measure_peak, echo):
+        step_down_until_fits(config, budget, 0, lambda micro_batch: budget if micro_batch > 1 else 0, echo)
 
     monkeypatch.setattr(job, "confirm_micro_batch", dry_run_steps_down)
     first = run_job(load_config(path), echo=lambda line: None).output_dir

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from qlora.adapters import attach_lora, load_adapter_weights
 from qlora.config import JobConfig
 from qlora.model.base import load_base, parameter_counts, weight_bytes
+from qlora.model.row_attention import batch_layout, chosen_attention
 from qlora.sizes import format_bytes
 from qlora.training.distributed import World, replicated
 
@@ -58,6 +59,9 @@ def place_model(
     rank. `before_wrap(model)` runs on each rank's whole peft model before DDP wraps it (the auto
     micro-batch's dry run; not under FSDP, where only rank 0's model is whole)."""
     sharded = shards_the_base(config, world)
+    # The micro-batch is final here but for the auto dry run's step down, which only shrinks it:
+    # an attention correct for this many sequences per batch is correct for fewer.
+    layout = batch_layout(config.train.micro_batch_size, config.data.packing, config.data.padding_free)
     if sharded:
         from qlora.model.sharded_load import load_sharded_base
 
@@ -66,6 +70,7 @@ def place_model(
             config.quantization,
             gradient_checkpointing=config.train.gradient_checkpointing,
             seed=config.train.seed,
+            layout=layout,
         )
     else:
         base = load_base(
@@ -73,9 +78,13 @@ def place_model(
             config.quantization,
             gradient_checkpointing=config.train.gradient_checkpointing,
             seed=config.train.seed,
+            layout=layout,
         )
     memory = format_bytes(weight_bytes(base))
     echo(f"base: {config.model.name_or_path} ({config.quantization.describe()}), {memory} in memory")
+    choice = chosen_attention(base)
+    if choice is not None:
+        echo(f"attention: {choice.implementation} ({choice.reason})")
     lora = config.lora
     model = attach_lora(base, lora, seed=config.train.seed)
     trainable, total = parameter_counts(model)

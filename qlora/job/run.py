@@ -35,6 +35,7 @@ from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch, set
 from qlora.training.builders import build_optimizer, build_schedule, loop_settings
 from qlora.training.checkpoint import TrainingState, load_training_state, remove_partial_checkpoints, verify_checkpoint
 from qlora.training.distributed import World, agreed, from_every_rank, join, leave, world_from_env
+from qlora.training.dry_run import cuda_dry_run_peak
 from qlora.training.loop import LoopResult, train
 from qlora.training.metrics import MetricsLog
 from qlora.training.precision import build_precision
@@ -280,7 +281,21 @@ def confirm_on_every_rank(config: JobConfig, run: RunPlan, model, world: World, 
     """The auto micro-batch's dry run (CUDA), on each rank's whole model; each may step down
     differently, so all take the smallest."""
     effective = config.train.micro_batch_size * config.train.grad_accum_steps
-    confirm_micro_batch(model, config, run.auto_budget, len(run.prepared.tokenizer), echo)
+    train, data = config.train, config.data
+
+    def measure_peak(micro_batch: int):
+        return cuda_dry_run_peak(
+            model,
+            micro_batch,
+            data.max_seq_len,
+            len(run.prepared.tokenizer),
+            compute_dtype=config.quantization.compute_dtype,
+            chunk_tokens=train.loss_chunk_tokens,
+            padding_free=data.padding_free,
+            offload_activations=train.offload_activations,
+        )
+
+    confirm_micro_batch(config, run.auto_budget, measure_peak, echo)
     set_micro_batch(config, min(from_every_rank(world, config.train.micro_batch_size)), effective)
 
 

@@ -13,7 +13,7 @@ from qlora.config import ModelSection, QuantizationSection
 from qlora.errors import ModelError
 from qlora.model.checkpointing import checkpoint_kwargs
 from qlora.model.host_memory import release_checkpoint_file
-from qlora.model.row_attention import use_row_attention
+from qlora.model.row_attention import BatchLayout, use_row_attention
 
 
 def check_source(name_or_path: str) -> None:
@@ -55,6 +55,7 @@ def load_base(
     seed: int = 0,
     quant_storage: Optional[str] = None,
     on_cpu: bool = False,
+    layout: BatchLayout = BatchLayout(),
 ):
     """The base of `source`, stored as `quantization` says, frozen, ready for adapters.
 
@@ -64,6 +65,9 @@ def load_base(
     see a graph even though the base is frozen. `seed` draws the weights of `init: random`.
     quant_storage: the dtype the packed 4-bit bytes are stored as (bitsandbytes_config); on_cpu:
     load into host memory even with a GPU (FSDP moves each wrapped unit to its GPU itself).
+    layout: the micro-batches it will train on (row_attention.batch_layout), which decide where
+    flash attention keeps their rows apart; the default (one sequence, or padded rows with an
+    attention mask) is what evaluation and generation feed.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -81,7 +85,7 @@ def load_base(
             device="cpu" if on_cpu else None,
             quant_storage=quant_storage,
         )
-        return freeze_for_training(model, gradient_checkpointing)
+        return freeze_for_training(model, gradient_checkpointing, quantization.compute_dtype, layout)
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() and not on_cpu else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -97,7 +101,7 @@ def load_base(
         raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {first_line(error)}") from None
     if quantization.bits in (4, 8):
         release_checkpoint_file(model)  # the unquantized rest pins the whole file's pages: qlora/model/host_memory.py
-    return freeze_for_training(model, gradient_checkpointing)
+    return freeze_for_training(model, gradient_checkpointing, quantization.compute_dtype, layout)
 
 
 def bitsandbytes_config(quantization: QuantizationSection, quant_storage: Optional[str] = None):
@@ -123,13 +127,15 @@ def bitsandbytes_config(quantization: QuantizationSection, quant_storage: Option
     return None
 
 
-def freeze_for_training(model, gradient_checkpointing: Union[bool, str]):
+def freeze_for_training(
+    model, gradient_checkpointing: Union[bool, str], compute_dtype: str = "float32", layout: BatchLayout = BatchLayout()
+):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     disable_cpu_weight_repacking(model)
     # Padding-free / packed micro-batches attend within each row only (no block-diagonal mask
     # over the whole sequence); every other input takes transformers' SDPA path unchanged.
-    use_row_attention(model)
+    use_row_attention(model, compute_dtype, layout)
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(gradient_checkpointing))

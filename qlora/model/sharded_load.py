@@ -25,6 +25,7 @@ from typing import Union
 from qlora.config import ModelSection, QuantizationSection
 from qlora.model.base import freeze_for_training, load_base
 from qlora.model.random_init import default_device, four_bit_quantizer
+from qlora.model.row_attention import BatchLayout
 
 
 def load_sharded_base(
@@ -34,10 +35,12 @@ def load_sharded_base(
     gradient_checkpointing: Union[bool, str],
     seed: int = 0,
     device=None,
+    layout: BatchLayout = BatchLayout(),
 ):
     """The base for FSDP on every rank of the default process group: rank 0's real (in host
     memory), the others' a meta skeleton whose 4-bit quantization states are rank 0's, on
-    `device` (default: the current GPU, or the CPU). Call it on every rank at once (collectives)."""
+    `device` (default: the current GPU, or the CPU); `layout`: as load_base's. Call it on every rank at
+    once (collectives)."""
     import torch
     import torch.distributed as dist
 
@@ -51,15 +54,16 @@ def load_sharded_base(
             seed=seed,
             quant_storage=storage,
             on_cpu=True,
+            layout=layout,
         )
-        layout = [model.config, quant_state_layout(model)]
+        shared = [model.config, quant_state_layout(model)]
     else:
-        model, layout = None, [None, None]
-    dist.broadcast_object_list(layout, src=0)
-    hf_config, states = layout
+        model, shared = None, [None, None]
+    dist.broadcast_object_list(shared, src=0)
+    hf_config, states = shared
     if model is None:
         model = empty_skeleton(hf_config, quantization, states, source.trust_remote_code, storage)
-        freeze_for_training(model, gradient_checkpointing)
+        freeze_for_training(model, gradient_checkpointing, quantization.compute_dtype, layout)
     broadcast_quant_states(model, device)
     return model
 

@@ -131,19 +131,21 @@ def load_hf_config(config_dir: Path, trust_remote_code: bool = False):
         ) from None
 
 
-def meta_skeleton(hf_config, dtype=None):
-    """The causal-LM module tree with every parameter on the meta device: shapes without memory."""
+def meta_skeleton(hf_config, dtype=None, trust_remote_code: bool = False):
+    """The causal-LM module tree with every parameter on the meta device: shapes without memory.
+    A config loaded with trust_remote_code names its model class in code beside it, which
+    transformers builds only when told again."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def load_architecture(source: str, trust_remote_code: bool = False) -> Architecture:
     config_dir = resolve_config_dir(source)
     hf_config = load_hf_config(config_dir, trust_remote_code)
-    return describe_skeleton(meta_skeleton(hf_config), str(config_dir))
+    return describe_skeleton(meta_skeleton(hf_config, trust_remote_code=trust_remote_code), str(config_dir))
 
 
 def describe_skeleton(model, source: str) -> Architecture:

@@ -2,9 +2,10 @@
 
 The plan (qlora.plan.memory) picks it from config.json before anything loads; grad_accum_steps then
 keeps the effective batch (sequences per optimizer step) exact, so `auto` changes speed and
-memory, never the optimization. On CUDA one dry-run forward+backward at that size measures the
-real peak and steps down if the plan was optimistic. On CPU there is no device total to plan
-for, so auto needs train.memory_budget (and is not confirmed by a dry run).
+memory, never the optimization. On CUDA one dry-run training step at that size (the loop's own
+loss on a synthetic batch: qlora.training.dry_run, handed in by the job, as this layer sits below
+training) measures the real peak and steps down if the plan was optimistic. On CPU there is no
+device total to plan for, so auto needs train.memory_budget (and is not confirmed by a dry run).
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ from qlora.config import JobConfig
 from qlora.errors import ConfigError
 from qlora.plan.architecture import load_architecture
 from qlora.plan.budget import read_budget
-from qlora.plan.memory import CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan
+from qlora.plan.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan
 from qlora.plan.settings import PlanSettings, settings_from_job
 from qlora.sizes import format_bytes
+
+# The dry run reads max_memory_allocated; the card must also hold what the caching allocator
+# reserves beyond it (freed blocks kept for reuse, the unused tails of split blocks), which a
+# single step from an emptied cache under-shows and later steps, fragmenting, add to. The plan
+# charges the same share for the same reason (qlora.plan.memory.ALLOCATOR_SLACK): one number,
+# so a size the plan fits is judged by the same rule once measured.
+DRY_RUN_SLACK = ALLOCATOR_SLACK
 
 
 def resolve_micro_batch(config: JobConfig, echo: Callable[[str], None] = print) -> Optional[int]:
@@ -76,28 +84,37 @@ def memory_budget(text) -> int:
 
 
 def confirm_micro_batch(
-    model, config: JobConfig, budget: int, vocab_size: int, echo: Callable[[str], None] = print
+    config: JobConfig,
+    budget: int,
+    measure_peak: Callable[[int], Optional[int]],
+    echo: Callable[[str], None] = print,
 ) -> None:
-    """CUDA only: one forward+backward at micro_batch x max_seq_len measures the real peak
-    (plus the optimizer state and context the plan adds, which do not exist yet); step down
-    to a smaller divisor of the effective batch until it fits. RNG state is restored."""
+    """CUDA only: `measure_peak(micro_batch)` runs one training step at that size and returns the
+    allocator's peak (None: out of memory; qlora.training.dry_run); step down until it fits."""
     import torch
 
-    if not torch.cuda.is_available():
-        return
+    if torch.cuda.is_available():
+        step_down_until_fits(config, budget, resident_extra_bytes(config), measure_peak, echo)
+
+
+def step_down_until_fits(
+    config: JobConfig,
+    budget: int,
+    extra: int,
+    measure_peak: Callable[[int], Optional[int]],
+    echo: Callable[[str], None] = print,
+) -> None:
+    """While the measured peak, the allocator slack and `extra` (resident_extra_bytes) exceed the
+    budget (dry_run_fits), the next smaller divisor of the effective batch; raises at 1."""
     effective = config.train.micro_batch_size * config.train.grad_accum_steps
-    extra = CUDA_CONTEXT_BYTES + next(
-        line.bytes
-        for line in make_plan(load_architecture(config.model.name_or_path), launched_settings(config)).lines
-        if line.name == "optimizer_state"
-    )
     while True:
         micro = config.train.micro_batch_size
-        peak = dry_run_peak(model, micro, config.data.max_seq_len, vocab_size, config.quantization.compute_dtype)
-        if peak is not None and peak + extra <= budget:
+        peak = measure_peak(micro)
+        if peak is not None and dry_run_fits(peak, extra, budget):
             echo(
                 f"micro_batch_size {micro} confirmed: dry-run peak {format_bytes(peak)} allocated "
-                f"(+{format_bytes(extra)} optimizer state and context) of {format_bytes(budget)}"
+                f"(+{DRY_RUN_SLACK:.0%} allocator slack, +{format_bytes(extra)} optimizer state and context) "
+                f"of {format_bytes(budget)}"
             )
             return
         if micro == 1:
@@ -105,36 +122,26 @@ def confirm_micro_batch(
                 f"train.micro_batch_size auto: one sequence of {config.data.max_seq_len} tokens "
                 f"does not fit in {format_bytes(budget)} (dry run); lower data.max_seq_len"
             )
-        outcome = "ran out of memory" if peak is None else f"peaked at {format_bytes(peak + extra)}"
+        outcome = "ran out of memory" if peak is None else f"needs {format_bytes(dry_run_need(peak, extra))}"
         echo(f"micro_batch_size {micro}: dry run {outcome}; trying smaller")
         set_micro_batch(config, micro - 1, effective)
 
 
-def dry_run_peak(model, micro_batch: int, seq_len: int, vocab_size: int, compute_dtype: str) -> Optional[int]:
-    """Peak allocated bytes of one forward+backward on random tokens (None on out-of-memory)."""
-    import torch
-    import torch.nn.functional as F
+def resident_extra_bytes(config: JobConfig) -> int:
+    """What the card holds during training that a dry-run step before the optimizer exists does not
+    show: the optimizer state (the plan's line, counted even when paged: conservative) and the
+    CUDA context outside torch's allocator. The architecture is read as the job reads it
+    (model.trust_remote_code included: a custom config class loads only with it)."""
+    arch = load_architecture(config.model.name_or_path, config.model.trust_remote_code)
+    lines = make_plan(arch, launched_settings(config)).lines
+    return CUDA_CONTEXT_BYTES + next(line.bytes for line in lines if line.name == "optimizer_state")
 
-    device = torch.device("cuda", torch.cuda.current_device())
-    was_training = model.training
-    model.train()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    peak = None
-    with torch.random.fork_rng(devices=[device]):
-        try:
-            input_ids = torch.randint(0, vocab_size, (micro_batch, seq_len), device=device)
-            with torch.autocast("cuda", dtype=getattr(torch, compute_dtype), enabled=compute_dtype != "float32"):
-                logits = model(input_ids=input_ids, use_cache=False).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), reduction="sum")
-            del logits
-            loss.backward()
-            peak = torch.cuda.max_memory_allocated()
-        except torch.OutOfMemoryError:
-            peak = None
-        finally:
-            loss = None
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
-            torch.cuda.empty_cache()
-    return peak
+
+def dry_run_need(peak_allocated: int, extra: int, slack: float = DRY_RUN_SLACK) -> int:
+    """Bytes the card must hold for a step whose allocator peak was measured as peak_allocated."""
+    return int(peak_allocated * (1 + slack)) + extra
+
+
+def dry_run_fits(peak_allocated: int, extra: int, budget: int, slack: float = DRY_RUN_SLACK) -> bool:
+    """Whether the measured peak, the allocator slack on top of it and `extra` fit in the budget."""
+    return dry_run_need(peak_allocated, extra, slack) <= budget

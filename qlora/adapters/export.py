@@ -26,7 +26,8 @@ from qlora.adapters.gguf_arch import gguf_architecture
 from qlora.adapters.gguf_file import GGUF_DTYPES, MERGE_DTYPE_FOR, write_gguf
 from qlora.adapters.gguf_vocab import read_vocabulary
 from qlora.adapters.loading import resolve_base, tokenizer_source
-from qlora.adapters.merge import DEFAULT_PROMPTS, check_output, merge_adapter, tokenize_prompts
+from qlora.adapters.merge import DEFAULT_PROMPTS, check_output, merge_adapter
+from qlora.adapters.merge_check import all_logits, max_difference, tokenize_prompts
 from qlora.adapters.vllm_check import VllmVerdict, read_verdict
 from qlora.errors import ConfigError, ModelError, OutputError
 from qlora.output_dir import apply_umask
@@ -210,7 +211,7 @@ def read_back(report: ExportReport, merged_dir: Path, gguf_path: Path, prompts: 
     )
     input_ids = tokenize_prompts(merged_tokenizer, prompts)
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
-    expected = logits_of(merged, input_ids)
+    expected = all_logits(merged, input_ids)
     config = {}
     if gguf_architecture(merged.config).rope_type == "llama3":
         # transformers' GGUF reader drops llama3 rope scaling (llama.cpp reads it from rope_freqs):
@@ -223,17 +224,9 @@ def read_back(report: ExportReport, merged_dir: Path, gguf_path: Path, prompts: 
     read = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, **config
     )
-    actual = logits_of(read, input_ids)
-    report.max_logit_diff = max((a - b).abs().max().item() for a, b in zip(actual, expected))
+    report.max_logit_diff = max_difference(all_logits(read, input_ids), expected)
     report.max_abs_logit = max(logits.abs().max().item() for logits in expected)
     report.checked = True
-
-
-def logits_of(model, input_ids: list) -> list:
-    import torch
-
-    with torch.no_grad():
-        return [model(input_ids=ids).logits.float() for ids in input_ids]
 
 
 def finish_ollama(report: ExportReport, merged_dir: Path, folder: Path, gguf_name: str, out: Path, name: str) -> None:
@@ -257,16 +250,20 @@ def ollama_name(name: str) -> str:
     return cleaned.strip("-.") or "qlora-model"
 
 
+def merge_line(merge: dict) -> str:
+    if merge.get("max_diff_vs_16bit_adapter") is None:
+        return "merge: logits not compared (a large base; qlora merge --check compares them)"
+    line = f"merge: max |logit difference| vs 16-bit base + adapter {merge['max_diff_vs_16bit_adapter']:.4g}"
+    if merge.get("max_diff_vs_nf4_adapter") is not None:
+        line += f", vs NF4 base + adapter (training's) {merge['max_diff_vs_nf4_adapter']:.4g}"
+    return line
+
+
 def describe_export(report: ExportReport) -> str:
     lines = [
         f"exported: {report.gguf} ({format_bytes(report.bytes)}, {report.dtype}, {report.tensors} tensors, "
         f"llama.cpp architecture {report.architecture}, {report.tokenizer} tokenizer) in {report.seconds:.1f} s",
-        f"merge: max |logit difference| vs 16-bit base + adapter {report.merge['max_diff_vs_16bit_adapter']:.4g}"
-        + (
-            f", vs NF4 base + adapter (training's) {report.merge['max_diff_vs_nf4_adapter']:.4g}"
-            if report.merge.get("max_diff_vs_nf4_adapter") is not None
-            else ""
-        ),
+        merge_line(report.merge),
     ]
     if report.checked:
         lines.append(

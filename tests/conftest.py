@@ -31,6 +31,19 @@ def trained_adapter(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The shipped demo job, unchanged but for where it writes: its output folder."""
+    from pathlib import Path
+
+    from qlora.cli.main import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    config = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    assert main(["train", str(config), "--set", f"output.dir={out}"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny256(tmp_path_factory):
     """A 2-layer Llama with hidden 256: LoRA A matrices at r=16 reach bitsandbytes' 8-bit optimizer threshold."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny256"), hidden=256, layers=2)

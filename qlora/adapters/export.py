@@ -36,7 +36,7 @@ from qlora.sizes import format_bytes
 EXPORT_FORMATS = ("gguf", "ollama")
 # Reading a GGUF back dequantizes it to float32 beside the merged model: past this many bytes of
 # 16-bit weights the check would need tens of GB, so it is skipped unless asked for.
-CHECK_BYTES_LIMIT = 4 * 2**30
+CHECK_BYTES_LIMIT = 2 * 2**30
 
 
 @dataclass

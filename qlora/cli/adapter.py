@@ -115,7 +115,7 @@ def add_export_parser(commands) -> None:
         "--check",
         action="store_true",
         default=None,
-        help="read the GGUF back with transformers and compare logits (default: on up to 4 GiB of weights)",
+        help="read the GGUF back with transformers and compare logits (default: on up to 2 GiB of 16-bit weights)",
     )
     check.add_argument("--no-check", dest="check", action="store_false", help="skip the read-back comparison")
     export.add_argument("--prompt", action="append", help="prompt to compare logits on (repeatable)")

@@ -6,6 +6,7 @@ multi-process paths are proved on the CPU with gloo (tests/test_distributed.py).
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,25 @@ def test_gpu_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model_dir, tm
             base_only = plain(input_ids=input_ids).logits.float()
     torch.testing.assert_close(theirs, ours, rtol=2e-2, atol=2e-2)
     assert (base_only - ours).abs().max() > 0.1  # the adapter really changes the output
+
+
+def test_three_runs_in_one_process_each_autocast_in_their_own_dtype(tiny_model_dir, tmp_path):
+    """Nothing process-wide (no accelerate AcceleratorState): bf16, then float16 with loss scaling,
+    then float32, in one process, each training in its own precision."""
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    expected = {"bfloat16": (True, torch.bfloat16), "float16": (True, torch.float16), "float32": (False, torch.float32)}
+    for compute_dtype, autocast_state in expected.items():
+        model = build_model(tiny_model_dir, compute_dtype=compute_dtype)
+        lora_a = next(module for name, module in model.named_modules() if name.endswith("q_proj.lora_A.default"))
+        seen = set()
+        lora_a.register_forward_hook(
+            lambda module, inputs, output: seen.add((torch.is_autocast_enabled("cuda"), output.dtype))
+        )
+        precision = build_precision(compute_dtype, "cuda")
+        result = train_tiny(model, batches_fn(examples, tokenizer.pad_token_id, 4), precision=precision)
+        assert result.steps == 3 and math.isfinite(result.final_loss), compute_dtype
+        assert seen == {autocast_state}, compute_dtype
+        assert precision.scaler.is_enabled() == (compute_dtype == "float16")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

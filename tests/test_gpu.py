@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from qlora.adapters import save_adapter
-from qlora.cli.main import main
 from qlora.training.precision import build_precision
 from tests.tiny_training import batches_fn, build_model, settings, tokenized, train_tiny
 
@@ -23,6 +22,8 @@ DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def test_demo_job_learns_on_the_gpu_in_bf16(tmp_path):
+    from qlora.cli.main import main  # here, not at the top: the CLI imports the service's slot names
+
     output = tmp_path / "out"
     assert (
         main(["train", str(DEMO), "--set", f"output.dir={output}", "--set", "quantization.compute_dtype=bfloat16"]) == 0

@@ -91,6 +91,37 @@ def test_three_runs_in_one_process_each_autocast_in_their_own_dtype(tiny_model_d
         assert precision.scaler.is_enabled() == (compute_dtype == "float16")
 
 
+def test_a_resumed_paged_optimizer_keeps_its_moments_paged_and_steps_as_the_original():
+    """bitsandbytes pages moments of >= 1e5 elements; its load_state_dict alone would leave them in
+    ordinary CUDA memory (qlora.training.checkpoint.load_optimizer_state)."""
+    import bitsandbytes as bnb
+
+    from qlora.training.checkpoint import load_optimizer_state
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(512, 512, device="cuda")) for _ in range(2)]
+    optimizers = [bnb.optim.PagedAdamW8bit([weight], lr=1e-3) for weight in weights]
+    weights[1].data.copy_(weights[0].data)
+
+    def step(weight, optimizer, seed):
+        torch.manual_seed(seed)
+        weight.grad = torch.randn_like(weight)
+        optimizer.step()
+
+    for seed in range(2):
+        step(weights[0], optimizers[0], seed)
+    weights[1].data.copy_(weights[0].data)
+    rebuilt = load_optimizer_state(optimizers[1], optimizers[0].state_dict())
+    original, resumed = optimizers[0].state[weights[0]], optimizers[1].state[weights[1]]
+    assert getattr(original["state1"], "is_paged", False)
+    assert {(buffer.key, buffer.paged) for buffer in rebuilt} == {("state1", True), ("state2", True)}
+    assert all(getattr(resumed[key], "is_paged", False) for key in ("state1", "state2"))
+    assert all(torch.equal(resumed[key].cpu(), original[key].cpu()) for key in ("state1", "state2", "absmax1"))
+    step(weights[0], optimizers[0], 2)
+    step(weights[1], optimizers[1], 2)
+    assert torch.equal(weights[1], weights[0])
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_one_nccl_rank_trains_like_one_process(tiny_model_dir, tmp_path, strategy):
     """torchrun with one rank on the GPU: NCCL collectives, FSDP's unit moves and quant-state broadcast

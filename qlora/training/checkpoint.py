@@ -290,11 +290,12 @@ def load_optimizer_state(optimizer, state_dict: dict) -> list[RebuiltBuffer]:
             state = optimizer.state.get(parameter, {})
             for key in STATE_BUFFER_KEYS:
                 loaded = state.get(key)
-                if not isinstance(loaded, torch.Tensor) or getattr(loaded, "is_paged", False):
+                if not isinstance(loaded, torch.Tensor):
                     continue
                 buffer = optimizer.get_state_buffer(parameter, dtype=loaded.dtype)
-                # A paged buffer is a host-addressable view of unified memory: copy_ from the
-                # loaded CUDA tensor writes it, as bitsandbytes' own kernels do.
+                # To torch a paged buffer is a host tensor over unified memory (get_paged wraps
+                # it with torch.frombuffer): copy_ from the loaded CUDA tensor is a device-to-host
+                # copy into it. The loaded tensor is freed when the state drops it below.
                 buffer.copy_(loaded.view(buffer.shape))
                 state[key] = buffer
                 rebuilt.append(RebuiltBuffer(index, key, bool(getattr(buffer, "is_paged", False))))

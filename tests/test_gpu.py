@@ -30,8 +30,14 @@ def test_demo_job_learns_on_the_gpu_in_bf16(tmp_path):
     )
     summary = json.loads((output / "summary.json").read_text())
     assert summary["peak_memory_kind"] == "gpu_allocated" and summary["peak_memory_bytes"] > 0
-    assert summary["eval_loss"] <= 0.7 * summary["eval_loss_before"]
-    assert summary["exact_match_after"] >= summary["exact_match_before"] + 0.5
+    # Measured in bfloat16 on the CPU (bitsandbytes' CPU kernels, same config): exact match 0% ->
+    # 96.5% (seed 42) and 96.0% (seed 1), eval loss 8.56 -> 0.011. CPU autocast in bf16 on top,
+    # as a GPU runs, gave the same 100 training losses bit for bit (the LoRA update already computes
+    # in the activations' bf16: qlora/adapters/lean_lora.py) and 96.5%. The GPU's kernels round
+    # differently: 0.85 leaves 11 points under the lowest measured, and the untrained adapter scores
+    # 0%. Eval loss at most 5% of the untrained one (measured 0.13%).
+    assert summary["eval_loss"] <= 0.05 * summary["eval_loss_before"]
+    assert summary["exact_match_before"] <= 0.05 and summary["exact_match_after"] >= 0.85
 
 
 def test_gpu_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model_dir, tmp_path):

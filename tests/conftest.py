@@ -10,6 +10,18 @@ import pytest  # noqa: E402
 
 from tests.tiny import build_tiny_model  # noqa: E402
 
+# The modules that hold `gpu` tests. `pytest -m gpu` collects only these, so a GPU box needs
+# what they import (torch, bitsandbytes, peft), not the service's (httpx, the browser helpers):
+# marks are known only after a module is imported, so without this every module would be.
+GPU_TEST_MODULES = ("test_gpu.py",)
+
+
+def pytest_ignore_collect(collection_path, config):
+    gpu_only = config.getoption("markexpr") == "gpu"
+    if gpu_only and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return collection_path.name not in GPU_TEST_MODULES
+    return None
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

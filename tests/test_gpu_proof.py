@@ -108,3 +108,40 @@ def test_the_plan_proof_step_runs_end_to_end_on_the_cpu(tmp_path):
     assert "error" not in record, record
     assert record["steps"] == 3 and record["planned_total_bytes"] > 0 and record["measured_peak_rss_bytes"] > 0
     assert record["tokens_per_s"] > 0 and record["tokens_per_s_with_first_step"] > 0
+
+
+# The proof's pytest step on a box without the service's packages: httpx, fastapi, uvicorn and our
+# browser / service helpers made uninstallable, as they are there.
+NOT_INSTALLED = """
+import importlib.abc, sys
+MISSING = ("httpx", "fastapi", "uvicorn", "starlette", "tests.browser", "tests.service_server", "qlora.service")
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == missing or name.startswith(missing + ".") for missing in MISSING):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+import pytest
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
+def collect_without_the_service(*args) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-c", NOT_INSTALLED, "--collect-only", "-q", "-p", "no:cacheprovider", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("paths", [["tests/test_gpu.py"], []], ids=["the-proofs-command", "all-tests"])
+def test_the_gpu_tests_collect_without_httpx_or_the_service(paths):
+    result = collect_without_the_service("-m", "gpu", *paths)
+    assert result.returncode == 0, result.stdout + result.stderr
+    collected = [line for line in result.stdout.splitlines() if "::" in line]
+    assert collected and all(line.startswith("tests/test_gpu.py::") for line in collected)
+
+
+def test_the_missing_packages_are_really_missing_to_a_service_test():
+    result = collect_without_the_service("tests/test_service_units.py")
+    assert result.returncode != 0 and "No module named" in result.stdout

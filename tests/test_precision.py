@@ -2,6 +2,9 @@
 the float16 loss-scaling path (scale, unscale before clipping, step, update) changing nothing
 but the scale when gradients are finite."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -47,3 +50,48 @@ def test_loss_scaling_trains_exactly_as_no_scaling(tiny_model_dir, tmp_path):
     assert all(torch.equal(adapter_plain[name], adapter_scaled[name]) for name in adapter_plain)
     assert saved_scaler[:2] == [None, None]
     assert saved_scaler[2]["scale"] == 2.0**16 and saved_scaler[3]["_growth_tracker"] == 4
+
+
+# Two jobs in one process, as the service's worker or a notebook runs them. Nothing of ours is
+# process-wide: the precision is built per job (no accelerate Accelerator / AcceleratorState,
+# whose mixed-precision mode is fixed once per process), and the loop takes its device from the
+# parameters it trains.
+
+
+def test_two_jobs_in_one_process_with_other_compute_dtypes_each_run_as_alone(tiny_model_dir, tmp_path):
+    from qlora.config import load_config
+    from qlora.job.run import run_job
+    from tests.tiny import write_job
+
+    losses = {}
+    for name, compute_dtype in (("first", "float32"), ("bf16", "bfloat16"), ("again", "float32")):
+        (tmp_path / name).mkdir()
+        job = write_job(tmp_path / name, tiny_model_dir, quantization={"compute_dtype": compute_dtype})
+        result = run_job(load_config(job), echo=lambda line: None)
+        rows = [json.loads(line) for line in (tmp_path / name / "out" / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [row["loss"] for row in rows if "loss" in row]
+        assert result.loop.steps == 4 and all(math.isfinite(loss) for loss in losses[name])
+    assert losses["again"] == losses["first"]  # bit for bit: the bf16 job in between left nothing behind
+    assert losses["bf16"] != losses["first"]  # and it computed in its own dtype
+
+
+def test_the_loop_run_twice_autocasts_each_run_in_its_own_precision(tiny_model_dir, tmp_path):
+    """CPU autocast stands in for the GPU's: a bf16 run, then a float32 run in the same process."""
+    tokenizer, examples = tokenized(tiny_model_dir, tmp_path)
+    seen = {}
+    for name, precision in (
+        ("bf16", Precision("cpu", torch.bfloat16, torch.amp.GradScaler("cpu", enabled=False))),
+        ("float32", build_precision("float32", "cpu")),
+    ):
+        model = build_model(tiny_model_dir)
+        lora_a = next(module for name_, module in model.named_modules() if name_.endswith("q_proj.lora_A.default"))
+        states = set()
+
+        def record(module, inputs, output, states=states):
+            states.add((torch.is_autocast_enabled("cpu"), output.dtype))
+
+        lora_a.register_forward_hook(record)
+        result = train_tiny(model, batches_fn(examples, tokenizer.pad_token_id, 4), precision=precision)
+        seen[name] = states
+        assert result.steps == 3 and math.isfinite(result.final_loss)
+    assert seen == {"bf16": {(True, torch.bfloat16)}, "float32": {(False, torch.float32)}}

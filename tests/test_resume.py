@@ -86,6 +86,13 @@ VARIANTS = {
         train={"max_steps": 5, "micro_batch_size": 1, "save_every": 3, "optimizer": "paged_adamw_8bit"},
         kill_before=5,
     ),
+    # hidden 256, r=16: 8-bit moments (the hidden-64 model's stay float32), re-allocated on load.
+    "paged 8-bit, uint8 moments": dict(
+        model="tiny256",
+        lora={"r": 16, "alpha": 32},
+        train={"max_steps": 4, "save_every": 2, "optimizer": "paged_adamw_8bit"},
+        kill_before=4,
+    ),
     "8-bit adamw, eval passes": dict(
         train={"max_steps": 6, "save_every": 2, "eval_every": 2, "optimizer": "adamw_8bit", "warmup_steps": 2},
         kill_before=4,
@@ -94,10 +101,11 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_a_killed_run_resumed_equals_the_uninterrupted_run(tiny_model_dir, tmp_path, variant):
+def test_a_killed_run_resumed_equals_the_uninterrupted_run(request, tmp_path, variant):
     sections = dict(VARIANTS[variant])
     kill_before = sections.pop("kill_before")
-    reference, interrupted = jobs(tmp_path, tiny_model_dir, **sections)
+    model_dir = request.getfixturevalue(sections.pop("model", "tiny_model_dir"))
+    reference, interrupted = jobs(tmp_path, model_dir, **sections)
     run(reference)
 
     with pytest.raises(Killed):

@@ -311,8 +311,6 @@ def run_loop(
     trackers: Optional[Trackers] = None,
 ) -> LoopResult:
     """The loop, handed what the builders make of the config; metrics.jsonl closed on every way out."""
-    import torch
-
     output_dir = Path(config.output.dir)
     pad_id = prepared.tokenizer.pad_token_id
     epoch_batches = batch_maker(config, prepared.train.examples, pad_id)
@@ -320,7 +318,8 @@ def run_loop(
     trained = placed.trained  # the optimizer takes the parameters DDP / FSDP train
     optimizer = build_optimizer(trained, config.train)
     schedule = build_schedule(optimizer, config.train, max_steps)
-    precision = build_precision(config.quantization.compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    # The device of the weights the loop trains, as the loop takes its own: not whether CUDA exists.
+    precision = build_precision(config.quantization.compute_dtype, optimizer.param_groups[0]["params"][0].device.type)
     metrics = MetricsLog(output_dir / "metrics.jsonl", trackers) if world.is_main else None
     try:
         model_source = config.model

@@ -251,6 +251,59 @@ def decode(value: Any, tensors: dict) -> Any:
     return [decode(item, tensors) for item in value["list"]]
 
 
+# --------------------------------------------------------------------------- optimizer state
+
+# The state bitsandbytes allocates through Optimizer8bit.get_state_buffer (init_state, 0.50): the
+# moments, the only tensors a paged optimizer pages. absmax, qmap and the rest are plain tensors.
+STATE_BUFFER_KEYS = ("state1", "state2")
+
+
+@dataclass(frozen=True)
+class RebuiltBuffer:
+    """One optimizer state tensor re-allocated by the optimizer after a load."""
+
+    parameter: int  # index in the optimizer's parameter order
+    key: str
+    paged: bool  # what bitsandbytes allocated: CUDA unified memory (True) or an ordinary tensor
+
+
+def load_optimizer_state(optimizer, state_dict: dict) -> list[RebuiltBuffer]:
+    """optimizer.load_state_dict, then a paged bitsandbytes optimizer's moments re-allocated the way
+    its own first step allocated them, with the loaded values copied in; returns those re-allocated.
+
+    bitsandbytes' load_state_dict moves every state tensor to the parameter's device with
+    `.to(device)`: ordinary CUDA tensors in torch's allocator, no longer paged, so a resumed run
+    could not evict them to RAM and its memory is not the plan's (paged state outside torch's
+    counters). get_state_buffer decides as it does at the first step: paged on CUDA for tensors
+    of >= 1e5 elements, an ordinary zeros_like otherwise and always on CPU, where paging does
+    not exist (there `paged` is False for every buffer and the copy changes no value or dtype).
+    """
+    import torch
+
+    optimizer.load_state_dict(state_dict)
+    if not getattr(optimizer, "is_paged", False):
+        return []
+    rebuilt = []
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    with torch.no_grad():
+        for index, parameter in enumerate(parameters):
+            state = optimizer.state.get(parameter, {})
+            for key in STATE_BUFFER_KEYS:
+                loaded = state.get(key)
+                if not isinstance(loaded, torch.Tensor):
+                    continue
+                buffer = optimizer.get_state_buffer(parameter, dtype=loaded.dtype)
+                # To torch a paged buffer is a host tensor over unified memory (get_paged wraps
+                # it with torch.frombuffer): copy_ from the loaded CUDA tensor is a device-to-host
+                # copy into it. The loaded tensor is freed when the state drops it below.
+                buffer.copy_(loaded.view(buffer.shape))
+                state[key] = buffer
+                rebuilt.append(RebuiltBuffer(index, key, bool(getattr(buffer, "is_paged", False))))
+    if any(buffer.paged for buffer in rebuilt):
+        torch.cuda.synchronize()  # the copies into unified memory finish before the first step reads it
+    return rebuilt
+
+
 # --------------------------------------------------------------------------- RNG
 
 

@@ -21,7 +21,7 @@ import torch
 
 from qlora.errors import Interrupted, TrainingError
 from qlora.plan.flops import FlopMeter, mfu
-from qlora.training.checkpoint import TrainingState, capture_rng, restore_rng
+from qlora.training.checkpoint import TrainingState, capture_rng, load_optimizer_state, restore_rng
 from qlora.training.distributed import (
     World,
     any_rank,
@@ -110,7 +110,7 @@ def train(
     scaler = precision.scaler
     state = resume or TrainingState()
     if resume:
-        optimizer.load_state_dict(this_ranks(world, resume.optimizer))
+        load_optimizer_state(optimizer, this_ranks(world, resume.optimizer))  # paged state stays paged
         schedule.load_state_dict(resume.scheduler)
         if resume.grad_scaler:
             scaler.load_state_dict(resume.grad_scaler)

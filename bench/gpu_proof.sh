@@ -15,9 +15,9 @@
 # runs out of time or fails is recorded and the next one runs: one bad step never costs the rest.
 # The order is the order of value: the GPU tests, then the plan proof (8B, then 70B, each its own
 # step), then the TRL comparison, and each step's results land in $OUT the moment it ends, so a
-# call cut short (the device's own limit) still brings back every step that finished.
+# call cut short (the lent machine's time limit) still brings back every step that finished.
 #
-# $OUT gets (few files: the device tool returns at most 8; the dry run counts them):
+# $OUT gets (few files: a lent machine's call brings back at most 8; the dry run counts them):
 #   STEP.json       per step, written (atomically) as it ends: {"step", "budget_s", "wall_s", "rc",
 #                   "timed_out", "last_line", "records": [every JSON line the step printed]}
 #   results.jsonl   the same, one line per step, then each record tagged with its step, appended
@@ -31,7 +31,7 @@ WHEELS="${WHEELS:-$ROOT/wheels}"
 SITE="${SITE:-/tmp/qlora-gpu-proof-site}"
 PYTHON="${PYTHON:-python3}"
 TOTAL_BUDGET_S=480 # 8 of the session's 15 device minutes: start-up and a look at the results need the rest
-MAX_FILES_BACK=8   # what the device tool returns from $OUT
+MAX_FILES_BACK=8   # files a lent machine's call brings back from $OUT
 
 DRY_RUN=0
 CHECK_INDEX=0
@@ -161,7 +161,7 @@ if [[ $DRY_RUN == 1 ]]; then
     files_back=$((${#STEPS[@]} + 3))
     echo "files back: ${files_back} of ${MAX_FILES_BACK}"
     if ((files_back > MAX_FILES_BACK)); then
-        echo "error: ${files_back} files in \$OUT, over the ${MAX_FILES_BACK} the device returns" >&2
+        echo "error: ${files_back} files in \$OUT, over the ${MAX_FILES_BACK} a lent machine's call brings back" >&2
         exit 1
     fi
     check_pins || exit 1

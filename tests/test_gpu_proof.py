@@ -54,7 +54,7 @@ def test_the_dry_run_names_every_step_within_eight_minutes():
     assert "--models llama-3.1-8b --seq-len 2048" in steps["plan_proof_8b"][1]
     assert "--models llama-3.3-70b --seq-len 2048" in steps["plan_proof_70b"][1]
     assert all(budget > 0 for budget, _ in steps.values())
-    # A STEP.json each, results.jsonl, gpu_proof.log, pytest_gpu.xml: within the device's 8 files.
+    # A STEP.json each, results.jsonl, gpu_proof.log, pytest_gpu.xml: the 8 files a lent machine's call returns.
     assert f"files back: {len(STEPS) + 3} of 8" in result.stdout
 
 
@@ -166,7 +166,7 @@ def test_each_step_runs_in_order_under_its_own_timeout_and_writes_its_json_as_it
 
 
 def test_a_run_cut_short_keeps_every_finished_step_and_the_log_so_far(tmp_path):
-    """As when the device's own limit kills the whole call in the middle of a step."""
+    """As when the lent machine's time limit kills the whole call in the middle of a step."""
     plan = steps_file(tmp_path, """first|20|echo '{"peak": 1}'""", "hangs|120|echo begun; sleep 120")
     env = proof_env(tmp_path)
     out = Path(env["OUT"])

@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
+
+LOWEST = Path(__file__).resolve().parents[1] / ".ci" / "lowest-versions.txt"
 
 NEEDED = ("torch", "transformers", "accelerate", "peft", "safetensors", "bitsandbytes", "pydantic", "datasets", "trl")
 # Not needed directly, but each carried wheel was checked against a version range of these.
@@ -24,12 +27,29 @@ def main() -> int:
             missing += [name] if name in NEEDED else []
     import torch
 
+    record["untested_here"] = untested(record)
     record["cuda"] = torch.version.cuda
     record["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     if record["device"] and "bitsandbytes" not in missing:
         record["bnb_4bit_matmul"] = four_bit_matmul_error()
     print(json.dumps(record), flush=True)
     return 1 if missing or not record["device"] or record.get("bnb_4bit_matmul") != "ok" else 0
+
+
+def untested(record: dict) -> dict:
+    """{name: [version here, version the lowest-versions leg ran]} where this machine differs from
+    the CPU rehearsal of it (.ci/lowest-versions.txt): a number to read before trusting a result."""
+    pins = {}
+    for line in LOWEST.read_text().splitlines():
+        if "==" in line and not line.lstrip().startswith("#"):
+            name, version = line.strip().split("==")
+            pins[name.replace("-", "_")] = version
+    found = {}
+    for name, version in record.items():
+        here = version.split("+")[0] if isinstance(version, str) else version
+        if name in pins and version != "?" and here != pins[name]:
+            found[name] = [version, pins[name]]
+    return found
 
 
 def four_bit_matmul_error() -> str:

@@ -41,10 +41,15 @@ def counted_flops(length: int):
     # batched matmuls (bmm), the linears are mm/addmm.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(input_ids=ids).logits.sum().backward()
+    counts = counter.get_flop_counts()
     totals = {}
-    for op, flops in counter.get_flop_counts()["Global"].items():
+    for op, flops in counts["Global"].items():
         kind = "attention" if "bmm" in str(op) else "linear"
         totals[kind] = totals.get(kind, 0) + flops
+    # transformers 5.17 (our lowest) builds the rotary angles as a matmul (inv_freq @ positions, a
+    # bmm of 2 * head_dim/2 * L FLOPs); 5.24 multiplies elementwise. Neither is attention.
+    rotary = [ops for module, ops in counts.items() if module.endswith("rotary_emb")]
+    totals["attention"] -= sum(flops for ops in rotary for op, flops in ops.items() if "bmm" in str(op))
     return FlopModel.of(arch, lora_params), totals
 
 

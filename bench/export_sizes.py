@@ -74,12 +74,13 @@ def main() -> None:
             out = args.work / f"{model}-{dtype}.gguf"
             out.unlink(missing_ok=True)
             command = [sys.executable, "-m", "bench.export_sizes", "--work", str(args.work), "--worker"]
-            result = subprocess.run([*command, str(adapter), str(out), dtype, check], capture_output=True, text=True, cwd=ROOT)
+            command += [str(adapter), str(out), dtype, check]
+            result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            run = {"model": model, "dtype": dtype, "check": check}
             if result.returncode != 0:
-                print(json.dumps({"model": model, "dtype": dtype, "check": check, "error": result.stderr.strip().splitlines()[-1]}))
+                print(json.dumps({**run, "error": result.stderr.strip().splitlines()[-1]}))
                 continue
-            record = json.loads(result.stdout.strip().splitlines()[-1])
-            print(json.dumps({"model": model, "dtype": dtype, "check": check, **record}), flush=True)
+            print(json.dumps({**run, **json.loads(result.stdout.strip().splitlines()[-1])}), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class GgufVocabulary:
     types: list[int]
     scores: list[float] | None
     merges: list[str]
+    adds_bos: bool = False
+    """whether the tokenizer puts a BOS token before the text it encodes."""
 
 
 def read_vocabulary(model_dir: Path, vocab_size: int) -> GgufVocabulary:
@@ -71,9 +73,12 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> GgufVocabulary:
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
+    encoded = tokenizer("a")["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and bool(encoded) and encoded[0] == tokenizer.bos_token_id
     if sentencepiece_style:
-        return GgufVocabulary("llama", None, tokens, types, merge_rank_scores(tokens, merges), merges)
-    return GgufVocabulary("gpt2", pre_tokenizer_name(spec.get("pre_tokenizer"), merges), tokens, types, None, merges)
+        return GgufVocabulary("llama", None, tokens, types, merge_rank_scores(tokens, merges), merges, adds_bos)
+    pre = pre_tokenizer_name(spec.get("pre_tokenizer"), merges)
+    return GgufVocabulary("gpt2", pre, tokens, types, None, merges, adds_bos)
 
 
 def merge_strings(merges: list) -> list[str]:
@@ -143,4 +148,10 @@ def add_vocabulary(writer, model_dir: Path, vocabulary: GgufVocabulary) -> None:
         gguf.Keys.Tokenizer.MERGES, vocabulary.merges, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING
     )
     special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(vocabulary.tokens))
+    # Whether a BOS is added is what the tokenizer does, not what SpecialVocab guesses from its
+    # post-processor. A tokenizer without a BOS (the demo's) still names one, never added: llama.cpp
+    # otherwise takes id 11 as BOS, and transformers 5.17's GGUF reader needs the id.
+    special.add_special_token["bos"] = vocabulary.adds_bos
+    if "bos" not in special.special_token_ids and "eos" in special.special_token_ids:
+        special.special_token_ids["bos"] = special.special_token_ids["eos"]
     special.add_to_gguf(writer, quiet=True)

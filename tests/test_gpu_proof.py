@@ -156,6 +156,8 @@ def test_the_gpu_tests_collect_without_httpx_or_the_service(paths):
 def test_the_missing_packages_are_really_missing_to_a_service_test():
     result = collect_without_the_service("tests/test_service_units.py")
     assert result.returncode != 0 and "No module named" in result.stdout
+
+
 def proof_env(tmp_path) -> dict:
     wheels = tmp_path / "wheels"
     wheels.mkdir()

@@ -81,7 +81,13 @@ def export_adapter(
     try:
         merged_dir = staging / "merged"
         merge = merge_adapter(
-            adapter_dir, merged_dir, dtype=MERGE_DTYPE_FOR[dtype], base=base, prompts=prompts, echo=echo
+            adapter_dir,
+            merged_dir,
+            dtype=MERGE_DTYPE_FOR[dtype],
+            base=base,
+            prompts=prompts,
+            check=check,
+            echo=echo,
         )
         # Both formats are built in the staging folder and renamed into place last: a failed check
         # leaves nothing at --out, and a rerun is not refused by an unverified file.

@@ -26,6 +26,7 @@ RUNS = (("f16", "check"), ("bf16", "check"), ("q8_0", "check"), ("f16", "no-chec
 
 
 def worker(adapter: str, out: str, dtype: str, check: str) -> None:
+    from bench.merge_memory import memory_mb
     from qlora.adapters.export import export_adapter
 
     started = time.monotonic()
@@ -33,20 +34,13 @@ def worker(adapter: str, out: str, dtype: str, check: str) -> None:
     record = {
         "gguf_bytes": report.bytes,
         "seconds": round(time.monotonic() - started, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": memory_mb()["VmHWM"],
         "max_logit_diff": report.max_logit_diff,
         "max_abs_logit": report.max_abs_logit,
         "same_token_ids": report.same_token_ids,
         "merged_bytes": report.merge["bytes"],
     }
     print(json.dumps(record))
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def demo_adapter(work: Path) -> Path:

@@ -43,6 +43,38 @@ def trained_adapter(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def wide_vocab_dir(tmp_path_factory):
+    """The tiny Llama with 2048 vocabulary rows: logits large enough for the chunked loss to chunk."""
+    return build_tiny_model(tmp_path_factory.mktemp("wide-vocab"), vocab=2048)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that size (e.g. "16m"): a disk that really fills. Root only:
+    skipped where mounting is refused, but never under CI (CI=true), where the test must run."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str):
+        folder = tmp_path / f"disk-{len(mounts)}"
+        folder.mkdir()
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        )
+        if mounted.returncode != 0:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"cannot mount a tmpfs under CI: {mounted.stderr.decode().strip()}")
+            pytest.skip("mounting a tmpfs is not allowed here")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The shipped demo job, unchanged but for where it writes: its output folder."""
     from pathlib import Path

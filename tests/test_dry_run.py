@@ -28,13 +28,8 @@ from tests.tiny import build_tiny_model, write_job
 from tests.tiny_training import tiny_base
 from tests.vocab_tensors import VocabSizedTensors
 
-VOCAB = 2048
+VOCAB = 2048  # the wide_vocab_dir fixture's (conftest)
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def wide_vocab_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("wide-vocab"), vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")

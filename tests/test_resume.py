@@ -436,18 +436,8 @@ def test_checking_an_output_dir_while_another_process_checks_it_is_not_in_use(tm
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 16 MiB tmpfs: a disk that really fills. Root only: skipped where mounting is refused,
-    but never under CI (CI=true), where the test must run."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
-    if mounted.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"cannot mount a tmpfs under CI: {mounted.stderr.decode().strip()}")
-        pytest.skip("mounting a tmpfs is not allowed here")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(tmpfs):
+    return tmpfs("16m")
 
 
 @pytest.mark.parametrize(

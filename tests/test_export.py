@@ -246,13 +246,20 @@ def test_bad_export_requests_fail_in_one_line_before_anything_is_written(trained
     assert not (tmp_path / "o.gguf").exists()
 
 
-def test_a_disk_that_fills_during_the_export_leaves_nothing_behind(trained_adapter, tmpfs, capsys):
-    small_disk = tmpfs("350k")  # holds the tiny model's merge, not the merge and its GGUF
-    out = small_disk / "model.gguf"
+def test_a_disk_too_small_is_refused_before_the_merge_and_one_that_fills_leaves_nothing(trained_adapter, tmpfs, capsys):
+    # The tiny model's merge is ~244 KB (225 KiB of 16-bit weights), its GGUF ~232 KiB.
+    too_small = tmpfs("350k")  # holds the merge, not the merge and its GGUF: refused from the headers
+    assert main(["export", "--adapter", str(trained_adapter), "--out", str(too_small / "m.gguf")]) == EXIT_OUTPUT
+    assert "has 352.0 KiB free; the export needs about" in capsys.readouterr().err
+    assert list(too_small.iterdir()) == []
+    # Room for the estimate (weights only), not for the tokenizer and config files beside them: the
+    # disk fills while the GGUF is written.
+    filling = tmpfs("472k")
+    out = filling / "model.gguf"
     assert main(["export", "--adapter", str(trained_adapter), "--out", str(out), "--dtype", "bf16"]) == EXIT_OUTPUT
     err = capsys.readouterr().err
     assert "filled up during the export" in err and "nothing was written" in err
-    assert list(small_disk.iterdir()) == []
+    assert list(filling.iterdir()) == []
 
 
 @pytest.mark.parametrize(

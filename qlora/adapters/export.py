@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from qlora.adapters.base_files import base_shards, resolve_base_dir, tensor_layout
 from qlora.adapters.gguf_arch import gguf_architecture
 from qlora.adapters.gguf_file import GGUF_DTYPES, MERGE_DTYPE_FOR, write_gguf
 from qlora.adapters.gguf_vocab import read_vocabulary
@@ -37,6 +38,8 @@ EXPORT_FORMATS = ("gguf", "ollama")
 # Reading a GGUF back dequantizes it to float32 beside the merged model: past this many bytes of
 # 16-bit weights the check would need tens of GB, so it is skipped unless asked for.
 CHECK_BYTES_LIMIT = 2 * 2**30
+# GGUF bytes per 16-bit merged byte: q8_0 stores 34 bytes per 32 weights.
+GGUF_SIZE_RATIO = {"f16": 1.0, "bf16": 1.0, "q8_0": 34 / 64}
 
 
 @dataclass
@@ -91,9 +94,9 @@ def export_adapter(
         )
         # Both formats are built in the staging folder and renamed into place last: a failed check
         # leaves nothing at --out, and a rerun is not refused by an unverified file.
-        target = staging / "ollama"
-        target.mkdir()
-        gguf_path = target / (f"{ollama_name(name)}.gguf" if format == "ollama" else out.name)
+        built = staging / "built"
+        built.mkdir()
+        gguf_path = built / (f"{ollama_name(name)}.gguf" if format == "ollama" else out.name)
         echo(f"writing {dtype} GGUF ({format_bytes(merge.bytes)} of merged weights)")
         written = write_gguf(merged_dir, gguf_path, dtype, name, progress=byte_progress(merge.bytes))
         report = ExportReport(
@@ -116,18 +119,8 @@ def export_adapter(
             report.notes += (
                 f"not read back (merged weights over {format_bytes(CHECK_BYTES_LIMIT)}; --check forces it)",
             )
-        if report.same_token_ids is False:
-            import transformers
-
-            # Not refused: transformers rebuilds a tokenizer from the GGUF's fields with its own
-            # rules (5.17's reader loses Llama 3's split regex and sentencepiece's spacing), while
-            # llama.cpp reads them itself; tests/test_llama_cpp.py holds the llama.cpp side.
-            report.notes += (
-                f"transformers {transformers.__version__}'s GGUF reader tokenizes some prompts differently from "
-                "the model's tokenizer; check the GGUF with llama.cpp (llama-tokenize) before serving it",
-            )
         if format == "ollama":
-            finish_ollama(report, merged_dir, target, gguf_path.name, out, name)
+            finish_ollama(report, merged_dir, built, gguf_path.name, out, name)
         else:
             publish_file(gguf_path, out)
     except OSError as error:
@@ -187,7 +180,24 @@ def check_export_request(adapter_dir: Path, out: Path, format: str, dtype: str, 
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise ModelError(f"--format gguf: {tokenizer_dir} has no tokenizer.json (a fast tokenizer is needed)")
     read_vocabulary(tokenizer_dir, arch.vocab_size)
+    check_free_space(base, out, dtype)
     return base
+
+
+def check_free_space(base: str, out: Path, dtype: str) -> None:
+    """The merged 16-bit model and the GGUF sit side by side until the merge is removed: refuse
+    a disk without room for both (from the base's safetensors headers) before writing either."""
+    import math
+
+    layout = tensor_layout(base_shards(resolve_base_dir(base)))
+    merged = sum(2 * math.prod(stored.shape) for stored in layout.values())
+    need = int(merged * (1 + GGUF_SIZE_RATIO[dtype]))
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise OutputError(
+            f"--out: {out.parent} has {format_bytes(free)} free; the export needs about {format_bytes(need)} "
+            f"(the merged 16-bit model, {format_bytes(merged)}, beside the {dtype} GGUF)"
+        )
 
 
 def byte_progress(total: int) -> Callable[[int], None]:
@@ -238,6 +248,16 @@ def read_back(report: ExportReport, merged_dir: Path, gguf_path: Path, prompts: 
     report.max_logit_diff = max_difference(all_logits(read, input_ids), expected)
     report.max_abs_logit = max(logits.abs().max().item() for logits in expected)
     report.checked = True
+    if not report.same_token_ids:
+        import transformers
+
+        # Not refused: transformers rebuilds a tokenizer from the GGUF's fields by its own rules
+        # (5.17's reader loses Llama 3's split regex and sentencepiece spacing); llama.cpp reads the
+        # fields itself, and tests/test_llama_cpp.py holds that side.
+        report.notes += (
+            f"transformers {transformers.__version__}'s GGUF reader tokenizes some prompts differently from "
+            "the model's tokenizer; check the GGUF with llama.cpp (llama-tokenize) before serving it",
+        )
 
 
 def finish_ollama(report: ExportReport, merged_dir: Path, folder: Path, gguf_name: str, out: Path, name: str) -> None:

@@ -10,13 +10,13 @@ kill or a full disk never leaves a truncated .gguf that looks finished.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from qlora.adapters.base_files import base_shards, tensor_layout
 from qlora.adapters.gguf_arch import (
     GgufArchitecture,
     TensorNames,
@@ -121,15 +121,10 @@ class PlannedTensor:
 
 
 def planned_tensors(model_dir: Path, arch: GgufArchitecture, names: TensorNames, dtype: str) -> Iterator[PlannedTensor]:
-    from safetensors import safe_open
-
-    for shard, keys in shard_keys(model_dir).items():
-        with safe_open(str(model_dir / shard), framework="pt") as weights:
-            for key in keys:
-                gguf_name = names.gguf_name(key)
-                if gguf_name is not None:
-                    shape = tuple(weights.get_slice(key).get_shape())
-                    yield planned(key, gguf_name, shape, dtype, shard)
+    for key, stored in tensor_layout(base_shards(model_dir)).items():
+        gguf_name = names.gguf_name(key)
+        if gguf_name is not None:
+            yield planned(key, gguf_name, stored.shape, dtype, stored.shard.name)
     for gguf_name, tensor in extra_tensors(arch).items():
         yield planned(gguf_name, gguf_name, tuple(tensor.shape), "f32", "")
 
@@ -153,7 +148,7 @@ def planned(source: str, gguf_name: str, shape: tuple, dtype: str, shard: str) -
 
 
 def tensor_data(model_dir: Path, plan: list[PlannedTensor], arch: GgufArchitecture) -> Iterator:
-    """Each planned tensor's bytes, in plan order, one shard open at a time."""
+    """Each planned tensor's bytes, in plan order (the checkpoint's), one shard open at a time."""
     import gguf
     import torch
     from safetensors import safe_open
@@ -176,17 +171,3 @@ def tensor_data(model_dir: Path, plan: list[PlannedTensor], arch: GgufArchitectu
             yield value.to(torch.float16).contiguous().numpy()
         else:
             yield gguf.quants.quantize(value.float().numpy(), tensor.raw_dtype)
-
-
-def shard_keys(model_dir: Path) -> dict[str, list[str]]:
-    """shard file -> its tensor names, in the index's order (one file: its header's order)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards: dict[str, list[str]] = {}
-        for key, shard in json.loads(index.read_text())["weight_map"].items():
-            shards.setdefault(shard, []).append(key)
-        return shards
-    from safetensors import safe_open
-
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
-        return {"model.safetensors": list(weights.keys())}

@@ -372,3 +372,16 @@ def test_auto_micro_batch_plans_one_gpu_of_the_launch(tmp_path, tiny_model_dir, 
     alone = launched_settings(config)
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launched_settings(config) == replace(alone, world_size=4, strategy="fsdp")
+
+
+@pytest.mark.parametrize(("model", "low", "high"), [("llama-3.1-8b", 0.45, 0.6), ("llama-3.3-70b", 0.95, 1.0)])
+def test_the_paged_line_counts_only_the_state_bitsandbytes_pages(model, low, high):
+    """bitsandbytes pages the moments of tensors of 100k+ values only (get_state_buffer): at r=16
+    the 8B's 4096-wide LoRA matrices (65k values) stay ordinary device tensors and only the MLP's
+    14336-wide ones are paged; the 70B's are 8192 and 28672 wide, nearly all over the line."""
+    arch = load_architecture(str(ROOT / "configs" / "arch" / model))
+    paged = make_plan(arch, PlanSettings(micro_batch=1, seq_len=2048, lora_r=16, optimizer="paged_adamw_8bit"))
+    state = next(line.bytes for line in paged.lines if line.name == "optimizer_state")
+    assert low < paged.paged_bytes / state <= high
+    unpaged = make_plan(arch, PlanSettings(micro_batch=1, seq_len=2048, lora_r=16, optimizer="adamw_8bit"))
+    assert unpaged.paged_bytes == 0

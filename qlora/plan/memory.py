@@ -27,7 +27,13 @@ from qlora.plan.architecture import Architecture
 from qlora.plan.flops import FlopModel
 from qlora.plan.settings import Line, PlanSettings
 from qlora.plan.sharding import per_gpu_lines, strategies_to_try
-from qlora.plan.weights import adapter_lines, base_weight_lines, lora_tensor_sizes
+from qlora.plan.weights import (
+    adapter_lines,
+    base_weight_lines,
+    lora_tensor_sizes,
+    optimizer_state_bytes,
+    paged_state_bytes,
+)
 
 # Caching-allocator slack (reserved - allocated) as a share of the peak: blocks freed between
 # layers are reused but not returned; a first guess, to be calibrated by bench/plan_proof.py.
@@ -79,11 +85,10 @@ def make_plan(
         line.counted = False
         line.why += " [smaller phase: not part of the peak]"
     lines = static + held + loss + backward
-    paged = (
-        next(line.bytes for line in static if line.name == "optimizer_state")
-        if settings.optimizer.startswith("paged")
-        else 0
-    )
+    # This GPU's optimizer state (FSDP shards it) times the share bitsandbytes really pages.
+    state = next(line.bytes for line in static if line.name == "optimizer_state")
+    total_state = optimizer_state_bytes(lora_tensor_sizes(arch, settings), settings.optimizer)
+    paged = int(state * paged_state_bytes(arch, settings) / total_state) if total_state else 0
     allocated = sum(line.bytes for line in lines if line.counted) - paged
     slack = int(ALLOCATOR_SLACK * allocated)
     lines.append(

@@ -41,7 +41,6 @@ class GgufVocabulary:
 
 def read_vocabulary(model_dir: Path, vocab_size: int) -> GgufVocabulary:
     """The vocabulary of the tokenizer saved in `model_dir`, padded to the embedding's rows."""
-    import gguf
     from transformers import AutoTokenizer
 
     spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -58,27 +57,30 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> GgufVocabulary:
     sentencepiece_style = bool(model.get("byte_fallback"))
     by_id = {index: token for token, index in vocab.items()}
     added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for index in range(vocab_size):
-        token = by_id.get(index)
-        if token is None:
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif index in added:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
-        elif sentencepiece_style and BYTE_TOKEN.match(token):
-            tokens.append(token)
-            types.append(gguf.TokenType.BYTE)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL)
+    tokens = [by_id.get(index, f"[PAD{index}]") for index in range(vocab_size)]
+    types = [
+        token_type(index, tokens[index], index in by_id, added, sentencepiece_style) for index in range(vocab_size)
+    ]
     encoded = tokenizer("a")["input_ids"]
     adds_bos = tokenizer.bos_token_id is not None and bool(encoded) and encoded[0] == tokenizer.bos_token_id
     if sentencepiece_style:
         return GgufVocabulary("llama", None, tokens, types, merge_rank_scores(tokens, merges), merges, adds_bos)
     pre = pre_tokenizer_name(spec.get("pre_tokenizer"), merges)
     return GgufVocabulary("gpt2", pre, tokens, types, None, merges, adds_bos)
+
+
+def token_type(index: int, token: str, known: bool, added: dict, sentencepiece_style: bool) -> int:
+    """llama.cpp's type of a token: rows past the tokenizer are UNUSED padding, added tokens CONTROL
+    (special) or USER_DEFINED, sentencepiece's <0xNN> tokens BYTE, the rest NORMAL."""
+    import gguf
+
+    if not known:
+        return gguf.TokenType.UNUSED
+    if index in added:
+        return gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED
+    if sentencepiece_style and BYTE_TOKEN.match(token):
+        return gguf.TokenType.BYTE
+    return gguf.TokenType.NORMAL
 
 
 def merge_strings(merges: list) -> list[str]:

@@ -20,7 +20,7 @@ CONVERSATIONS = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "reverse abc"},
         {"role": "assistant", "content": "cba"},
-        {"role": "user", "content": "and \"xyz\"?"},
+        {"role": "user", "content": 'and "xyz"?'},
     ],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora.config import JobConfig, dump_config
-from qlora.errors import CheckpointError, ConfigError
+from qlora.errors import CheckpointError, ConfigError, QloraError
 from qlora.job.artifacts import (
     JobResult,
     checkpoint_writer,
@@ -86,6 +86,7 @@ def run_job(
     """
     world = world or world_from_env(config.train.distributed)
     join(world)
+    together = False  # every rank reaches the end: a finished run, or an error all ranks raise
     try:
         echo = echo if world.is_main else silent
         # Collectives stay outside `agreed`'s checks: a rank failing before one would leave the
@@ -108,9 +109,14 @@ def run_job(
             # The checkpoint and artifact writers name what they were writing; this catches the rest
             # (metrics.jsonl, config.yaml) the same way.
             with disk_full_explained("the run's files", output_dir, last_good=lambda: newest_checkpoint(output_dir)):
-                return train_and_publish(config, run, world, stop_requested, echo)
+                result = train_and_publish(config, run, world, stop_requested, echo)
+        together = True
+        return result
+    except QloraError as error:
+        together = getattr(error, "agreed", False)
+        raise
     finally:
-        leave(world)
+        leave(world, together)
 
 
 @dataclass

@@ -20,6 +20,8 @@ Result = TypeVar("Result")
 # Long enough for rank 0 alone to generate exact-match answers or write a large checkpoint
 # while the others wait at the next collective.
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+# How long a rank leaving waits for the others at the last barrier (see leave).
+LEAVE_TIMEOUT = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,26 @@ def join(world: World) -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
 
 
-def leave(world: World) -> None:
-    if world.launched:
-        import torch.distributed as dist
+def leave(world: World, together: bool = False) -> None:
+    """Leave the process group. `together`: every rank is known to be here (a normal end, or an
+    error all ranks agreed on), so they first meet at a barrier: no rank tears its connections
+    down while a peer's last collective still uses them (a gloo rank destroyed mid-exchange
+    aborts with "terminate called without an active exception" instead of exiting with its code)."""
+    if not world.launched:
+        return
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if together and world.several:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=LEAVE_TIMEOUT)  # a rank that died is reported, not waited for
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone: leave anyway
+    dist.destroy_process_group()
 
 
 def collective_device():

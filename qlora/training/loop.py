@@ -361,8 +361,8 @@ def evaluate(
     world: World = World(),
     objective=None,
 ) -> float:
-    """Mean loss per unit of the objective (SFT: supervised token) over the eval batches (dropout off, under the training
-    precision when given), then back to training. Under torchrun each rank takes every N-th
+    """Mean loss per unit of the objective (SFT: supervised token) over the eval batches (dropout
+    off, under the training precision when given), then back to training. Under torchrun each rank takes every N-th
     batch; all run the same number of forwards (FSDP gathers weights in each), a rank short of
     one repeats its first and counts it zero."""
     precision = precision or Precision.none()

@@ -22,11 +22,14 @@ def message_pair(word: str, implicit: bool = False) -> dict:
 
 
 def write_pairs(path: Path, count: int, seed: int = 0, shape: str = "messages") -> Path:
-    """`count` pairs of words of 2-10 letters; shape: strings, messages or implicit."""
+    """`count` pairs of words of 2-10 letters (no palindromes: the two answers differ); shape:
+    strings, messages or implicit."""
     rng = random.Random(seed)
     with open(path, "w") as handle:
         for _ in range(count):
-            word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 10)))
+            word = ""
+            while word == word[::-1]:
+                word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 10)))
             row = string_pair(word) if shape == "strings" else message_pair(word, implicit=shape == "implicit")
             handle.write(json.dumps(row) + "\n")
     return path

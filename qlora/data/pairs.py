@@ -43,6 +43,10 @@ class Pair:
         """Both sequences' tokens: what a batch of this pair holds (its length counts both)."""
         return self.chosen.input_ids + self.rejected.input_ids
 
+    @property
+    def labels(self) -> list[int]:
+        return self.chosen.labels + self.rejected.labels
+
 
 @dataclass
 class PairBatch:

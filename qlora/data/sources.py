@@ -50,7 +50,7 @@ def read_rows(sources: list[tuple[str, str]], key: str = "data.train", objective
         first_line, first_fields = records[0]
         resolved = detect_format(first_fields, f"{name}:{first_line}") if format == "auto" else format
         for line, fields in records:
-            check_objective(fields, resolved, objective, f"{name}:{line}")
+            check_objective(fields, resolved, objective, f"{name}:{line}", key)
             if resolved == "preference":
                 validate_preference(fields, f"{name}:{line}")
             else:
@@ -59,7 +59,7 @@ def read_rows(sources: list[tuple[str, str]], key: str = "data.train", objective
     return rows
 
 
-def check_objective(fields, format: str, objective: str, where: str) -> None:
+def check_objective(fields, format: str, objective: str, where: str, key: str) -> None:
     """A preference row in an sft job, or an sft row in a dpo/orpo job, is a one-line error."""
     wants_pairs = objective != "sft"
     if wants_pairs and (format != "preference" or not is_preference(fields)):
@@ -68,6 +68,8 @@ def check_objective(fields, format: str, objective: str, where: str) -> None:
             "(prompt, chosen, rejected)"
         )
     if not wants_pairs and (format == "preference" or is_preference(fields)):
+        if not key.startswith("data."):
+            raise DataError(f"{where}: a preference row (chosen, rejected); {key} takes SFT rows only (for now)")
         raise DataError(f"{where}: a preference row (chosen, rejected) in an sft job; set train.objective: dpo or orpo")
 
 

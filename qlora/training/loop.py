@@ -110,7 +110,7 @@ def train(
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     device = parameters[0].device
     precision = precision or Precision.none(device.type)
-    objective = objective or TokenObjective()
+    objective = objective or TokenObjective(summed_loss)
     scaler = precision.scaler
     state = resume or TrainingState()
     if resume:
@@ -366,7 +366,7 @@ def evaluate(
     batch; all run the same number of forwards (FSDP gathers weights in each), a rank short of
     one repeats its first and counts it zero."""
     precision = precision or Precision.none()
-    objective = objective or TokenObjective()
+    objective = objective or TokenObjective(summed_loss)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)

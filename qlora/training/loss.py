@@ -44,11 +44,14 @@ class TokenObjective:
     start_window(batches) -> the units a window's summed loss is divided by; loss_sum(model, batch,
     device, chunk_tokens) -> that batch's sum; readings() -> extra metrics per unit since the last call."""
 
+    def __init__(self, summed_loss=None):
+        self.summed_loss = summed_loss or summed_cross_entropy
+
     def start_window(self, batches) -> int:
         return sum(batch.supervised_tokens for batch in batches)
 
     def loss_sum(self, model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
-        return summed_cross_entropy(model, batch, device, chunk_tokens)
+        return self.summed_loss(model, batch, device, chunk_tokens)
 
     def readings(self) -> dict:
         return {}

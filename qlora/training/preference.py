@@ -100,6 +100,8 @@ class PreferenceObjective:
                 "rewards/accuracy": (rewards[0] > rewards[1]).float().sum(),
                 "logps/chosen": chosen.detach().sum(),
                 "logps/rejected": rejected.detach().sum(),
+                # The model's own preference, no reference: what the base's ~50% and a trained adapter's differ in.
+                "logps/accuracy": (chosen > rejected).float().sum(),
                 **extra,
             },
             batch.pairs,

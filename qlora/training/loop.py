@@ -5,8 +5,8 @@ precision, a function giving each epoch's micro-batches, eval batches; qlora.tra
 makes them from the config) and knows nothing of configs, files or where the model came from,
 so it runs on any tiny torch model. A batch is anything with `input_ids`,
 `position_ids`, `targets` (next-token ids, -100 where unsupervised), `attention_mask` (or None)
-and `supervised_tokens`. What a step minimizes is the `objective`'s (qlora.training.loss.TokenObjective:
-SFT's cross-entropy; qlora.training.preference: DPO, ORPO), its extra readings logged with the loss.
+and `supervised_tokens`. A step minimizes the `objective` (SFT's cross-entropy by default;
+qlora.training.preference: DPO, ORPO), whose readings (rewards ...) are logged with the loss.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def train(
                 "supervised_tokens": window_supervised,
                 "tokens_per_s": total_supervised / elapsed,
                 "elapsed_s": elapsed,
-                **(readings := objective.readings()),
+                **(extra := objective.readings()),  # DPO/ORPO: rewards/...; SFT: none
             }
             if flop_meter:
                 row["mfu"] = mfu(useful_flops, time.perf_counter() - flops_started, flop_meter.peak_flops_per_s)
@@ -246,8 +246,8 @@ def train(
                     model, eval_batches, device, settings.loss_chunk_tokens, precision, world, objective
                 )
                 row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
-                readings.update({f"eval_{name}": value for name, value in objective.readings().items()})
-                row.update(readings)
+                extra.update({f"eval_{name}": value for name, value in objective.readings().items()})
+                row.update(extra)
             if metrics:
                 metrics.write(row)
             if save_checkpoint and settings.save_every and step % settings.save_every == 0:
@@ -266,7 +266,7 @@ def train(
         tokens=total_tokens,
         seconds=time.perf_counter() - started,
         final_loss=loss,
-        readings=readings if state.step < settings.max_steps else None,
+        readings=extra if state.step < settings.max_steps else None,
         eval_loss=none_if_nan(eval_loss),
         eval_loss_before=none_if_nan(eval_loss_before),
         peak_memory_kind=kind,
@@ -362,17 +362,16 @@ def evaluate(
     objective=None,
 ) -> float:
     """Mean loss per unit of the objective (SFT: supervised token) over the eval batches (dropout
-    off, under the training precision when given), then back to training. Under torchrun each rank takes every N-th
-    batch; all run the same number of forwards (FSDP gathers weights in each), a rank short of
-    one repeats its first and counts it zero."""
+    off, under the training precision when given), then back to training. Under torchrun each rank
+    takes every N-th batch; all run the same number of forwards (FSDP gathers weights in each), a
+    rank short of one repeats its first and counts it zero."""
     precision = precision or Precision.none()
     objective = objective or TokenObjective(summed_loss)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    supervised = 0
     mine = list(batches[world.rank :: world.size])
-    units = objective.start_window(mine)
+    supervised = objective.start_window(mine)  # the units: supervised tokens, or pairs
     forwards = math.ceil(len(batches) / world.size)
     for index in range(forwards):
         batch = mine[index] if index < len(mine) else batches[0]
@@ -380,7 +379,6 @@ def evaluate(
             batch_loss = objective.loss_sum(model, batch, device, chunk_tokens).double()
         if index < len(mine):
             loss_sum += batch_loss
-            supervised += units if index == 0 else 0
     model.train(was_training)
     total, supervised = summed(world, [loss_sum.item(), supervised])
     return total / max(supervised, 1)

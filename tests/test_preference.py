@@ -245,3 +245,21 @@ def test_dpo_on_the_demo_model_learns_a_rule_the_base_does_not_follow(tmp_path):
     evals = [row for row in rows if "eval_logps/accuracy" in row]
     assert 0.3 <= evals[0]["eval_logps/accuracy"] <= 0.7 and evals[0]["step"] == 0
     assert evals[-1]["eval_logps/accuracy"] >= 0.9 and evals[-1]["eval_rewards/accuracy"] >= 0.9
+
+
+def test_too_long_applies_to_the_pair(tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = read(tmp_path, [string_pair("abc"), {"prompt": "q\n", "chosen": "a" * 80, "rejected": "b"}])
+    dropped = data.tokenize_pairs(rows, tokenizer, 40, "drop")
+    assert dropped.stats["kept"] == 1 and dropped.stats["dropped_too_long"] == 1
+    assert dropped.examples[0].row.line == 1
+    cut = data.tokenize_pairs(rows, tokenizer, 40, "truncate")
+    assert cut.stats["kept"] == 2 and cut.stats["truncated"] == 1
+    assert len(cut.examples[1].chosen.input_ids) == 40 and cut.examples[1].chosen.truncated
+
+
+def test_qlora_validate_counts_pair_batches(tiny_model_dir, tmp_path, capsys):
+    job = dpo_job(tmp_path, tiny_model_dir)
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "ok: 8 micro-batches per epoch, 3 optimizer steps" in out and "example pair" in out

@@ -85,6 +85,11 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.strategy and "train.distributed" in str(error):
             raise ConfigError(f"--strategy {args.strategy}: {error}") from None
         raise
+    if config.train.objective != "sft":
+        raise ConfigError(
+            f"train.objective: qlora plan estimates sft jobs only; {config.train.objective} (two sequences per "
+            "pair, a reference pass) is not planned yet"
+        )
     gpu = find_gpu(args.gpu) if args.gpu else None
     try:
         budget = gpu.memory_bytes if gpu else parse_bytes(args.gpu_memory) if args.gpu_memory else None

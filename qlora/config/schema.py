@@ -18,7 +18,7 @@ from qlora.sizes import parse_bytes
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
-DataFormat = Literal["auto", "alpaca", "chat", "text"]
+DataFormat = Literal["auto", "alpaca", "chat", "text", "preference"]
 
 
 class _Strict(BaseModel):
@@ -99,7 +99,8 @@ class DataSection(_Strict):
     eval_fraction: Optional[float] = Field(None, gt=0.0, lt=1.0)
     """Fraction of the training rows held out for evaluation (when data.eval is not given)."""
     format: DataFormat = "auto"
-    """alpaca (instruction, input, output), chat (messages), text (text), or auto (detected from the keys)."""
+    """alpaca (instruction, input, output), chat (messages), text (text), preference ([prompt,] chosen,
+    rejected: for train.objective dpo and orpo), or auto (detected from the keys)."""
     max_seq_len: int = Field(2048, gt=0)
     """Longest sequence in tokens; longer rows are handled by too_long."""
     packing: bool = False
@@ -194,6 +195,17 @@ class TrainSection(_Strict):
     """Greedy-decode this many held-out prompts before and after training and report exact match of the answers."""
     eval_max_new_tokens: int = Field(64, gt=0)
     """Longest answer generated for eval_exact_match."""
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    """sft: next-token loss on the answers; dpo: preference pairs against the base with the adapter
+    switched off (the reference, no grad); orpo: the odds-ratio loss plus the chosen answer's NLL, no reference."""
+    dpo_beta: float = Field(0.1, gt=0)
+    """DPO's beta: how far the adapter may move from the reference (rewards are beta x log-ratio); IPO's tau."""
+    dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Conservative DPO: the probability that a pair's preference is flipped (sigmoid loss only)."""
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: -log sigmoid(beta x margin); ipo: (per-token margin - 1 / (2 beta))^2."""
+    orpo_lambda: float = Field(0.1, gt=0)
+    """Weight of ORPO's odds-ratio term next to the chosen answer's NLL (TRL's ORPOConfig.beta)."""
 
     @field_validator("memory_budget")
     @classmethod
@@ -282,9 +294,28 @@ class JobConfig(_Strict):
                 f"train.eval_every: {self.train.eval_every} needs eval data; set data.eval or data.eval_fraction "
                 "(or remove train.eval_every)"
             )
+        if self.train.objective != "sft":
+            preference_limits(self)
         if self.train.distributed == "fsdp" and self.quantization.bits == 8:
             # bitsandbytes' 8-bit weights keep int8 data and row statistics FSDP cannot flatten.
             raise ValueError(
                 "train.distributed: fsdp shards 4-bit or 16-bit bases; quantization.bits 8 is not supported"
             )
         return self
+
+
+def preference_limits(config: JobConfig) -> None:
+    """What a dpo / orpo job does not do (yet): each a one-line refusal naming the key."""
+    objective, train = config.train.objective, config.train
+    if config.data.packing:
+        raise ValueError(f"data.packing: {objective} pairs are not packed; set data.packing: false")
+    if not config.data.padding_free:
+        raise ValueError(f"data.padding_free: {objective} batches are padding-free only; set data.padding_free: true")
+    if config.data.train_on != "completions":
+        raise ValueError(f"data.train_on: {objective} scores the answers only; set data.train_on: completions")
+    if train.micro_batch_size == "auto":
+        raise ValueError(f"train.micro_batch_size: auto plans sequences, not {objective} pairs; set a number")
+    if train.eval_exact_match:
+        raise ValueError(f"train.eval_exact_match: not supported with train.objective {objective} yet; set 0")
+    if train.dpo_label_smoothing and train.dpo_loss != "sigmoid":
+        raise ValueError("train.dpo_label_smoothing: applies to dpo_loss sigmoid only")

@@ -52,6 +52,8 @@ class Rendering:
 def detect_format(fields: Any, where: str) -> str:
     """The format of a file, from the keys of its first row."""
     require_object(fields, where)
+    if "chosen" in fields and "rejected" in fields:
+        return "preference"
     if "messages" in fields:
         return "chat"
     if "instruction" in fields and "output" in fields:
@@ -61,7 +63,8 @@ def detect_format(fields: Any, where: str) -> str:
     found = ", ".join(sorted(map(str, fields))) or "none"
     raise DataError(
         f"{where}: cannot detect the data format from the keys ({found}); expected 'messages' (chat), "
-        "'instruction' + 'output' (alpaca) or 'text' (text), or set data.format"
+        "'instruction' + 'output' (alpaca), 'text' (text) or 'chosen' + 'rejected' (preference), "
+        "or set data.format"
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from qlora.config import DATA_FILE_SUFFIXES
 from qlora.data.formats import detect_format, validate_fields
+from qlora.data.preference import is_preference, validate_preference
 from qlora.errors import DataError
 
 
@@ -38,8 +39,9 @@ class Row:
         return f"{self.source}:{self.line}"
 
 
-def read_rows(sources: list[tuple[str, str]], key: str = "data.train") -> list[Row]:
-    """All rows of (path or dataset name, format) sources, validated; `key` names the config key in errors."""
+def read_rows(sources: list[tuple[str, str]], key: str = "data.train", objective: str = "sft") -> list[Row]:
+    """All rows of (path or dataset name, format) sources, validated; `key` names the config key in
+    errors; `objective` (train.objective) says whether the rows must be preference pairs or must not."""
     rows = []
     for name, format in sources:
         records = read_records(name, key)
@@ -48,9 +50,27 @@ def read_rows(sources: list[tuple[str, str]], key: str = "data.train") -> list[R
         first_line, first_fields = records[0]
         resolved = detect_format(first_fields, f"{name}:{first_line}") if format == "auto" else format
         for line, fields in records:
-            validate_fields(fields, resolved, f"{name}:{line}")
+            check_objective(fields, resolved, objective, f"{name}:{line}", key)
+            if resolved == "preference":
+                validate_preference(fields, f"{name}:{line}")
+            else:
+                validate_fields(fields, resolved, f"{name}:{line}")
             rows.append(Row(source=name, line=line, format=resolved, fields=fields))
     return rows
+
+
+def check_objective(fields, format: str, objective: str, where: str, key: str) -> None:
+    """A preference row in an sft job, or an sft row in a dpo/orpo job, is a one-line error."""
+    wants_pairs = objective != "sft"
+    if wants_pairs and (format != "preference" or not is_preference(fields)):
+        raise DataError(
+            f"{where}: a {format} row in a {objective} job; train.objective {objective} needs preference rows "
+            "(prompt, chosen, rejected)"
+        )
+    if not wants_pairs and (format == "preference" or is_preference(fields)):
+        if not key.startswith("data."):
+            raise DataError(f"{where}: a preference row (chosen, rejected); {key} takes SFT rows only (for now)")
+        raise DataError(f"{where}: a preference row (chosen, rejected) in an sft job; set train.objective: dpo or orpo")
 
 
 def read_records(name: str, key: str) -> list[tuple[int, object]]:

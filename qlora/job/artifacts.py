@@ -195,6 +195,7 @@ def write_artifacts(
 def summary_record(result: JobResult, data_stats: dict) -> dict:
     loop = asdict(result.loop)
     loop["tokens_per_s"] = result.loop.tokens_per_s
+    loop.update(loop.pop("readings") or {})  # the objective's last step: rewards/... for dpo and orpo
     record = {
         "adapter": str(result.adapter_path),
         "adapter_bytes": result.adapter_bytes,
@@ -228,6 +229,13 @@ def describe_result(result: JobResult) -> str:
         before = f" (before training {loop.eval_loss_before:.4f})" if loop.eval_loss_before is not None else ""
         lines.append(
             f"  final eval loss  {loop.eval_loss:.4f}, perplexity {math.exp(min(loop.eval_loss, 700)):.2f}{before}"
+        )
+    readings = loop.readings or {}
+    if "rewards/accuracy" in readings:
+        held_out = readings.get("eval_rewards/accuracy")
+        lines.append(
+            f"  rewards          accuracy {readings['rewards/accuracy']:.1%}, margin {readings['rewards/margin']:.4f}"
+            + (f" (eval accuracy {held_out:.1%})" if held_out is not None else "")
         )
     if result.exact_match_after is not None:
         lines.append(

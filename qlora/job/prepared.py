@@ -28,21 +28,37 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
     tokenizer = load_tokenizer(
         config.model.tokenizer or config.model.name_or_path, config.model.revision, config.model.trust_remote_code
     )
-    rows = data.read_rows([(source.path, source.format) for source in config.data.sources()])
+    objective = config.train.objective
+    rows = data.read_rows([(source.path, source.format) for source in config.data.sources()], objective=objective)
     if config.data.eval is not None:
-        eval_rows = data.read_rows([(config.data.eval, config.data.format)], key="data.eval")
+        eval_rows = data.read_rows([(config.data.eval, config.data.format)], key="data.eval", objective=objective)
     elif config.data.eval_fraction is not None:
         rows, eval_rows = data.split_eval(rows, config.data.eval_fraction, config.train.seed)
     else:
         eval_rows = []
-    shape = dict(max_seq_len=config.data.max_seq_len, train_on=config.data.train_on, too_long=config.data.too_long)
-    # Tokenized sets are reused across runs (qlora/data/cache.py).
-    train_set, cache_hit = data.tokenize_rows_cached(rows, tokenizer, **shape)
-    eval_set = data.tokenize_rows_cached(eval_rows, tokenizer, **shape)[0] if eval_rows else None
+    if objective != "sft":
+        # Pairs tokenize fast enough uncached for now (the cache holds SFT examples).
+        train_set = data.tokenize_pairs(rows, tokenizer, config.data.max_seq_len, config.data.too_long)
+        eval_set = (
+            data.tokenize_pairs(eval_rows, tokenizer, config.data.max_seq_len, config.data.too_long)
+            if eval_rows
+            else None
+        )
+        cache_hit = False
+    else:
+        shape = dict(max_seq_len=config.data.max_seq_len, train_on=config.data.train_on, too_long=config.data.too_long)
+        # Tokenized sets are reused across runs (qlora/data/cache.py).
+        train_set, cache_hit = data.tokenize_rows_cached(rows, tokenizer, **shape)
+        eval_set = data.tokenize_rows_cached(eval_rows, tokenizer, **shape)[0] if eval_rows else None
     echo(data.describe_data("train", train_set.stats) + (" (tokenized earlier: from the cache)" if cache_hit else ""))
     if eval_set:
         echo(data.describe_data("eval", eval_set.stats))
-    echo("example (supervised spans in ⟦ ⟧):\n" + data.render_supervision(train_set.examples[0], tokenizer))
+    first = train_set.examples[0]
+    if objective != "sft":
+        shown = [data.render_supervision(side, tokenizer) for side in (first.chosen, first.rejected)]
+        echo("example pair (supervised spans in ⟦ ⟧):\nchosen:\n" + shown[0] + "\nrejected:\n" + shown[1])
+    else:
+        echo("example (supervised spans in ⟦ ⟧):\n" + data.render_supervision(first, tokenizer))
     return PreparedData(train=train_set, eval=eval_set, eval_rows=eval_rows, tokenizer=tokenizer)
 
 
@@ -50,6 +66,10 @@ def batch_maker(config: JobConfig, examples: list, pad_id: int, shuffle: bool = 
     """epoch -> that epoch's micro-batches, in an order fixed by (seed, epoch)."""
 
     def epoch_batches(epoch: int) -> list:
+        if config.train.objective != "sft":
+            return data.epoch_pair_batches(
+                examples, config.train.micro_batch_size, pad_id, config.train.seed, epoch, shuffle=shuffle
+            )
         return data.epoch_batches(
             examples,
             micro_batch_size=config.train.micro_batch_size,
@@ -67,6 +87,8 @@ def batch_maker(config: JobConfig, examples: list, pad_id: int, shuffle: bool = 
 
 def epoch_length(config: JobConfig, examples: list) -> int:
     """Micro-batches per epoch, counted without building them."""
+    if config.train.objective != "sft":
+        return data.pair_batches_per_epoch(examples, config.train.micro_batch_size)
     return data.batches_per_epoch(
         examples, config.train.micro_batch_size, config.data.packing, config.data.max_seq_len, config.train.seed
     )

@@ -39,6 +39,7 @@ from qlora.training.dry_run import cuda_dry_run_peak
 from qlora.training.loop import LoopResult, train
 from qlora.training.metrics import MetricsLog
 from qlora.training.precision import build_precision
+from qlora.training.preference import PreferenceObjective
 from qlora.training.trackers import Trackers, check_installed
 
 
@@ -164,6 +165,8 @@ def plan_run(
             f"{output_dir}: the ranks see different checkpoints ({', '.join(map(str, names))}, by rank); "
             "output.dir must be one folder shared by every node"
         )
+    if config.train.objective != "sft":
+        preference_limits(config, checkpoint, world)
     prepared = prepare_data(config, echo)
     resume = None
     if checkpoint:
@@ -188,6 +191,31 @@ def plan_run(
     if checkpoint is None and unfinished(output_dir) and not overwrite:
         echo(f"{output_dir} holds an unfinished run with no complete checkpoint: starting over")
     return RunPlan(prepared, record, resume, max_steps, auto_budget)
+
+
+def preference_limits(config: JobConfig, checkpoint: Optional[Path], world: World) -> None:
+    """What a dpo / orpo run does not do yet: refused in one line before anything loads."""
+    objective = config.train.objective
+    if world.several:
+        raise ConfigError(f"train.objective: {objective} runs in one process for now ({world.size} launched)")
+    if checkpoint is not None:
+        raise CheckpointError(
+            f"{checkpoint}: resuming a {objective} run is not supported yet; rerun with --overwrite to start over"
+        )
+
+
+def preference_objective(config: JobConfig, model):
+    """The loop's dpo / orpo objective; DPO's reference is the base with the adapter switched off
+    (peft's disable_adapter), so the loop needs no second model and imports no adapter library."""
+    train = config.train
+    return PreferenceObjective(
+        train.objective,
+        beta=train.dpo_beta,
+        label_smoothing=train.dpo_label_smoothing,
+        dpo_loss=train.dpo_loss,
+        orpo_lambda=train.orpo_lambda,
+        reference=model.disable_adapter if train.objective == "dpo" else None,
+    )
 
 
 def auto_mode(config: JobConfig) -> bool:
@@ -351,6 +379,7 @@ def run_loop(
             stop_requested=stop_requested,
             flop_meter=meter,
             world=world,
+            objective=preference_objective(config, placed.model) if config.train.objective != "sft" else None,
         )
     finally:
         if metrics:

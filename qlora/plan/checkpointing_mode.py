@@ -117,6 +117,11 @@ def resolve_checkpointing(
         config.train.gradient_checkpointing = kept
         echo(f"gradient_checkpointing auto: {mode_word(kept)} (the checkpoint's: a resumed run trains as it did)")
         return None
+    if config.train.objective != "sft":
+        # The plan counts sequences, not a pair's two and the reference pass: the least memory, until it does.
+        config.train.gradient_checkpointing = True
+        echo(f"gradient_checkpointing auto: on (train.objective {config.train.objective} is not planned yet)")
+        return None
     arch = load_architecture(config.model.name_or_path, config.model.trust_remote_code)
     choice = choose_checkpointing(arch, launched_settings(config), budget)
     config.train.gradient_checkpointing = choice.mode

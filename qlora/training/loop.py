@@ -5,7 +5,8 @@ precision, a function giving each epoch's micro-batches, eval batches; qlora.tra
 makes them from the config) and knows nothing of configs, files or where the model came from,
 so it runs on any tiny torch model. A batch is anything with `input_ids`,
 `position_ids`, `targets` (next-token ids, -100 where unsupervised), `attention_mask` (or None)
-and `supervised_tokens`.
+and `supervised_tokens`. A step minimizes the `objective` (SFT's cross-entropy by default;
+qlora.training.preference: DPO, ORPO), whose readings (rewards ...) are logged with the loss.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from qlora.training.distributed import (
     summed,
     this_ranks,
 )
-from qlora.training.loss import summed_cross_entropy
+from qlora.training.loss import TokenObjective, summed_cross_entropy
 from qlora.training.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
 from qlora.training.precision import Precision
 
@@ -62,6 +63,7 @@ class LoopResult:
     eval_loss_before: Optional[float]
     peak_memory_kind: str
     peak_memory_bytes: int
+    readings: Optional[dict] = None  # the objective's last step's extra metrics (and eval_ ones)
     useful_flops: float = 0.0  # of this process's steps (a resumed run counts from its resume)
     mfu: Optional[float] = None  # useful FLOPs / s over peak_flops_per_s (qlora.plan.flops)
     peak_flops_per_s: Optional[float] = None
@@ -86,6 +88,7 @@ def train(
     stop_requested: Callable[[], bool] = lambda: False,
     flop_meter: Optional[FlopMeter] = None,
     world: World = World(),
+    objective=None,
 ) -> LoopResult:
     """Run optimizer steps from `resume` (or the start) to settings.max_steps.
 
@@ -107,6 +110,7 @@ def train(
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     device = parameters[0].device
     precision = precision or Precision.none(device.type)
+    objective = objective or TokenObjective(summed_loss)
     scaler = precision.scaler
     state = resume or TrainingState()
     if resume:
@@ -123,10 +127,11 @@ def train(
     eval_loss, eval_loss_before = nan_if_none(state.eval_loss), nan_if_none(state.eval_loss_before)
     if eval_batches and not resume:
         eval_loss = eval_loss_before = evaluate(
-            model, eval_batches, device, settings.loss_chunk_tokens, precision, world
+            model, eval_batches, device, settings.loss_chunk_tokens, precision, world, objective
         )
         if metrics:
-            metrics.write({"step": 0, "eval_loss": eval_loss, "eval_perplexity": safe_exp(eval_loss)})
+            eval_readings = {f"eval_{name}": value for name, value in objective.readings().items()}
+            metrics.write({"step": 0, "eval_loss": eval_loss, "eval_perplexity": safe_exp(eval_loss), **eval_readings})
     if resume:
         # Last, after anything above that might draw random numbers: dropout masks from here
         # on are the ones the uninterrupted run drew.
@@ -182,6 +187,7 @@ def train(
                 window.append(batch)
                 position = (epoch, next_index)
             window_supervised = sum(batch.supervised_tokens for batch in window)
+            window_units = objective.start_window(window)  # SFT: the supervised tokens; DPO/ORPO: the pairs
             mine = share(world, window, settings.grad_accum_steps)
             loss_sum = torch.zeros((), device=device)
             for index, (batch, counted) in enumerate(mine):
@@ -190,10 +196,10 @@ def train(
                 with gradients_kept_local(model, index < len(mine) - 1 and world.strategy != "fsdp"):
                     with saved_for_backward_on_host(settings.offload_activations):
                         with precision.autocast():
-                            batch_loss_sum = summed_loss(model, batch, device, settings.loss_chunk_tokens)
+                            batch_loss_sum = objective.loss_sum(model, batch, device, settings.loss_chunk_tokens)
                         if not counted:  # a short window's filler: its passes only keep the ranks in step
                             batch_loss_sum = batch_loss_sum * 0
-                        scaler.scale(batch_loss_sum * world.size / max(window_supervised, 1)).backward()
+                        scaler.scale(batch_loss_sum * world.size / max(window_units, 1)).backward()
                 loss_sum += batch_loss_sum.detach()
                 useful_flops += flop_meter.of_batch(batch) if flop_meter and counted else 0.0
             total_tokens += sum(batch.input_ids.numel() for batch in window)
@@ -216,7 +222,7 @@ def train(
             loss_total, *norm = torch.stack(readings).tolist()
             loss_total = summed(world, [loss_total])[0]  # every rank's share of the window
             grad_norm = norm[0] if norm else math.nan
-            loss = loss_total / max(window_supervised, 1)
+            loss = loss_total / max(window_units, 1)
             if not math.isfinite(loss):
                 message = f"step {step}: loss is {loss}; lower train.learning_rate or check the data"
                 raise on_every_rank(world, TrainingError(message))
@@ -230,13 +236,18 @@ def train(
                 "supervised_tokens": window_supervised,
                 "tokens_per_s": total_supervised / elapsed,
                 "elapsed_s": elapsed,
+                **(extra := objective.readings()),  # DPO/ORPO: rewards/...; SFT: none
             }
             if flop_meter:
                 row["mfu"] = mfu(useful_flops, time.perf_counter() - flops_started, flop_meter.peak_flops_per_s)
             last_step = step == settings.max_steps
             if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last_step):
-                eval_loss = evaluate(model, eval_batches, device, settings.loss_chunk_tokens, precision, world)
+                eval_loss = evaluate(
+                    model, eval_batches, device, settings.loss_chunk_tokens, precision, world, objective
+                )
                 row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
+                extra.update({f"eval_{name}": value for name, value in objective.readings().items()})
+                row.update(extra)
             if metrics:
                 metrics.write(row)
             if save_checkpoint and settings.save_every and step % settings.save_every == 0:
@@ -255,6 +266,7 @@ def train(
         tokens=total_tokens,
         seconds=time.perf_counter() - started,
         final_loss=loss,
+        readings=extra if state.step < settings.max_steps else None,
         eval_loss=none_if_nan(eval_loss),
         eval_loss_before=none_if_nan(eval_loss_before),
         peak_memory_kind=kind,
@@ -347,25 +359,26 @@ def evaluate(
     chunk_tokens: Union[int, str] = "auto",
     precision: Optional[Precision] = None,
     world: World = World(),
+    objective=None,
 ) -> float:
-    """Mean loss per supervised token over the eval batches (dropout off, under the training
-    precision when given), then back to training. Under torchrun each rank takes every N-th
-    batch; all run the same number of forwards (FSDP gathers weights in each), a rank short of
-    one repeats its first and counts it zero."""
+    """Mean loss per unit of the objective (SFT: supervised token) over the eval batches (dropout
+    off, under the training precision when given), then back to training. Under torchrun each rank
+    takes every N-th batch; all run the same number of forwards (FSDP gathers weights in each), a
+    rank short of one repeats its first and counts it zero."""
     precision = precision or Precision.none()
+    objective = objective or TokenObjective(summed_loss)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    supervised = 0
     mine = list(batches[world.rank :: world.size])
+    supervised = objective.start_window(mine)  # the units: supervised tokens, or pairs
     forwards = math.ceil(len(batches) / world.size)
     for index in range(forwards):
         batch = mine[index] if index < len(mine) else batches[0]
         with precision.autocast():
-            batch_loss = summed_loss(model, batch, device, chunk_tokens).double()
+            batch_loss = objective.loss_sum(model, batch, device, chunk_tokens).double()
         if index < len(mine):
             loss_sum += batch_loss
-            supervised += batch.supervised_tokens
     model.train(was_training)
     total, supervised = summed(world, [loss_sum.item(), supervised])
     return total / max(supervised, 1)

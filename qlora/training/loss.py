@@ -38,6 +38,25 @@ PROBE_TOKENS = 16  # positions the probe compares: enough to see a softcap, chea
 _head_reproduces_logits: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
+class TokenObjective:
+    """SFT's objective for the loop: summed cross-entropy over the supervised targets, normalized by
+    the window's supervised tokens. The loop's interface (preference objectives have the same):
+    start_window(batches) -> the units a window's summed loss is divided by; loss_sum(model, batch,
+    device, chunk_tokens) -> that batch's sum; readings() -> extra metrics per unit since the last call."""
+
+    def __init__(self, summed_loss=None):
+        self.summed_loss = summed_loss or summed_cross_entropy
+
+    def start_window(self, batches) -> int:
+        return sum(batch.supervised_tokens for batch in batches)
+
+    def loss_sum(self, model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
+        return self.summed_loss(model, batch, device, chunk_tokens)
+
+    def readings(self) -> dict:
+        return {}
+
+
 def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the batch's supervised targets.
 

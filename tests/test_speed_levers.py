@@ -200,7 +200,7 @@ def test_activation_offload_gives_the_same_losses_and_adapter(tiny_model_dir, tm
     """train.offload_activations under gradient checkpointing: on a CPU the saved tensors stay in
     host memory, so the numbers must not move at all (on CUDA the activations would be copies,
     the weights never: tests/test_gpu.py)."""
-    from qlora.training.loop import is_weight, saved_for_backward_on_host
+    from qlora.training.offload import is_weight, saved_for_backward_on_host
 
     assert isinstance(saved_for_backward_on_host(True), torch.autograd.graph.saved_tensors_hooks)
     weight = torch.nn.Parameter(torch.ones(3, 2))

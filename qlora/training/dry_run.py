@@ -17,7 +17,8 @@ from typing import Optional, Union
 import torch
 
 from qlora.labels import IGNORE_INDEX
-from qlora.training.loop import saved_for_backward_on_host, summed_loss
+from qlora.training.loop import summed_loss
+from qlora.training.offload import saved_for_backward_on_host
 from qlora.training.precision import build_precision
 
 

@@ -34,6 +34,7 @@ from qlora.training.distributed import (
 )
 from qlora.training.loss import TokenObjective, summed_cross_entropy
 from qlora.training.metrics import MetricsLog, peak_memory, progress_bar, reset_peak_memory
+from qlora.training.offload import saved_for_backward_on_host
 from qlora.training.precision import Precision
 
 
@@ -160,6 +161,7 @@ def train(
     started = time.perf_counter() - state.elapsed_s
     total_supervised, total_tokens = state.supervised_tokens, state.tokens
     saved_step, saved_path = state.step, None
+    readings = None  # the objective's extra metrics of the last step (DPO/ORPO: rewards/...; SFT: none)
     loss = nan_if_none(state.loss)
     # MFU over this process's steps only: the FLOPs before a resume are not in the checkpoint.
     useful_flops, flops_started = 0.0, time.perf_counter()
@@ -236,8 +238,9 @@ def train(
                 "supervised_tokens": window_supervised,
                 "tokens_per_s": total_supervised / elapsed,
                 "elapsed_s": elapsed,
-                **(extra := objective.readings()),  # DPO/ORPO: rewards/...; SFT: none
             }
+            readings = objective.readings()
+            row.update(readings)
             if flop_meter:
                 row["mfu"] = mfu(useful_flops, time.perf_counter() - flops_started, flop_meter.peak_flops_per_s)
             last_step = step == settings.max_steps
@@ -246,8 +249,8 @@ def train(
                     model, eval_batches, device, settings.loss_chunk_tokens, precision, world, objective
                 )
                 row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
-                extra.update({f"eval_{name}": value for name, value in objective.readings().items()})
-                row.update(extra)
+                readings.update({f"eval_{name}": value for name, value in objective.readings().items()})
+                row.update(readings)
             if metrics:
                 metrics.write(row)
             if save_checkpoint and settings.save_every and step % settings.save_every == 0:
@@ -266,7 +269,7 @@ def train(
         tokens=total_tokens,
         seconds=time.perf_counter() - started,
         final_loss=loss,
-        readings=extra if state.step < settings.max_steps else None,
+        readings=readings,
         eval_loss=none_if_nan(eval_loss),
         eval_loss_before=none_if_nan(eval_loss_before),
         peak_memory_kind=kind,
@@ -311,44 +314,6 @@ def clipped_gradients(model: torch.nn.Module, parameters: list, max_norm: float)
     """The global gradient norm, clipped to max_norm; FSDP computes it over the ranks' shards itself."""
     clip = getattr(model, "clip_grad_norm_", None)
     return clip(max_norm) if clip is not None else torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-
-
-def saved_for_backward_on_host(offload: bool):
-    """Where the tensors autograd saves for backward wait between forward and backward: on the
-    device, or (offload) copied to host memory, pinned on CUDA, and back when backward needs them.
-
-    With non-reentrant gradient checkpointing a checkpointed layer saves only its inputs (through
-    this hook; inside the layer torch's own checkpoint hook takes precedence and keeps nothing), so
-    offload then moves one hidden state per layer plus what the head and loss save; the layer's
-    activations recomputed in backward live on the device only while that layer's backward runs.
-    On a CPU both places are host memory: nothing moves. Weights (parameters and views of them,
-    as a linear saves its weight for the input's gradient) stay where they are: they live on the
-    device for the whole run anyway, and torch's save_on_cpu would copy the frozen head (hundreds
-    of MB) to the host and back every micro-batch.
-    """
-    if not offload:
-        return contextlib.nullcontext()
-    pin = torch.cuda.is_available()
-
-    def pack(tensor: torch.Tensor):
-        if tensor.device.type == "cpu" or is_weight(tensor):
-            return tensor
-        host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pin)
-        host.copy_(tensor)
-        return tensor.device, host
-
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        device, host = packed
-        return host.to(device, non_blocking=pin)
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-
-def is_weight(tensor: torch.Tensor) -> bool:
-    """A parameter, or a view of one (a transposed weight)."""
-    return isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter)
 
 
 @torch.no_grad()

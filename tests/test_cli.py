@@ -10,33 +10,12 @@ import pytest
 
 from qlora.cli.main import main
 from qlora.errors import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT
+from tests.expectations import EXPECTED_FILES, one_line_error
 from tests.tiny import write_job
-
-EXPECTED_FILES = {
-    ".qlora-run",  # lets --overwrite tell our folders from anyone else's
-    "README.md",  # peft's model card
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "chat_template.jinja",
-    "config.yaml",
-    "loss.svg",
-    "metrics.jsonl",
-    "qlora_manifest.json",  # the compatibility record: base fingerprint, quantization, versions, sha256s
-    "summary.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-}
 
 
 def run_cli(*args):
     return main([str(arg) for arg in args])
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err)
-    return errors[0]
 
 
 def digest(directory):

@@ -8,23 +8,13 @@ import torch
 
 from qlora.cli.main import main
 from qlora.errors import EXIT_CONFIG, EXIT_MODEL, EXIT_OUTPUT
-from tests.tiny_adapters import plain_peft_adapter
-from tests.tiny_families import build_family_model
+from tests.tiny_adapters import peft_merged, plain_peft_adapter
+from tests.tiny_families import PROMPTS, build_family_model
 
-PROMPTS = ("reverse abcdef", "The quick brown fox jumps over the lazy dog.", "Question: what is 12 + 30?\nAnswer:")
 # max |logit difference| / largest |logit|, GGUF read back vs the float32 peft merge. f16 and bf16
 # round each merged weight once (bf16 keeps 8 bits of mantissa, f16 11); q8_0 keeps 8 bits per
 # weight with one scale per block of 32. Measured on these tiny models: f16 ~1e-3, bf16 ~1e-2, q8_0 ~2e-2.
 RELATIVE_TOLERANCE = {"f16": 5e-3, "bf16": 4e-2, "q8_0": 8e-2}
-
-
-def peft_merged(base_dir, adapter_dir):
-    """The reference: plain peft's merge_and_unload in float32, no qlora code."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
 
 
 def gguf_model_and_tokenizer(path, **kwargs):

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from qlora.cli.main import main
-from tests.test_export import PROMPTS, peft_merged
-from tests.tiny_adapters import plain_peft_adapter
-from tests.tiny_families import build_family_model
+from tests.tiny_adapters import peft_merged, plain_peft_adapter
+from tests.tiny_families import PROMPTS, build_family_model
 
 if os.environ.get("CI") == "true":
     import llama_cpp  # noqa: F401 - .ci/run installs it; the tests must run there

@@ -17,7 +17,7 @@ from qlora.errors import EXIT_CONFIG, EXIT_DATA, DataError
 from qlora.labels import IGNORE_INDEX
 from qlora.model.base import load_tokenizer
 from qlora.training.preference import PreferenceObjective
-from tests.test_cli import EXPECTED_FILES, one_line_error
+from tests.expectations import EXPECTED_FILES, one_line_error
 from tests.tiny import write_chat_data, write_job
 from tests.tiny_pairs import message_pair, string_pair, write_pairs
 from tests.tiny_training import tiny_base

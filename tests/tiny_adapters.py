@@ -69,3 +69,13 @@ def plain_4bit_base(model_dir: Path):
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def peft_merged(base_dir, adapter_dir):
+    """The reference: plain peft's merge_and_unload in float32, no qlora code."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()

@@ -26,6 +26,8 @@ MISTRAL_CHAT = (
     " + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
 )
+# Texts each family's tokenizer and model are compared on (plain text, digits, a newline).
+PROMPTS = ("reverse abcdef", "The quick brown fox jumps over the lazy dog.", "Question: what is 12 + 30?\nAnswer:")
 CORPUS = [
     "The quick brown fox jumps over the lazy dog 1234567 times.",
     "Question: what is 12 + 30?\nAnswer: 42",

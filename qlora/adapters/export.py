@@ -98,7 +98,7 @@ def export_adapter(
         built.mkdir()
         gguf_path = built / (f"{ollama_name(name)}.gguf" if format == "ollama" else out.name)
         echo(f"writing {dtype} GGUF ({format_bytes(merge.bytes)} of merged weights)")
-        written = write_gguf(merged_dir, gguf_path, dtype, name, progress=byte_progress(merge.bytes))
+        written = write_gguf(merged_dir, gguf_path, dtype, name)
         report = ExportReport(
             format=format,
             dtype=dtype,
@@ -159,17 +159,9 @@ def check_export_request(adapter_dir: Path, out: Path, format: str, dtype: str, 
         raise ConfigError(f"--format: {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
-    if format == "gguf":
-        if out.suffix != ".gguf":
-            raise ConfigError(f"--out: {out} should be a FILE.gguf for --format gguf")
-        if out.exists() or out.is_symlink():
-            raise OutputError(f"--out: {out} already exists; choose a new file")
-        if not out.parent.is_dir():
-            raise OutputError(f"--out: parent folder {out.parent} does not exist")
-        if not os.access(out.parent, os.W_OK):
-            raise OutputError(f"--out: cannot write to {out.parent}")
-    else:
-        check_output(out)
+    if format == "gguf" and out.suffix != ".gguf":
+        raise ConfigError(f"--out: {out} should be a FILE.gguf for --format gguf")
+    check_output(out, new_file=format == "gguf")
     base = resolve_base([("export", adapter_dir)], base)
     try:
         config = AutoConfig.from_pretrained(base)
@@ -198,19 +190,6 @@ def check_free_space(base: str, out: Path, dtype: str) -> None:
             f"--out: {out.parent} has {format_bytes(free)} free; the export needs about {format_bytes(need)} "
             f"(the merged 16-bit model, {format_bytes(merged)}, beside the {dtype} GGUF)"
         )
-
-
-def byte_progress(total: int) -> Callable[[int], None]:
-    from qlora.training.metrics import progress_bar
-
-    bar = progress_bar(total, "writing GGUF")
-
-    def advance(count: int) -> None:
-        bar.update(count)
-        if bar.n >= total:
-            bar.close()
-
-    return advance
 
 
 def read_back(report: ExportReport, merged_dir: Path, gguf_path: Path, prompts: tuple[str, ...]) -> None:

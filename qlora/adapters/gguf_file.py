@@ -10,11 +10,12 @@ kill or a full disk never leaves a truncated .gguf that looks finished.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from qlora.adapters.base_files import base_shards, tensor_layout
 from qlora.adapters.gguf_arch import (
@@ -28,6 +29,7 @@ from qlora.adapters.gguf_arch import (
 from qlora.adapters.gguf_vocab import add_vocabulary, read_vocabulary
 from qlora.errors import ConfigError
 from qlora.output_dir import apply_umask
+from qlora.training.metrics import progress_bar
 
 GGUF_DTYPES = ("f16", "bf16", "q8_0")
 # The 16-bit dtype the merge writes for each GGUF type: q8_0 is quantized from bf16 (its own
@@ -45,7 +47,7 @@ class GgufReport:
     tokenizer: str
 
 
-def write_gguf(model_dir: Path, out: Path, dtype: str, name: str, progress: Callable[[int], None] = lambda _: None):
+def write_gguf(model_dir: Path, out: Path, dtype: str, name: str) -> GgufReport:
     """Write `model_dir` (config.json, safetensors, tokenizer) as one GGUF at `out`."""
     import gguf
     from transformers import AutoConfig
@@ -72,9 +74,10 @@ def write_gguf(model_dir: Path, out: Path, dtype: str, name: str, progress: Call
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for tensor, data in zip(plan, tensor_data(model_dir, plan, arch)):
-            writer.write_tensor_data(data)
-            progress(tensor.nbytes)
+        with progress_bar(len(plan), "writing GGUF tensors") as bar:
+            for data in tensor_data(model_dir, plan, arch):
+                writer.write_tensor_data(data)
+                bar.update(1)
         writer.close()
         apply_umask(temp)
         os.rename(temp, out)
@@ -149,25 +152,28 @@ def planned(source: str, gguf_name: str, shape: tuple, dtype: str, shard: str) -
 
 def tensor_data(model_dir: Path, plan: list[PlannedTensor], arch: GgufArchitecture) -> Iterator:
     """Each planned tensor's bytes, in plan order (the checkpoint's), one shard open at a time."""
-    import gguf
-    import torch
     from safetensors import safe_open
 
     extras = extra_tensors(arch)
-    opened, weights = None, None
-    for tensor in plan:
-        if not tensor.shard:
-            yield extras[tensor.source].numpy()
+    # The plan follows the checkpoint's order, so each shard's tensors come together.
+    for shard, tensors in itertools.groupby(plan, key=lambda tensor: tensor.shard):
+        if not shard:
+            yield from (extras[tensor.source].numpy() for tensor in tensors)
             continue
-        if tensor.shard != opened:
-            weights = safe_open(str(model_dir / tensor.shard), framework="pt")
-            opened = tensor.shard
-        value = transformed(tensor.source, weights.get_tensor(tensor.source), arch)
-        if tensor.raw_dtype == gguf.GGMLQuantizationType.F32:
-            yield value.float().numpy()
-        elif tensor.raw_dtype == gguf.GGMLQuantizationType.BF16:
-            yield value.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()
-        elif tensor.raw_dtype == gguf.GGMLQuantizationType.F16:
-            yield value.to(torch.float16).contiguous().numpy()
-        else:
-            yield gguf.quants.quantize(value.float().numpy(), tensor.raw_dtype)
+        with safe_open(str(model_dir / shard), framework="pt") as weights:
+            for tensor in tensors:
+                yield as_stored(transformed(tensor.source, weights.get_tensor(tensor.source), arch), tensor.raw_dtype)
+
+
+def as_stored(value, raw_dtype):
+    """A tensor as the GGUF stores it: float32, bf16 bits, float16 or q8_0 blocks."""
+    import gguf
+    import torch
+
+    if raw_dtype == gguf.GGMLQuantizationType.F32:
+        return value.float().numpy()
+    if raw_dtype == gguf.GGMLQuantizationType.BF16:
+        return value.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()
+    if raw_dtype == gguf.GGMLQuantizationType.F16:
+        return value.to(torch.float16).contiguous().numpy()
+    return gguf.quants.quantize(value.float().numpy(), raw_dtype)

@@ -216,8 +216,11 @@ def shard_bytes(max_shard_size: str) -> int:
         raise ConfigError(f"--max-shard-size: {max_shard_size!r} is not a size like 5GB or 500MB") from None
 
 
-def check_output(output_dir: Path) -> None:
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+def check_output(output_dir: Path, new_file: bool = False) -> None:
+    """--out must be new (a folder may exist empty), in a folder we can write to."""
+    if new_file and (output_dir.exists() or output_dir.is_symlink()):
+        raise OutputError(f"--out: {output_dir} already exists; choose a new file")
+    if not new_file and output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise OutputError(f"--out: {output_dir} already exists and is not empty; choose a new folder")
     if not output_dir.parent.is_dir():
         raise OutputError(f"--out: parent folder {output_dir.parent} does not exist")

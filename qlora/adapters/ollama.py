@@ -140,22 +140,17 @@ def go_template(pieces: TemplatePieces) -> str:
     )
 
 
-def stop_tokens(tokenizer, model_dir: Path) -> list[str]:
+def stop_tokens(tokenizer, generation_config: dict) -> list[str]:
     """The tokens that end a turn: generation_config's eos ids and the tokenizer's eos."""
-    ids = []
-    generation_config = model_dir / "generation_config.json"
-    if generation_config.is_file():
-        eos = json.loads(generation_config.read_text()).get("eos_token_id")
-        ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    eos = generation_config.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return list(dict.fromkeys(tokenizer.convert_ids_to_tokens(index) for index in ids))
 
 
-def sampling_parameters(model_dir: Path) -> dict:
+def sampling_parameters(config: dict) -> dict:
     """generation_config.json's sampling in Ollama's names; greedy when it does not sample."""
-    path = model_dir / "generation_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
     if not config.get("do_sample", False) and "temperature" not in config:
         return {"temperature": 0}
     names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"}
@@ -167,6 +162,8 @@ def modelfile(gguf_name: str, model_dir: Path) -> tuple[str, list[str]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    generation_file = model_dir / "generation_config.json"
+    generation_config = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
     lines = [f"FROM ./{gguf_name}"]
     notes = []
     pieces = chat_template_pieces(tokenizer)
@@ -176,8 +173,8 @@ def modelfile(gguf_name: str, model_dir: Path) -> tuple[str, list[str]]:
         notes.append(
             "the chat template is not a plain per-role wrapping: no TEMPLATE line, Ollama reads the one in the GGUF"
         )
-    for token in stop_tokens(tokenizer, model_dir):
+    for token in stop_tokens(tokenizer, generation_config):
         lines.append(f"PARAMETER stop {json.dumps(token)}")
-    for name, value in sampling_parameters(model_dir).items():
+    for name, value in sampling_parameters(generation_config).items():
         lines.append(f"PARAMETER {name} {value}")
     return "\n".join(lines) + "\n", notes

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -76,15 +76,21 @@ def summed_cross_entropy(model: torch.nn.Module, batch, device, chunk_tokens: Un
     hidden = hidden.flatten(0, 1).index_select(0, supervised.to(device))
     targets = kept_targets[supervised].to(device)
     total = hidden[:0].float().sum()  # zero, attached to the graph even without supervised tokens
-    for start in range(0, len(supervised), size):
-        part = (head, hidden[start : start + size], targets[start : start + size])
-        # The last chunk's backward runs first, right after this forward: its logits would be
-        # recomputed at once, so only the chunks before it are checkpointed (one chunk: none).
-        if torch.is_grad_enabled() and start + size < len(supervised):
-            total = total + checkpoint(chunk_loss, *part, use_reentrant=False)
-        else:
-            total = total + chunk_loss(*part)
+    for part in over_chunks(chunk_loss, head, hidden, targets, size):
+        total = total + part
     return total
+
+
+def over_chunks(function: Callable, head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, size: int):
+    """function(head, hidden rows, their targets) for each chunk of `size` rows, in order. The
+    last chunk's backward runs first, right after this forward: its logits would be recomputed
+    at once, so only the chunks before it are checkpointed (one chunk: none)."""
+    for start in range(0, len(targets), size):
+        part = (head, hidden[start : start + size], targets[start : start + size])
+        if torch.is_grad_enabled() and start + size < len(targets):
+            yield checkpoint(function, *part, use_reentrant=False)
+        else:
+            yield function(*part)
 
 
 def chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

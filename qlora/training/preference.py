@@ -29,11 +29,10 @@ from typing import Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from qlora.labels import IGNORE_INDEX
 from qlora.plan.loss_chunks import loss_chunk_tokens
-from qlora.training.loss import final_hidden_states, head_reproduces_logits, model_inputs, output_head
+from qlora.training.loss import final_hidden_states, head_reproduces_logits, model_inputs, output_head, over_chunks
 
 LN_HALF = -0.6931471805599453
 
@@ -173,14 +172,7 @@ def target_log_probs(model, batch, device, chunk_tokens, whole_chosen: bool):
         return -F.cross_entropy(logits.float(), tokens, reduction="none"), columns
     size = loss_chunk_tokens(head.weight.shape[0], chunk_tokens)
     hidden = final_hidden_states(model, head, inputs, columns.to(device))[0]
-    parts = []
-    for start in range(0, len(columns), size):
-        part = (head, hidden[start : start + size], tokens[start : start + size])
-        # As the SFT loss: every chunk but the last recomputes its logits in backward.
-        if torch.is_grad_enabled() and start + size < len(columns):
-            parts.append(checkpoint(chunk_log_probs, *part, use_reentrant=False))
-        else:
-            parts.append(chunk_log_probs(*part))
+    parts = list(over_chunks(chunk_log_probs, head, hidden, tokens, size))  # as the SFT loss chunks
     return (torch.cat(parts) if parts else hidden[:0, 0].float()), columns
 
 

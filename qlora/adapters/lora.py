@@ -6,6 +6,7 @@ so `peft.PeftModel.from_pretrained` loads it with no qlora installed.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -47,6 +48,39 @@ def attach_lora(model, lora: LoraSection, *, seed: int):
     return peft_model
 
 
+REFERENCE = "reference"
+"""The adapter name DPO's frozen reference adapter is loaded under, beside peft's "default"."""
+
+
+def add_reference_adapter(peft_model, directory: Union[str, Path]) -> None:
+    """Load a frozen second adapter for DPO's reference (`reference_adapter_active` switches to it).
+    Its dropout is off: the reference must score a pair the same way every time it sees it."""
+    import torch
+
+    peft_model.load_adapter(str(directory), adapter_name=REFERENCE, is_trainable=False)
+    for module in peft_model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict) and REFERENCE in dropouts:
+            dropouts[REFERENCE] = torch.nn.Identity()
+
+
+@contextlib.contextmanager
+def reference_adapter_active(peft_model):
+    """Every LoRA layer computes with the reference adapter inside the block. The layers' active
+    adapter is set directly: peft's set_adapter would also re-flag which adapter trains."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in peft_model.modules() if isinstance(module, BaseTunerLayer)]
+    active = [layer._active_adapter for layer in layers]
+    try:
+        for layer in layers:
+            layer._active_adapter = [REFERENCE]
+        yield
+    finally:
+        for layer, names in zip(layers, active):
+            layer._active_adapter = names
+
+
 def save_adapter(peft_model, directory: Union[str, Path], state_dict: Optional[dict] = None) -> Path:
     """Write adapter_model.safetensors + adapter_config.json; returns the weights file.
 
@@ -56,7 +90,8 @@ def save_adapter(peft_model, directory: Union[str, Path], state_dict: Optional[d
     names, which FSDP's nested wrappers change. By default the peft model's own tensors."""
     directory = Path(directory)
     if state_dict is None:
-        peft_model.save_pretrained(str(directory), safe_serialization=True)
+        # Only the trained adapter: a DPO reference adapter beside it is an input, not a result.
+        peft_model.save_pretrained(str(directory), safe_serialization=True, selected_adapters=["default"])
     else:
         write_adapter_files(peft_model, directory, state_dict)
     return directory / "adapter_model.safetensors"

@@ -112,6 +112,9 @@ def resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
     config.model.name_or_path = local_if_exists(config.model.name_or_path)
     if config.model.tokenizer is not None:
         config.model.tokenizer = local_if_exists(config.model.tokenizer)
+    for key in ("adapter", "reference_adapter"):  # adapter folders are local: we read them before loading
+        if getattr(config.model, key) is not None:
+            setattr(config.model, key, local(getattr(config.model, key)))
     if isinstance(config.data.train, str):
         config.data.train = data_path(config.data.train)
     else:

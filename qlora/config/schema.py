@@ -38,6 +38,12 @@ class ModelSection(_Strict):
     tokenizer: Optional[str] = None
     """Tokenizer folder when name_or_path has none (e.g. init random with configs/arch/<name>);
     default: name_or_path."""
+    adapter: Optional[str] = None
+    """Start from this trained LoRA adapter folder (PEFT format, e.g. the SFT adapter before DPO)
+    instead of a fresh one: its rank, alpha and target modules are the job's, and it trains on."""
+    reference_adapter: Optional[str] = None
+    """train.objective dpo: the reference is the base with this frozen adapter (e.g. the SFT
+    adapter model.adapter starts from); default: the base with the trained adapter switched off."""
 
 
 class QuantizationSection(_Strict):
@@ -296,6 +302,13 @@ class JobConfig(_Strict):
             )
         if self.train.objective != "sft":
             preference_limits(self)
+        if self.model.reference_adapter is not None and self.train.objective != "dpo":
+            raise ValueError(
+                "model.reference_adapter: only train.objective dpo has a reference "
+                f"(this job is {self.train.objective})"
+            )
+        if self.model.reference_adapter is not None and self.train.distributed == "fsdp":
+            raise ValueError("model.reference_adapter: not supported with train.distributed fsdp; use ddp")
         if self.train.distributed == "fsdp" and self.quantization.bits == 8:
             # bitsandbytes' 8-bit weights keep int8 data and row statistics FSDP cannot flatten.
             raise ValueError(

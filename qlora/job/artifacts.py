@@ -225,17 +225,22 @@ def describe_result(result: JobResult) -> str:
         f"  MFU              {loop.mfu:.1%} of a measured peak of {loop.peak_flops_per_s / 1e9:,.0f} GFLOP/s "
         "(useful FLOPs: qlora/plan/flops.py)",
     ]
+    readings = loop.readings or {}
+    pairs = "logps/accuracy" in readings  # a dpo / orpo run: its loss is per pair, not per token
     if loop.eval_loss is not None:
         before = f" (before training {loop.eval_loss_before:.4f})" if loop.eval_loss_before is not None else ""
-        lines.append(
-            f"  final eval loss  {loop.eval_loss:.4f}, perplexity {math.exp(min(loop.eval_loss, 700)):.2f}{before}"
-        )
-    readings = loop.readings or {}
-    if "rewards/accuracy" in readings:
+        perplexity = "" if pairs else f", perplexity {math.exp(min(loop.eval_loss, 700)):.2f}"
+        lines.append(f"  final eval loss  {loop.eval_loss:.4f}{perplexity}{before}")
+    if pairs:
         held_out = readings.get("eval_rewards/accuracy")
         lines.append(
             f"  rewards          accuracy {readings['rewards/accuracy']:.1%}, margin {readings['rewards/margin']:.4f}"
             + (f" (eval accuracy {held_out:.1%})" if held_out is not None else "")
+        )
+        held_out = readings.get("eval_logps/accuracy")
+        lines.append(
+            f"  preferred        chosen more likely than rejected on {readings['logps/accuracy']:.1%} of the last "
+            "step's pairs" + (f", {held_out:.1%} held out" if held_out is not None else "")
         )
     if result.exact_match_after is not None:
         lines.append(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora.adapters import attach_lora, load_adapter_weights
+from qlora.adapters.lora import add_reference_adapter
 from qlora.config import JobConfig
 from qlora.model.base import load_base, parameter_counts, weight_bytes
 from qlora.model.row_attention import batch_layout, chosen_attention
@@ -55,9 +56,10 @@ def place_model(
     adapter_from: Optional[Path] = None,
     before_wrap: Optional[Callable] = None,
 ) -> PlacedModel:
-    """The frozen base with LoRA adapters (fresh, or a checkpoint's `adapter_from`), placed on this
-    rank. `before_wrap(model)` runs on each rank's whole peft model before DDP wraps it (the auto
-    micro-batch's dry run; not under FSDP, where only rank 0's model is whole)."""
+    """The frozen base with LoRA adapters (fresh, model.adapter's, or a checkpoint's `adapter_from`),
+    and DPO's model.reference_adapter beside them, placed on this rank. `before_wrap(model)` runs on
+    each rank's whole peft model before DDP wraps it (the auto micro-batch's dry run; not under
+    FSDP, where only rank 0's model is whole)."""
     sharded = shards_the_base(config, world)
     # The micro-batch is final here but for the auto dry run's step down, which only shrinks it:
     # an attention correct for this many sequences per batch is correct for fewer.
@@ -90,9 +92,16 @@ def place_model(
     trainable, total = parameter_counts(model)
     share = f"{100 * trainable / total:.3f}%"
     echo(f"trainable parameters: {trainable:,} of {total:,} ({share}), LoRA r={lora.r} alpha={lora.alpha:g}")
+    # A checkpoint of this run holds the adapter as trained so far; model.adapter is where it began.
+    adapter_from = adapter_from if adapter_from is not None else config.model.adapter
     if adapter_from is not None and (world.is_main or not sharded):
         # Under FSDP rank 0's weights are the ones sharding sends to every rank; the others are empty.
         load_adapter_weights(model, adapter_from)
+        if adapter_from == config.model.adapter:
+            echo(f"adapter: starting from {adapter_from}")
+    if config.model.reference_adapter is not None:
+        add_reference_adapter(model, config.model.reference_adapter)
+        echo(f"dpo reference: the base with {config.model.reference_adapter} (frozen)")
     if before_wrap is not None and not sharded:
         before_wrap(model)
     if sharded:

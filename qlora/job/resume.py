@@ -13,10 +13,11 @@ from array import array
 from pathlib import Path
 from typing import Callable, Optional
 
+from qlora.adapters.manifest import ADAPTER_WEIGHTS
 from qlora.config import JobConfig
 from qlora.errors import CheckpointError
 from qlora.output_dir import write_atomically
-from qlora.provenance import library_versions
+from qlora.provenance import library_versions, sha256_file
 from qlora.training.checkpoint import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 
 # Keys that do not change what is trained: moving the output, saving, logging and evaluating
@@ -45,9 +46,16 @@ def run_record(config: JobConfig, train_examples: list, eval_examples: list, wor
         "config": defining,
         "config_sha256": hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest(),
         "data_sha256": data_fingerprint(train_examples, eval_examples),
+        "adapters_sha256": adapter_fingerprints(config),
         "world_size": world_size,
         "versions": library_versions(),
     }
+
+
+def adapter_fingerprints(config: JobConfig) -> dict:
+    """The config names the start and reference adapters' folders; these are what they hold."""
+    folders = {"model.adapter": config.model.adapter, "model.reference_adapter": config.model.reference_adapter}
+    return {key: sha256_file(Path(folder) / ADAPTER_WEIGHTS) for key, folder in folders.items() if folder is not None}
 
 
 def find_checkpoint(output_dir: Path, resume_from: Optional[str]) -> Optional[Path]:
@@ -100,6 +108,8 @@ def check_same_run(
     changes = describe_changes(saved_run.get("config", {}), record["config"])
     if saved_run.get("data_sha256") != record["data_sha256"]:
         changes.append("the training or eval data (tokenized rows differ)")
+    if saved_run.get("adapters_sha256", {}) != record["adapters_sha256"]:
+        changes.append("the weights in model.adapter or model.reference_adapter")
     if changes and not resume_anyway:
         raise CheckpointError(
             f"{checkpoint}: the job changed since this checkpoint ({'; '.join(changes)}); "

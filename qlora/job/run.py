@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from qlora.adapters.lora import reference_adapter_active
 from qlora.config import JobConfig, dump_config
 from qlora.errors import CheckpointError, ConfigError, QloraError
 from qlora.job.artifacts import (
@@ -25,6 +26,7 @@ from qlora.job.artifacts import (
 from qlora.job.placement import PlacedModel, place_model
 from qlora.job.prepared import PreparedData, batch_maker, epoch_length, prepare_data, total_steps
 from qlora.job.resume import check_same_run, find_checkpoint, rewind_metrics, run_record
+from qlora.job.start_adapter import check_start_adapters
 from qlora.job.tracking import job_trackers
 from qlora.model.host_memory import keep_large_blocks_out_of_the_heap
 from qlora.output_dir import check_output_dir, claim_output_dir, disk_full_explained, unfinished
@@ -54,6 +56,7 @@ class ResumePoint:
 def validate_job(config: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """Everything `train` checks before loading the model, as a report; loads no weights."""
     check_installed(config.train.report_to)
+    check_start_adapters(config, echo)
     prepared = prepare_data(config, echo)
     resolve_checkpointing(config, read_budget(config.train.memory_budget) if auto_mode(config) else None, echo)
     resolve_micro_batch(config, echo)
@@ -166,7 +169,8 @@ def plan_run(
             "output.dir must be one folder shared by every node"
         )
     if config.train.objective != "sft":
-        preference_limits(config, checkpoint, world)
+        preference_limits(config, world)
+    check_start_adapters(config, echo)
     prepared = prepare_data(config, echo)
     resume = None
     if checkpoint:
@@ -193,28 +197,29 @@ def plan_run(
     return RunPlan(prepared, record, resume, max_steps, auto_budget)
 
 
-def preference_limits(config: JobConfig, checkpoint: Optional[Path], world: World) -> None:
+def preference_limits(config: JobConfig, world: World) -> None:
     """What a dpo / orpo run does not do yet: refused in one line before anything loads."""
     objective = config.train.objective
     if world.several:
         raise ConfigError(f"train.objective: {objective} runs in one process for now ({world.size} launched)")
-    if checkpoint is not None:
-        raise CheckpointError(
-            f"{checkpoint}: resuming a {objective} run is not supported yet; rerun with --overwrite to start over"
-        )
 
 
 def preference_objective(config: JobConfig, model):
-    """The loop's dpo / orpo objective; DPO's reference is the base with the adapter switched off
-    (peft's disable_adapter), so the loop needs no second model and imports no adapter library."""
+    """The loop's dpo / orpo objective. DPO's reference is the same model in a context: the base
+    with the adapter switched off (peft's disable_adapter), or with model.reference_adapter in
+    its place; the loop needs no second model and imports no adapter library."""
     train = config.train
+    reference = None
+    if train.objective == "dpo":
+        with_reference = config.model.reference_adapter is not None
+        reference = (lambda: reference_adapter_active(model)) if with_reference else model.disable_adapter
     return PreferenceObjective(
         train.objective,
         beta=train.dpo_beta,
         label_smoothing=train.dpo_label_smoothing,
         dpo_loss=train.dpo_loss,
         orpo_lambda=train.orpo_lambda,
-        reference=model.disable_adapter if train.objective == "dpo" else None,
+        reference=reference,
     )
 
 

@@ -132,7 +132,7 @@ def train(
         )
         if metrics:
             eval_readings = {f"eval_{name}": value for name, value in objective.readings().items()}
-            metrics.write({"step": 0, "eval_loss": eval_loss, "eval_perplexity": safe_exp(eval_loss), **eval_readings})
+            metrics.write({"step": 0, **eval_row(eval_loss, objective), **eval_readings})
     if resume:
         # Last, after anything above that might draw random numbers: dropout masks from here
         # on are the ones the uninterrupted run drew.
@@ -248,7 +248,7 @@ def train(
                 eval_loss = evaluate(
                     model, eval_batches, device, settings.loss_chunk_tokens, precision, world, objective
                 )
-                row.update(eval_loss=eval_loss, eval_perplexity=safe_exp(eval_loss))
+                row.update(eval_row(eval_loss, objective))
                 readings.update({f"eval_{name}": value for name, value in objective.readings().items()})
                 row.update(readings)
             if metrics:
@@ -278,6 +278,12 @@ def train(
         mfu=mfu(useful_flops, time.perf_counter() - flops_started, flop_meter.peak_flops_per_s) if flop_meter else None,
         peak_flops_per_s=flop_meter.peak_flops_per_s if flop_meter else None,
     )
+
+
+def eval_row(eval_loss: float, objective) -> dict:
+    if objective.per_token:
+        return {"eval_loss": eval_loss, "eval_perplexity": safe_exp(eval_loss)}
+    return {"eval_loss": eval_loss}
 
 
 def stop_message(done: int, max_steps: int, saved_step: int, saved_path: Optional[Path]) -> str:

@@ -42,7 +42,10 @@ class TokenObjective:
     """SFT's objective for the loop: summed cross-entropy over the supervised targets, normalized by
     the window's supervised tokens. The loop's interface (preference objectives have the same):
     start_window(batches) -> the units a window's summed loss is divided by; loss_sum(model, batch,
-    device, chunk_tokens) -> that batch's sum; readings() -> extra metrics per unit since the last call."""
+    device, chunk_tokens) -> that batch's sum; readings() -> extra metrics per unit since the last call;
+    per_token: whether the loss is a mean per token (then exp(eval loss) is a perplexity)."""
+
+    per_token = True
 
     def __init__(self, summed_loss=None):
         self.summed_loss = summed_loss or summed_cross_entropy

@@ -40,6 +40,8 @@ LN_HALF = -0.6931471805599453
 class PreferenceObjective:
     """loss_sum / start_window / readings, the loop's objective interface (qlora.training.loss.TokenObjective)."""
 
+    per_token = False  # a mean per pair: exp(loss) is no perplexity
+
     def __init__(
         self,
         kind: str,

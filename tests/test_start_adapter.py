@@ -86,9 +86,10 @@ def test_dpo_from_an_sft_adapter_against_itself_starts_at_zero_rewards(tiny_mode
     # Only the trained adapter is written; it loads in plain peft, without the reference beside it.
     output = result.adapter_path.parent
     assert {path.name for path in output.iterdir()} == EXPECTED_FILES
-    assert load_file(str(output / "adapter_model.safetensors")).keys() == load_file(
-        str(trained_adapter / "adapter_model.safetensors")
-    ).keys()
+    assert (
+        load_file(str(output / "adapter_model.safetensors")).keys()
+        == load_file(str(trained_adapter / "adapter_model.safetensors")).keys()
+    )
 
     base_reference = dpo_job(tmp_path / "base", tiny_model_dir, model={"adapter": str(trained_adapter)})
     run_job(load_config(base_reference), echo=quiet)
@@ -124,7 +125,11 @@ def test_bad_start_and_reference_adapters_are_one_line_errors(tiny_model_dir, tr
     cases = [
         (["model.adapter=missing-folder"], EXIT_MODEL, "model.adapter: adapter folder not found"),
         ([f"model.reference_adapter={tmp_path}"], EXIT_MODEL, "model.reference_adapter: "),
-        ([f"model.adapter={another_base_adapter(tmp_path, trained_adapter)}"], EXIT_MODEL, "with input size 129, but this base's has 128"),
+        (
+            [f"model.adapter={another_base_adapter(tmp_path, trained_adapter)}"],
+            EXIT_MODEL,
+            "with input size 129, but this base's has 128",
+        ),
         ([f"model.adapter={trained_adapter}", "lora.r=4"], EXIT_CONFIG, "lora.r: 4, but model.adapter"),
         (
             [f"model.reference_adapter={trained_adapter}", "train.objective=orpo"],

@@ -35,3 +35,26 @@ def write_rule_pairs(path: Path, count: int, seed: int, exclude: frozenset = fro
             handle.write(json.dumps(rule_pair(list(RULES)[len(used) % 2], letters)) + "\n")
             used.add(letters)
     return used
+
+
+def write_mixed_demonstrations(path: Path, count: int, seed: int) -> set[str]:
+    """SFT chat rows on the same prompts whose answers follow the rule only half the time (the
+    other half copy the letters): demonstrations of mixed quality, what preference tuning fixes."""
+    rng = random.Random(seed)
+    used: set[str] = set()
+    with open(path, "w") as handle:
+        while len(used) < count:
+            letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 10)))
+            if letters == letters[::-1] or letters in used:
+                continue
+            pair = rule_pair(list(RULES)[len(used) % 2], letters)
+            answer = pair["chosen"] if rng.random() < 0.5 else pair["rejected"]
+            handle.write(json.dumps({"messages": pair["prompt"] + answer}) + "\n")
+            used.add(letters)
+    return used
+
+
+def rule_prompts(path: Path) -> list[tuple[str, str]]:
+    """(user message, the answer the rule gives) of every pair in a file write_rule_pairs wrote."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(row["prompt"][0]["content"], row["chosen"][0]["content"]) for row in rows]

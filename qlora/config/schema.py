@@ -202,8 +202,9 @@ class TrainSection(_Strict):
     eval_max_new_tokens: int = Field(64, gt=0)
     """Longest answer generated for eval_exact_match."""
     objective: Literal["sft", "dpo", "orpo"] = "sft"
-    """sft: next-token loss on the answers; dpo: preference pairs against the base with the adapter
-    switched off (the reference, no grad); orpo: the odds-ratio loss plus the chosen answer's NLL, no reference."""
+    """sft: next-token loss on the answers; dpo: preference pairs against a reference (no grad: the
+    base with the adapter switched off, or model.reference_adapter); orpo: the odds-ratio loss plus
+    the chosen answer's NLL, no reference."""
     dpo_beta: float = Field(0.1, gt=0)
     """DPO's beta: how far the adapter may move from the reference (rewards are beta x log-ratio); IPO's tau."""
     dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)

@@ -52,7 +52,9 @@ def preference_rows(objective: str) -> list[dict]:
         if orpo:
             row.update({"log_odds_ratio": -0.7 + 0.1 * step, "nll_loss": 4.0 / step})
         if step % 2 == 0:
-            row.update({"eval_loss": 0.7 - 0.1 * step, "eval_rewards/accuracy": 0.2 * step, "eval_rewards/margin": step})
+            row.update(
+                {"eval_loss": 0.7 - 0.1 * step, "eval_rewards/accuracy": 0.2 * step, "eval_rewards/margin": step}
+            )
             if orpo:
                 row.update({"eval_log_odds_ratio": -0.6, "eval_nll_loss": 3.0 / step})
         rows.append(row)

@@ -46,8 +46,18 @@ def metrics_rows(output: Path) -> list[dict]:
 def test_eval_on_pairs_gives_the_numbers_the_jobs_eval_gave(dpo_run, capsys):
     """Another process, the adapter loaded from its folder, other batches (3 pairs, not 4): the same
     numbers as the loop's eval before training (the base) and after it (the adapter)."""
-    code, out = evaluate(capsys, "--adapter", dpo_run, "--data", dpo_run.parent / "eval.jsonl", "--beta", 0.5,
-                         "--batch-size", 3, "--json")
+    code, out = evaluate(
+        capsys,
+        "--adapter",
+        dpo_run,
+        "--data",
+        dpo_run.parent / "eval.jsonl",
+        "--beta",
+        0.5,
+        "--batch-size",
+        3,
+        "--json",
+    )
     assert code == 0
     report = json.loads(out)
     assert (report["kind"], report["pairs"], report["rows"], report["beta"]) == ("preference", 6, 6, 0.5)

@@ -2,10 +2,11 @@
 
 Rows are either training rows (chat / alpaca / text, read and validated exactly like training
 data), prompt rows `{"prompt", "expected"}`, or preference pairs (qlora.adapters.preference_eval:
-preference accuracy, log-prob margin and DPO rewards instead of loss and exact match). Eval loss is the mean cross-entropy per
-supervised token (the answers; for prompt rows, `expected` and the EOS), computed by the same
-function training uses, so on a job's eval file it reproduces the job's final eval loss. Exact
-match greedy-decodes every row that has an answer and compares it with the reference, stripped.
+preference accuracy, log-prob margin and DPO rewards instead of loss and exact match). Eval loss
+is the mean cross-entropy per supervised token (the answers; for prompt rows, `expected` and the
+EOS), computed by the same function training uses, so on a job's eval file it reproduces the
+job's final eval loss. Exact match greedy-decodes every row that has an answer and compares it
+with the reference, stripped.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ def evaluate_adapters(
     (data_format preference, or auto on a file of pairs): evaluate_pairs' report."""
     if reads_pairs(data_path, data_format):
         return evaluate_pairs(
-            adapters, data_path, base=base, bits=bits, max_seq_len=max_seq_len, batch_size=batch_size, beta=beta, echo=echo
+            adapters,
+            data_path,
+            base=base,
+            bits=bits,
+            max_seq_len=max_seq_len,
+            batch_size=batch_size,
+            beta=beta,
+            echo=echo,
         )
     if beta is not None:
         raise ConfigError(f"--beta: DPO's reward is for preference rows, and {data_path} holds none")

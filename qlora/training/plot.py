@@ -41,7 +41,9 @@ def write_loss_plot(rows: list[dict], path: Path, title: str = "") -> None:
     """Plot `loss` and `eval_loss` of metrics.jsonl rows against `step`, and each preference
     panel whose metrics the rows hold."""
     points = {
-        panel: {key: [(row["step"], row[key]) for row in rows if row.get(key) is not None] for key, _, _ in panel.series}
+        panel: {
+            key: [(row["step"], row[key]) for row in rows if row.get(key) is not None] for key, _, _ in panel.series
+        }
         for panel in PANELS
     }
     shown = [panel for panel in PANELS if any(points[panel].values())]

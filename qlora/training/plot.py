@@ -105,9 +105,10 @@ def panel_parts(panel: Panel, points: dict, last_step: int, heading: str) -> lis
             parts += [
                 f'<circle cx="{x(step):.1f}" cy="{y(value):.1f}" r="3" fill="{colour}"/>' for step, value in series
             ]
+        # Above the plot area, train on the left and eval on the right: never over a curve at its top.
+        anchor, left = ("start", MARGIN) if index == 0 else ("end", WIDTH - MARGIN)
         parts.append(
-            f'<text x="{WIDTH - MARGIN}" y="{MARGIN + 16 * index}" text-anchor="end" fill="{colour}">'
-            f"{html.escape(label)}</text>"
+            f'<text x="{left}" y="{MARGIN - 8}" text-anchor="{anchor}" fill="{colour}">{html.escape(label)}</text>'
         )
     return parts
 

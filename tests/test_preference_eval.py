@@ -77,13 +77,14 @@ def test_eval_on_pairs_gives_the_numbers_the_jobs_eval_gave(dpo_run, capsys):
 def test_eval_on_pairs_prints_a_table_and_detects_each_shape(dpo_run, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps(message_pair("abc", implicit=True)) + "\n" + json.dumps(message_pair("hello")) + "\n")
-    code, out = evaluate(capsys, "--adapter", dpo_run, "--data", pairs)
+    code, out = evaluate(capsys, "--adapter", dpo_run, "--adapter", f"again={dpo_run}", "--data", pairs)
     assert code == 0
-    header, columns, base, adapted = out.strip().splitlines()
+    header, columns, base, adapted, again = out.strip().splitlines()
     assert header.startswith(f"{pairs}: 2 pairs") and "beta 0.1 x log-ratio" in header  # train.dpo_beta's default
     assert columns.split()[:3] == ["model", "pref.", "accuracy"]
     assert base.split()[0] == "base" and base.split()[3:] == ["-", "-"]
     assert adapted.split()[0] == "out" and adapted.split()[3].endswith("%")
+    assert again.split()[1:] == adapted.split()[1:]  # each adapter against the same base
 
 
 def test_bad_pair_files_and_flags_are_one_line_errors(dpo_run, tiny_model_dir, wide_vocab_dir, tmp_path, capsys):

@@ -366,7 +366,9 @@ def dpo_job(server, client):
     config = tiny_job(4, objective="dpo", dpo_beta=0.5, learning_rate=1e-2, eval_every=2)
     config["lora"]["dropout"] = 0.0
     config["data"].update(train="files/pairs/train.jsonl", eval="files/pairs/eval.jsonl")
-    job_id = submit(client, config, name="dpo")
+    response = client.post("/v1/jobs", json={"config": config, "name": "dpo"})  # an idle slot may start it at once
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
     assert wait_for_state(client, job_id, ("succeeded", "failed"), server)["state"] == "succeeded"
     return job_id
 

@@ -352,6 +352,90 @@ def test_the_page_submits_shows_the_400_runs_the_job_on_a_log_axis_and_compares_
     wait_for_state(client, job_id, ("succeeded",), server)
 
 
+# --------------------------------------------------------------------------- a dpo job
+
+
+@pytest.fixture(scope="module")
+def dpo_job(server, client):
+    """A 4-step DPO job on the tiny model (pairs in files/pairs/, eval every 2 steps), finished."""
+    from tests.tiny_pairs import write_pairs
+
+    (server.root / "files" / "pairs").mkdir()
+    write_pairs(server.root / "files/pairs/train.jsonl", 16, seed=1)
+    write_pairs(server.root / "files/pairs/eval.jsonl", 4, seed=2)
+    config = tiny_job(4, objective="dpo", dpo_beta=0.5, learning_rate=1e-2, eval_every=2)
+    config["lora"]["dropout"] = 0.0
+    config["data"].update(train="files/pairs/train.jsonl", eval="files/pairs/eval.jsonl")
+    response = client.post("/v1/jobs", json={"config": config, "name": "dpo"})  # an idle slot may start it at once
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    assert wait_for_state(client, job_id, ("succeeded", "failed"), server)["state"] == "succeeded"
+    return job_id
+
+
+def written_rows(server, job_id) -> list[dict]:
+    metrics = server.root / "jobs" / job_id / "output" / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def test_a_dpo_jobs_summary_and_record_carry_its_preference_metrics(server, client, dpo_job):
+    rows = written_rows(server, dpo_job)
+    assert client.get(f"/v1/jobs/{dpo_job}/metrics").json()["rows"] == rows
+    before, last = rows[0], rows[-1]
+    assert before["step"] == 0 and last["step"] == 4 and "eval_rewards/accuracy" in last
+    summary = client.get(f"/v1/jobs/{dpo_job}/summary").json()
+    assert summary["objective"] == "dpo" and summary["finished"]
+    assert set(summary["preference"]) == {"rewards/accuracy", "rewards/margin", "logps/accuracy"}
+    for name, numbers in summary["preference"].items():
+        assert numbers == {"train": last[name], "eval_before": before[f"eval_{name}"], "eval": last[f"eval_{name}"]}
+    assert summary["preference"]["rewards/margin"]["eval_before"] == 0.0  # the adapter starts as the reference
+    record = client.get(f"/v1/jobs/{dpo_job}").json()
+    assert record["latest"]["rewards/accuracy"] == last["rewards/accuracy"]
+
+
+def test_a_dpo_jobs_page_shows_its_rewards_from_its_metrics(server, client, dpo_job, demo_job, tmp_path):
+    rows = written_rows(server, dpo_job)
+    before, last = rows[0], rows[-1]
+
+    def percent(value: float) -> str:
+        return f"{100 * value:.1f}%"
+
+    with Browser(tmp_path / "browser") as page:
+        page.open(f"{server.url}/#token={server.token}&job={dpo_job}")
+        page.wait_for("document.querySelectorAll('#summary dd').length === 16", "the dpo job's summary")
+        shown = "document.querySelector('#summary dd[data-key=\"{}\"]').textContent"
+        assert page.run(shown.format("objective")) == "dpo"
+        for name, label in (("rewards/accuracy", "reward accuracy"), ("logps/accuracy", "preference accuracy")):
+            assert (
+                page.run(f"document.querySelector('#summary dd[data-key=\"{name}\"]').previousSibling.textContent")
+                == label
+            )
+            assert page.run(shown.format(name)) == (
+                f"train {percent(last[name])}; eval {percent(before['eval_' + name])} before, "
+                f"{percent(last['eval_' + name])} after"
+            )
+        margin = last["rewards/margin"]
+        assert page.run(shown.format("rewards/margin")).startswith(f"train {margin:.4f}; eval 0.0000 before, ")
+        page.wait_for("document.getElementById('job-state').textContent === 'succeeded'", "the job's state")
+        assert f"reward accuracy {percent(last['rewards/accuracy'])}, margin {margin:.4f}" in page.run(
+            "document.getElementById('job-progress').textContent"
+        )
+        assert not page.run("document.getElementById('preference').hidden")
+        page.wait_for("document.getElementById('reward-path').dataset.points === '4'", "the reward curve")
+        assert page.run("document.getElementById('eval-reward-path').dataset.points") == "3"  # steps 0, 2, 4
+        page.run("document.getElementById('preference').scrollIntoView()")
+        shot = page.screenshot(tmp_path / "page-dpo.png")
+
+        # An sft job's page has no reward panel and its 12 summary lines.
+        page.run(f"document.querySelector('tr[data-job=\"{demo_job}\"]').click()")
+        page.wait_for(f"document.getElementById('job-id').textContent === '{demo_job}'", "the demo job selected")
+        page.wait_for("document.querySelectorAll('#summary dd').length === 12", "the sft job's summary")
+        assert page.run("document.getElementById('preference').hidden")
+        assert page.errors == []
+    print(f"screenshot of a dpo job's page: {shot}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # --------------------------------------------------------------------------- cancel, queue, load
 
 

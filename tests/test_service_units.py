@@ -235,3 +235,40 @@ def test_the_summary_of_a_running_job_comes_from_its_metrics_and_of_a_finished_o
         2.2,
         True,
     )
+
+
+def test_a_running_dpo_jobs_summary_reads_its_preference_metrics_from_its_rows(tmp_path):
+    import json
+
+    from qlora.service.summary import job_summary
+
+    root = tmp_path / "root"
+    folder = root / "jobs" / "J"
+    (folder / "output").mkdir(parents=True)
+    job = {
+        "model": {"name_or_path": str(root / "files/base")},
+        "data": {"train": str(root / "files/pairs.jsonl")},
+        "train": {"objective": "orpo", "max_steps": 3},
+        "output": {"dir": str(folder / "output")},
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    rows = [
+        {"step": 0, "eval_loss": 0.7, "eval_rewards/accuracy": 0.5, "eval_log_odds_ratio": -0.7},
+        {"step": 1, "loss": 0.69, "rewards/accuracy": 0.25, "rewards/margin": 0.01, "log_odds_ratio": -0.69},
+        {"step": 2, "loss": 0.6, "rewards/accuracy": 0.75, "rewards/margin": 0.1, "eval_loss": 0.65},
+    ]
+    rows[2].update({"eval_rewards/accuracy": 1.0, "eval_log_odds_ratio": -0.5})
+    (folder / "output" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    store = Store(tmp_path / "service.db")
+    store.add("J", "mine", 0, 3)
+    store.transition("J", ("queued",), "running", started=1.0)
+    summary = job_summary(store.get("J"), folder, root)
+    assert summary["objective"] == "orpo" and not summary["finished"]
+    assert summary["preference"] == {
+        "rewards/accuracy": {"train": 0.75, "eval_before": 0.5, "eval": 1.0},
+        "rewards/margin": {"train": 0.1, "eval_before": None, "eval": None},
+        "log_odds_ratio": {"train": -0.69, "eval_before": -0.7, "eval": -0.5},  # the last step that has one
+    }
+    job["train"]["objective"] = "sft"
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    assert job_summary(store.get("J"), folder, root)["preference"] is None

@@ -218,3 +218,48 @@ def test_a_resume_keeps_the_stored_ids_of_trackers_not_started_this_time(tmp_pat
     trackers = open_trackers(["tensorboard"], tmp_path, {}, resume_step=2, logged_through=3, warn=print)
     trackers.close()
     assert json.loads((tmp_path / STATE_FILE).read_text()) == stored
+
+
+def test_a_dpo_runs_rewards_reach_every_tracker(tiny_model_dir, tmp_path, offline_trackers):
+    """rewards/* and logps/* of the steps, and their eval_ twins, land in TensorBoard, MLflow and
+    W&B with the values metrics.jsonl holds, each at its step."""
+    from tests.tiny_pairs import write_pairs
+
+    write_pairs(tmp_path / "train.jsonl", 16, seed=1)
+    write_pairs(tmp_path / "eval.jsonl", 4, seed=2)
+    train = {
+        "objective": "dpo",
+        "max_steps": 4,
+        "eval_every": 2,
+        "dpo_beta": 0.5,
+        "learning_rate": 1e-2,
+        "report_to": ["tensorboard", "mlflow", "wandb"],
+    }
+    run_job(load_config(write_job(tmp_path, tiny_model_dir, train=train)), echo=lambda line: None)
+    output = tmp_path / "out"
+    rows = rows_of(output)
+    names = ["rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "logps/accuracy"]
+    tags = names + [f"eval_{name}" for name in names]
+    expected = {tag: {row["step"]: row[tag] for row in rows if tag in row} for tag in tags}
+    assert sorted(expected["rewards/margin"]) == [1, 2, 3, 4] and sorted(expected["eval_rewards/margin"]) == [0, 2, 4]
+    assert any(value != 0.0 for value in expected["rewards/margin"].values())
+
+    for tag in tags:
+        scalars = tensorboard_scalars(output / "tensorboard", tag)
+        assert {step: value for step, value in scalars} == {
+            step: np.float32(value) for step, value in expected[tag].items()
+        }, tag
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(output / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("qlora").experiment_id])
+    for tag in tags:
+        history = client.get_metric_history(run.info.run_id, tag)
+        assert {metric.step: metric.value for metric in history} == pytest.approx(expected[tag]), tag
+
+    run_id = json.loads((output / "trackers.json").read_text())["wandb"]["run_id"]
+    items = [record["history"] for record in wandb_records(offline_trackers, run_id) if record["type"] == "history"]
+    for tag in tags:
+        logged = {entry["step"]["num"]: entry["item"][tag] for entry in items if tag in entry["item"]}
+        assert logged == pytest.approx(expected[tag]), tag

@@ -1,10 +1,12 @@
 """`qlora eval`: the base alone vs the base + each adapter, on the same rows, in one process.
 
 Rows are either training rows (chat / alpaca / text, read and validated exactly like training
-data) or prompt rows `{"prompt", "expected"}`. Eval loss is the mean cross-entropy per
-supervised token (the answers; for prompt rows, `expected` and the EOS), computed by the same
-function training uses, so on a job's eval file it reproduces the job's final eval loss. Exact
-match greedy-decodes every row that has an answer and compares it with the reference, stripped.
+data), prompt rows `{"prompt", "expected"}`, or preference pairs (qlora.adapters.preference_eval:
+preference accuracy, log-prob margin and DPO rewards instead of loss and exact match). Eval loss
+is the mean cross-entropy per supervised token (the answers; for prompt rows, `expected` and the
+EOS), computed by the same function training uses, so on a job's eval file it reproduces the
+job's final eval loss. Exact match greedy-decodes every row that has an answer and compares it
+with the reference, stripped.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from qlora.adapters.loading import (
     select_adapter,
     tokenizer_source,
 )
+from qlora.adapters.preference_eval import describe_pairs, evaluate_pairs
+from qlora.data.preference import is_preference
 from qlora.data.sources import read_records
-from qlora.errors import DataError
+from qlora.errors import ConfigError, DataError
 from qlora.labels import IGNORE_INDEX
 from qlora.training.loop import evaluate, safe_exp
 
@@ -39,13 +43,29 @@ def evaluate_adapters(
     max_seq_len: int = 2048,
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    data_format: str = "auto",
+    beta: Optional[float] = None,
     echo: Callable[[str], None] = print,
 ) -> dict:
     """{"rows", "supervised_tokens", "exact_match_rows", "results": [{"model", "loss", "perplexity",
-    "exact_match", "exact_correct"}, ...]} for the base first, then each adapter."""
+    "exact_match", "exact_correct"}, ...]} for the base first, then each adapter; preference rows
+    (data_format preference, or auto on a file of pairs): evaluate_pairs' report."""
+    if reads_pairs(data_path, data_format):
+        return evaluate_pairs(
+            adapters,
+            data_path,
+            base=base,
+            bits=bits,
+            max_seq_len=max_seq_len,
+            batch_size=batch_size,
+            beta=beta,
+            echo=echo,
+        )
+    if beta is not None:
+        raise ConfigError(f"--beta: DPO's reward is for preference rows, and {data_path} holds none")
     base = resolve_base(adapters, base)
     tokenizer = inference_tokenizer(base, tokenizer_source(adapters[0][1], base))
-    examples, pairs = eval_rows(data_path, tokenizer, chat, max_seq_len)
+    examples, pairs = eval_rows(data_path, tokenizer, chat, max_seq_len, data_format)
     batches = data.epoch_batches(
         examples, batch_size, False, max_seq_len, tokenizer.pad_token_id, seed=0, epoch=0, shuffle=False
     )
@@ -74,12 +94,22 @@ def evaluate_adapters(
     }
 
 
-def eval_rows(path: str, tokenizer, chat: bool, max_seq_len: int) -> tuple[list, list[tuple[list[int], str]]]:
-    """(examples for the loss, (prompt ids, reference) pairs for exact match), every row checked."""
+def reads_pairs(path: str, data_format: str) -> bool:
+    """Preference pairs: as --format says, or (auto) when the file's first row is one."""
+    if data_format != "auto":
+        return data_format == "preference"
     records = read_records(path, "--data") if Path(path).is_file() else []
+    return bool(records) and is_preference(records[0][1])
+
+
+def eval_rows(
+    path: str, tokenizer, chat: bool, max_seq_len: int, data_format: str = "auto"
+) -> tuple[list, list[tuple[list[int], str]]]:
+    """(examples for the loss, (prompt ids, reference) pairs for exact match), every row checked."""
+    records = read_records(path, "--data") if Path(path).is_file() and data_format == "auto" else []
     if records and isinstance(records[0][1], dict) and "prompt" in records[0][1]:
         return prompt_examples(path, tokenizer, chat, max_seq_len)
-    rows = data.read_rows([(path, "auto")], key="--data")
+    rows = data.read_rows([(path, data_format)], key="--data")
     tokenized = data.tokenize_rows(rows, tokenizer, max_seq_len, "completions", "truncate")
     pairs = [data.prompt_and_answer(row, tokenizer) for row in rows if row.format != "text"]
     return tokenized.examples, pairs
@@ -108,6 +138,8 @@ def prompt_examples(path: str, tokenizer, chat: bool, max_seq_len: int) -> tuple
 
 
 def describe_eval(report: dict) -> str:
+    if report.get("kind") == "preference":
+        return describe_pairs(report)
     lines = [
         f"{report['data']}: {report['rows']} rows, {report['supervised_tokens']:,} supervised tokens"
         + (f", exact match on {report['exact_match_rows']} rows" if report["exact_match_rows"] else ""),

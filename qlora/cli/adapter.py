@@ -61,12 +61,33 @@ def add_generate_parser(commands) -> None:
 
 
 def add_eval_parser(commands) -> None:
+    from typing import get_args
+
+    from qlora.config.schema import DataFormat
+
     evaluate = command_parser(
-        commands, "eval", "eval loss and exact match: base alone vs base + adapter(s) on the same rows"
+        commands,
+        "eval",
+        "eval loss and exact match (preference pairs: preference accuracy and DPO rewards): "
+        "base alone vs base + adapter(s) on the same rows",
     )
     add_loading_flags(evaluate)
     evaluate.add_argument(
-        "--data", required=True, help='training-format rows (chat/alpaca/text) or {"prompt", "expected"} rows'
+        "--data",
+        required=True,
+        help='training-format rows (chat/alpaca/text), {"prompt", "expected"} rows, or preference pairs '
+        "(prompt, chosen, rejected)",
+    )
+    evaluate.add_argument(
+        "--format",
+        default="auto",
+        choices=get_args(DataFormat),
+        help="row format of --data, as data.format (default auto: detected from the first row's keys)",
+    )
+    evaluate.add_argument(
+        "--beta",
+        type=float,
+        help="pairs only: DPO's beta for the adapters' implicit rewards (default: train.dpo_beta's default)",
     )
     evaluate.add_argument(
         "--max-seq-len", type=int, default=2048, help="rows are truncated to this many tokens (default 2048)"
@@ -242,6 +263,8 @@ def run_eval(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        data_format=args.format,
+        beta=args.beta,
         echo=(lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr)),
     )
     print(json.dumps(report) if args.json else describe_eval(report))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qlora.config import DATA_FILE_SUFFIXES
 from qlora.data.formats import detect_format, validate_fields
-from qlora.data.preference import is_preference, validate_preference
+from qlora.data.preference import SHAPES, is_preference, validate_preference
 from qlora.errors import DataError
 
 
@@ -63,6 +63,8 @@ def check_objective(fields, format: str, objective: str, where: str, key: str) -
     """A preference row in an sft job, or an sft row in a dpo/orpo job, is a one-line error."""
     wants_pairs = objective != "sft"
     if wants_pairs and (format != "preference" or not is_preference(fields)):
+        if not key.startswith("data."):  # qlora eval --data on a file of pairs
+            raise DataError(f"{where}: not a preference row; {key} is read as pairs, each row {SHAPES}")
         raise DataError(
             f"{where}: a {format} row in a {objective} job; train.objective {objective} needs preference rows "
             "(prompt, chosen, rejected)"

@@ -20,6 +20,9 @@ from qlora.output_dir import FINISHED_MARKER
 from qlora.service.store import Job
 from qlora.service.submission import relative_to_root
 
+# What a dpo / orpo job's page shows beside its losses (the last two only ORPO writes).
+PREFERENCE_METRICS = ("rewards/accuracy", "rewards/margin", "logps/accuracy", "log_odds_ratio", "nll_loss")
+
 
 def read_metrics(path: Path) -> list[dict]:
     """Every row of a metrics.jsonl, one per step (a resumed run rewrites the steps after its
@@ -45,6 +48,7 @@ def job_summary(job: Job, folder: Path, root: Path) -> dict:
     evaluated = [row for row in rows if row.get("eval_loss") is not None]
     latest = trained[-1] if trained else {}
     finished = read_json(folder / "output" / FINISHED_MARKER)
+    objective = train.get("objective") or "sft"
     started = job.started
     ended = job.finished if job.finished else (time.time() if job.state == "running" else None)
     return {
@@ -67,8 +71,30 @@ def job_summary(job: Job, folder: Path, root: Path) -> dict:
         "final_loss": finished.get("final_loss", latest.get("loss")),
         "initial_eval_loss": finished.get("eval_loss_before", initial_eval(evaluated)),
         "final_eval_loss": finished.get("eval_loss", evaluated[-1]["eval_loss"] if evaluated else None),
+        "objective": objective,
+        "preference": preference_summary(rows, finished) if objective != "sft" else None,
         "finished": bool(finished),
     }
+
+
+def preference_summary(rows: list[dict], finished: dict) -> dict:
+    """Per preference metric the job wrote: its last train value, its eval before training (the
+    step-0 row: the adapter starts as the base) and its last eval; summary.json's once finished."""
+
+    def last(key: str) -> Optional[float]:
+        return next((row[key] for row in reversed(rows) if row.get(key) is not None), None)
+
+    before = rows[0] if rows and rows[0]["step"] == 0 else {}
+    found = {}
+    for name in PREFERENCE_METRICS:
+        numbers = {
+            "train": finished.get(name, last(name)),
+            "eval_before": before.get(f"eval_{name}"),
+            "eval": finished.get(f"eval_{name}", last(f"eval_{name}")),
+        }
+        if any(value is not None for value in numbers.values()):
+            found[name] = numbers
+    return found
 
 
 def submitted_sections(job_file: Path) -> dict:

@@ -77,12 +77,7 @@ class PreferenceObjective:
         chosen, rejected = answer_logps[0::2], answer_logps[1::2]
         if self.kind == "dpo":
             with torch.no_grad(), self.reference():
-                reference_logps, _ = per_sequence(
-                    *target_log_probs(model, batch, device, chunk_tokens, False)[:1],
-                    answer,
-                    sequences.to(device),
-                    2 * batch.pairs,
-                )
+                reference_logps, _ = answer_log_probs(model, batch, device, chunk_tokens)
             losses, rewards = self.dpo(chosen, rejected, reference_logps, answer_tokens)
             extra = {}
         else:
@@ -149,6 +144,14 @@ def chosen_sequence_targets(batch) -> torch.Tensor:
     """[1, T] True where a chosen sequence has a next token: ORPO's NLL positions."""
     sequences = batch.sequence_ids.unsqueeze(0)
     return (sequences >= 0) & (sequences % 2 == 0) & (batch.next_tokens != IGNORE_INDEX)
+
+
+def answer_log_probs(model, batch, device, chunk_tokens: Union[int, str] = "auto"):
+    """(summed answer log-prob, answer tokens) of every sequence of a pair batch, [2 x pairs] each:
+    pair i's chosen at 2i, its rejected at 2i + 1. DPO's reference pass, and `qlora eval` on pairs."""
+    log_probs, columns = target_log_probs(model, batch, device, chunk_tokens, False)
+    answer = (batch.targets[0, columns] != IGNORE_INDEX).to(device)
+    return per_sequence(log_probs, answer, batch.sequence_ids[columns].to(device), 2 * batch.pairs)
 
 
 def per_sequence(log_probs, answer, sequences, count):

@@ -103,7 +103,7 @@ class MlflowTracker:
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id = saved.get("run_id") if saved.get("tracking_uri") == tracking_uri else None
-        self.logged_through = 0
+        self.logged_through = -1  # nothing yet: step 0 (the eval before training) is a step too
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
             # The store says which steps the killed run got to: those stay, once.
@@ -161,7 +161,7 @@ class WandbTracker:
         self.run.config.update(params, allow_val_change=True)
         self.state = {"run_id": self.run.id}
         # W&B keeps what it was sent: the steps the killed run logged stay, once.
-        self.logged_through = logged_through if run_id else 0
+        self.logged_through = logged_through if run_id else -1  # a new run logs from step 0 on
         self.last_step = 0
 
     def log(self, step: int, values: dict) -> None:

@@ -1,5 +1,6 @@
-// The qlora service page: the job list, one job's summary, live loss curve, log, cancel and
-// download, and several jobs' curves on one chart (chart.js draws; submit.js is the submit form).
+// The qlora service page: the job list, one job's summary, live loss curve (and a dpo / orpo
+// job's reward accuracy), log, cancel and download, and several jobs' curves on one chart
+// (chart.js draws; submit.js is the submit form).
 // Plain script, no build step, nothing fetched from elsewhere. Every data request carries the
 // bearer token; the page itself is public because a browser navigation cannot send one.
 "use strict";
@@ -51,6 +52,7 @@ function showMain() {
 }
 
 const number = (value, digits = 4) => (value === null || value === undefined ? "–" : Number(value).toFixed(digits));
+const percent = (value) => (value === null || value === undefined ? "–" : (100 * value).toFixed(1) + "%");
 
 async function refreshJobs() {
   if (!sessionStorage.getItem(TOKEN_KEY)) return;
@@ -115,7 +117,10 @@ function showJob(job) {
   $("job-state").className = "state " + job.state;
   const latest = job.latest ? `, loss ${number(job.latest.loss)}` : "";
   const evalLoss = job.eval_loss !== null ? `, eval loss ${number(job.eval_loss)}` : "";
-  $("job-progress").textContent = `step ${job.step} of ${job.total_steps ?? "?"}${latest}${evalLoss}; attempt ${job.attempts}`;
+  // A dpo / orpo step also says how often the chosen answer wins and by how much.
+  const rewards = job.latest && typeof job.latest["rewards/accuracy"] === "number"
+    ? `, reward accuracy ${percent(job.latest["rewards/accuracy"])}, margin ${number(job.latest["rewards/margin"])}` : "";
+  $("job-progress").textContent = `step ${job.step} of ${job.total_steps ?? "?"}${latest}${evalLoss}${rewards}; attempt ${job.attempts}`;
   // The world size: one process per GPU slot (torchrun when more than one); the slots while it runs.
   const slots = job.slot ? ` (slot${job.gpus > 1 ? "s" : ""} ${job.slot})` : "";
   $("job-gpus").textContent = `${job.gpus} GPU${job.gpus > 1 ? "s" : ""}${slots}`;
@@ -197,6 +202,21 @@ function drawCurve() {
     { id: "loss-path", className: "loss", points: train },
     { id: "eval-path", className: "eval", points: evals, dots: true },
   ], scale, Number($("curve").dataset.total) || 0);
+  drawRewards(all);
+}
+
+// A dpo / orpo job's reward accuracy (the share of pairs whose chosen answer the adapter prefers
+// more than the base does), train and eval, below its loss; hidden for an sft job.
+function drawRewards(all) {
+  const series = (key) => all.filter((row) => typeof row[key] === "number").map((row) => [row.step, row[key]]);
+  const train = series("rewards/accuracy");
+  const evals = series("eval_rewards/accuracy");
+  $("preference").hidden = !train.length && !evals.length;
+  if ($("preference").hidden) return;
+  drawChart($("reward-curve"), [
+    { id: "reward-path", className: "loss", points: train },
+    { id: "eval-reward-path", className: "eval", points: evals, dots: true },
+  ], "linear", Number($("curve").dataset.total) || 0);
 }
 
 // --------------------------------------------------------------------------- summary
@@ -215,6 +235,27 @@ const SUMMARY = [
   ["eval_loss", "eval loss", (s) => `${number(s.initial_eval_loss)} before, ${number(s.final_eval_loss)} ${s.finished ? "after" : "latest"}`],
   ["final_loss", "train loss", (s) => `${number(s.final_loss)} ${s.finished ? "final" : "latest"}`],
 ];
+
+// A dpo / orpo job's own rows: each preference metric it writes, train and eval, before and after.
+const PREFERENCE_LABELS = {
+  "rewards/accuracy": "reward accuracy",
+  "rewards/margin": "reward margin",
+  "logps/accuracy": "preference accuracy",
+  "log_odds_ratio": "log odds ratio",
+  "nll_loss": "chosen NLL",
+};
+
+function preferenceItems(summary) {
+  if (!summary.preference) return [];
+  const items = [["objective", "objective", summary.objective]];
+  for (const [name, values] of Object.entries(summary.preference)) {
+    const show = name.endsWith("accuracy") ? percent : (value) => number(value);
+    const after = summary.finished ? "after" : "latest";
+    items.push([name, PREFERENCE_LABELS[name] || name,
+                `train ${show(values.train)}; eval ${show(values.eval_before)} before, ${show(values.eval)} ${after}`]);
+  }
+  return items;
+}
 
 function quantization(q) {
   if (!q || !q.bits) return "–";
@@ -242,12 +283,13 @@ async function refreshSummary(id) {
   if (!response.ok || id !== selected) return;
   const summary = await response.json();
   summaryDone = summary.finished || FINISHED.includes(summary.state);
-  const items = SUMMARY.flatMap(([key, label, format]) => {
+  const entries = SUMMARY.map(([key, label, format]) => [key, label, format(summary)]).concat(preferenceItems(summary));
+  const items = entries.flatMap(([key, label, text]) => {
     const term = document.createElement("dt");
     term.textContent = label;
     const value = document.createElement("dd");
     value.dataset.key = key;
-    value.textContent = format(summary);
+    value.textContent = text;
     return [term, value];
   });
   $("summary").replaceChildren(...items);

@@ -88,6 +88,38 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_rule_dpo(tmp_path_factory):
+    """20 DPO steps on the demo model from a fresh adapter, on tests/tiny_rule_pairs.py's pairs (256
+    to train, 64 held out in eval.jsonl): the job folder, its output in out/."""
+    from pathlib import Path
+
+    from qlora.cli.main import main
+    from tests.tiny import write_job
+    from tests.tiny_rule_pairs import write_rule_pairs
+
+    folder = tmp_path_factory.mktemp("demo-rule-dpo")
+    train_letters = write_rule_pairs(folder / "train.jsonl", 256, seed=0)
+    write_rule_pairs(folder / "eval.jsonl", 64, seed=1, exclude=frozenset(train_letters))
+    demo = Path(__file__).resolve().parent.parent / "qlora" / "demo" / "model"
+    job = write_job(
+        folder,
+        demo,
+        lora={"r": 16, "alpha": 32, "dropout": 0.0},
+        data={"max_seq_len": 128},
+        train={
+            "objective": "dpo",
+            "max_steps": 20,
+            "micro_batch_size": 16,
+            "learning_rate": 2e-3,
+            "warmup_steps": 2,
+            "eval_every": 10,
+        },
+    )
+    assert main(["train", str(job)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny256(tmp_path_factory):
     """A 2-layer Llama with hidden 256: LoRA A matrices at r=16 reach bitsandbytes' 8-bit optimizer threshold."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny256"), hidden=256, layers=2)

@@ -216,32 +216,10 @@ def test_what_a_preference_job_does_not_do_yet_is_refused(tiny_model_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_dpo_on_the_demo_model_learns_a_rule_the_base_does_not_follow(tmp_path):
+def test_dpo_on_the_demo_model_learns_a_rule_the_base_does_not_follow(demo_rule_dpo):
     """Held-out preference accuracy (the model's own: chosen log-prob > rejected) from about half to
     >= 90% after 20 DPO steps (measured: 48% -> 94% at step 10, 100% at step 20, on 64 held-out pairs)."""
-    from pathlib import Path
-
-    from tests.tiny_rule_pairs import write_rule_pairs
-
-    train_letters = write_rule_pairs(tmp_path / "train.jsonl", 256, seed=0)
-    write_rule_pairs(tmp_path / "eval.jsonl", 64, seed=1, exclude=frozenset(train_letters))
-    demo = Path(__file__).resolve().parent.parent / "qlora" / "demo" / "model"
-    job = write_job(
-        tmp_path,
-        demo,
-        lora={"r": 16, "alpha": 32, "dropout": 0.0},
-        data={"max_seq_len": 128},
-        train={
-            "objective": "dpo",
-            "max_steps": 20,
-            "micro_batch_size": 16,
-            "learning_rate": 2e-3,
-            "warmup_steps": 2,
-            "eval_every": 10,
-        },
-    )
-    assert main(["train", str(job)]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (demo_rule_dpo / "out" / "metrics.jsonl").read_text().splitlines()]
     evals = [row for row in rows if "eval_logps/accuracy" in row]
     assert 0.3 <= evals[0]["eval_logps/accuracy"] <= 0.7 and evals[0]["step"] == 0
     assert evals[-1]["eval_logps/accuracy"] >= 0.9 and evals[-1]["eval_rewards/accuracy"] >= 0.9

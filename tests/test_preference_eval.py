@@ -110,25 +110,12 @@ def test_bad_pair_files_and_flags_are_one_line_errors(dpo_run, tiny_model_dir, w
 
 
 @pytest.mark.slow
-def test_eval_on_the_demo_rule_pairs_shows_what_dpo_taught(tmp_path, capsys):
+def test_eval_on_the_demo_rule_pairs_shows_what_dpo_taught(demo_rule_dpo, capsys):
     """tests/tiny_rule_pairs.py on the demo model: the base prefers the rule's answer on about half
     the held-out pairs, the 20-step DPO adapter on >= 90%; `qlora eval` says what the job's eval said."""
-    from tests.tiny_rule_pairs import write_rule_pairs
-
-    train_letters = write_rule_pairs(tmp_path / "train.jsonl", 256, seed=0)
-    write_rule_pairs(tmp_path / "eval.jsonl", 64, seed=1, exclude=frozenset(train_letters))
-    demo = Path(__file__).resolve().parent.parent / "qlora" / "demo" / "model"
-    job = write_job(
-        tmp_path,
-        demo,
-        lora={"r": 16, "alpha": 32, "dropout": 0.0},
-        data={"max_seq_len": 128},
-        train={"objective": "dpo", "max_steps": 20, "micro_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 2},
-    )
-    assert main(["train", str(job)]) == 0
-    output = tmp_path / "out"
+    output = demo_rule_dpo / "out"
     capsys.readouterr()
-    code, out = evaluate(capsys, "--adapter", output, "--data", tmp_path / "eval.jsonl", "--json")
+    code, out = evaluate(capsys, "--adapter", output, "--data", demo_rule_dpo / "eval.jsonl", "--json")
     assert code == 0
     base, adapted = json.loads(out)["results"]
     print(f"preference accuracy: base {base['logps/accuracy']:.3f}, adapter {adapted['logps/accuracy']:.3f}")

@@ -8,6 +8,7 @@ of both it agrees with the rule on about half the pairs; DPO must flip Echo and 
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from pathlib import Path
@@ -54,7 +55,14 @@ def write_mixed_demonstrations(path: Path, count: int, seed: int) -> set[str]:
     return used
 
 
-def rule_prompts(path: Path) -> list[tuple[str, str]]:
-    """(user message, the answer the rule gives) of every pair in a file write_rule_pairs wrote."""
+def rule_prompts(path: Path) -> list[tuple[str, str, str]]:
+    """(user message, the rule's answer, the copy) of every pair in a file write_rule_pairs wrote."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [(row["prompt"][0]["content"], row["chosen"][0]["content"]) for row in rows]
+    return [(row["prompt"][0]["content"], row["chosen"][0]["content"], row["rejected"][0]["content"]) for row in rows]
+
+
+def follows_rule(answer: str, rule_answer: str, copy: str) -> bool:
+    """Closer to the rule's answer than to the copy (difflib's similarity): a small model's answer
+    is often one letter off, yet plainly a reversal (or capitals), or plainly a copy."""
+    similarity = lambda a, b: difflib.SequenceMatcher(None, a, b).ratio()  # noqa: E731
+    return similarity(answer, rule_answer) > similarity(answer, copy)

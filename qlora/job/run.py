@@ -166,7 +166,7 @@ def plan_run(
             "output.dir must be one folder shared by every node"
         )
     if config.train.objective != "sft":
-        preference_limits(config, checkpoint, world)
+        preference_limits(config, checkpoint)
     prepared = prepare_data(config, echo)
     resume = None
     if checkpoint:
@@ -193,20 +193,19 @@ def plan_run(
     return RunPlan(prepared, record, resume, max_steps, auto_budget)
 
 
-def preference_limits(config: JobConfig, checkpoint: Optional[Path], world: World) -> None:
+def preference_limits(config: JobConfig, checkpoint: Optional[Path]) -> None:
     """What a dpo / orpo run does not do yet: refused in one line before anything loads."""
     objective = config.train.objective
-    if world.several:
-        raise ConfigError(f"train.objective: {objective} runs in one process for now ({world.size} launched)")
     if checkpoint is not None:
         raise CheckpointError(
             f"{checkpoint}: resuming a {objective} run is not supported yet; rerun with --overwrite to start over"
         )
 
 
-def preference_objective(config: JobConfig, model):
+def preference_objective(config: JobConfig, model, world: World):
     """The loop's dpo / orpo objective; DPO's reference is the base with the adapter switched off
-    (peft's disable_adapter), so the loop needs no second model and imports no adapter library."""
+    (peft's disable_adapter on the peft model, also inside a DDP / FSDP wrapper), so the loop needs
+    no second model and imports no adapter library."""
     train = config.train
     return PreferenceObjective(
         train.objective,
@@ -215,6 +214,7 @@ def preference_objective(config: JobConfig, model):
         dpo_loss=train.dpo_loss,
         orpo_lambda=train.orpo_lambda,
         reference=model.disable_adapter if train.objective == "dpo" else None,
+        world=world,
     )
 
 
@@ -379,7 +379,7 @@ def run_loop(
             stop_requested=stop_requested,
             flop_meter=meter,
             world=world,
-            objective=preference_objective(config, placed.model) if config.train.objective != "sft" else None,
+            objective=preference_objective(config, placed.model, world) if config.train.objective != "sft" else None,
         )
     finally:
         if metrics:

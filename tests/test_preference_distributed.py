@@ -13,6 +13,7 @@ be one process's.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,14 +74,16 @@ def tensors(path: Path) -> dict:
 
 
 def largest_difference(single: list[dict], ranks: list[dict]) -> tuple[float, str]:
-    """(the largest difference of any trained number of any row, where); the rows and their keys must match."""
+    """(the largest difference of any trained number of any row, where it is): absolute, relative
+    above 1 (perplexities); the rows and their keys must match."""
     assert [row["step"] for row in ranks] == [row["step"] for row in single]
     largest = (0.0, "")
     for one, two in zip(single, ranks):
         assert one.keys() == two.keys(), one["step"]
         for key in sorted(one.keys() - UNCOMPARED):
             if isinstance(one[key], (int, float)):
-                largest = max(largest, (abs(one[key] - two[key]), f"step {one['step']} {key}"))
+                difference = abs(one[key] - two[key]) / max(1.0, abs(one[key]))
+                largest = max(largest, (difference, f"step {one['step']} {key}"))
     return largest
 
 
@@ -105,7 +108,9 @@ def test_two_ranks_train_the_preference_steps_of_one_process(tiny_model_dir, tmp
     assert difference <= TOLERANCE, where
     one, two = (tensors(tmp_path / run / "out" / "adapter_model.safetensors") for run in ("single", "ranks"))
     assert one.keys() == two.keys() and one
-    assert max((one[name] - two[name]).abs().max().item() for name in one) <= TOLERANCE
+    adapter_difference = max((one[name] - two[name]).abs().max().item() for name in one)
+    print(f"{strategy} {objective}: adapters apart by {adapter_difference:.3g}")
+    assert adapter_difference <= TOLERANCE
     summary = json.loads((tmp_path / "ranks" / "out" / "summary.json").read_text())
     assert summary["rewards/accuracy"] == pytest.approx(ranks[-1]["rewards/accuracy"])
     # it trained: the rewards moved away from the reference's zero (DPO) and the loss fell
@@ -116,11 +121,22 @@ def test_a_bad_preference_row_fails_every_rank_with_one_line(tiny_model_dir, tmp
     job = preference_job(tmp_path, tiny_model_dir, "dpo", **SPLITS["ddp"][0])
     with open(tmp_path / "train.jsonl", "a") as handle:
         handle.write(json.dumps({**string_pair("abc"), "rejected": string_pair("abc")["chosen"]}) + "\n")
+    expected = [
+        f"error: {tmp_path / 'train.jsonl'}:{TRAIN_PAIRS + 1}: 'chosen' and 'rejected' are identical, "
+        "so there is no preference to learn"
+    ]
     finished = launch(job)
     assert finished.returncode == EXIT_DATA, finished.stderr[-4000:]
-    errors = [line for line in finished.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [
-        f"error: {tmp_path / 'train.jsonl'}:{TRAIN_PAIRS + 1}: 'chosen' and 'rejected' are identical"
-    ], finished.stderr
+    assert [line for line in finished.stderr.splitlines() if line.startswith("error:")] == expected, finished.stderr
     assert "Traceback" not in finished.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+    # torchrun itself reports each rank's exit code: both ranks failed, with the same code, and
+    # rank 0 alone printed the error.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", "-m", "qlora.cli"]
+    finished = subprocess.run(
+        [*torchrun, "train", str(job)], cwd=ROOT, env=environment(OMP_NUM_THREADS=1), capture_output=True, text=True
+    )
+    assert finished.returncode != 0
+    assert [line for line in finished.stderr.splitlines() if line.startswith("error:")] == expected, finished.stderr
+    codes = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+)", finished.stderr)
+    assert sorted(codes) == [(str(rank), str(EXIT_DATA)) for rank in range(WORLD)], finished.stderr

@@ -37,8 +37,10 @@ SPLITS = {
 }
 # Per-process measurements, not the trained numbers: they differ by machine and by world size.
 UNCOMPARED = {"tokens_per_s", "elapsed_s", "mfu"}
-# Measured largest difference over every compared number of the 4 runs: TODO
-TOLERANCE = 1e-5
+# Largest difference of any metric (absolute; relative above 1) and of any adapter weight, measured
+# on this CPU: ddp 7.2e-8 and 0 (dpo, orpo alike); fsdp 1.1e-6 and 3.9e-6 (its flat shards sum the
+# gradients in another order). SFT's own tests allow 1e-5 (ddp) and 1e-4 (fsdp).
+TOLERANCE = {"ddp": 1e-6, "fsdp": 2e-5}
 
 
 def preference_job(directory: Path, model_dir: Path, objective: str, **train) -> Path:
@@ -105,12 +107,12 @@ def test_two_ranks_train_the_preference_steps_of_one_process(tiny_model_dir, tmp
     assert [row["step"] for row in ranks if "eval_rewards/accuracy" in row] == [0, 2, 3]
     difference, where = largest_difference(single, ranks)
     print(f"{strategy} {objective}: largest difference {difference:.3g} ({where})")
-    assert difference <= TOLERANCE, where
+    assert difference <= TOLERANCE[strategy], where
     one, two = (tensors(tmp_path / run / "out" / "adapter_model.safetensors") for run in ("single", "ranks"))
     assert one.keys() == two.keys() and one
     adapter_difference = max((one[name] - two[name]).abs().max().item() for name in one)
     print(f"{strategy} {objective}: adapters apart by {adapter_difference:.3g}")
-    assert adapter_difference <= TOLERANCE
+    assert adapter_difference <= TOLERANCE[strategy]
     summary = json.loads((tmp_path / "ranks" / "out" / "summary.json").read_text())
     assert summary["rewards/accuracy"] == pytest.approx(ranks[-1]["rewards/accuracy"])
     # it trained: the rewards moved away from the reference's zero (DPO) and the loss fell

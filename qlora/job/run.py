@@ -168,8 +168,6 @@ def plan_run(
             f"{output_dir}: the ranks see different checkpoints ({', '.join(map(str, names))}, by rank); "
             "output.dir must be one folder shared by every node"
         )
-    if config.train.objective != "sft":
-        preference_limits(config, world)
     check_start_adapters(config, echo)
     prepared = prepare_data(config, echo)
     resume = None
@@ -197,17 +195,11 @@ def plan_run(
     return RunPlan(prepared, record, resume, max_steps, auto_budget)
 
 
-def preference_limits(config: JobConfig, world: World) -> None:
-    """What a dpo / orpo run does not do yet: refused in one line before anything loads."""
-    objective = config.train.objective
-    if world.several:
-        raise ConfigError(f"train.objective: {objective} runs in one process for now ({world.size} launched)")
-
-
-def preference_objective(config: JobConfig, model):
+def preference_objective(config: JobConfig, model, world: World):
     """The loop's dpo / orpo objective. DPO's reference is the same model in a context: the base
-    with the adapter switched off (peft's disable_adapter), or with model.reference_adapter in
-    its place; the loop needs no second model and imports no adapter library."""
+    with the adapter switched off (peft's disable_adapter on the peft model, also inside a DDP /
+    FSDP wrapper), or with model.reference_adapter in its place; the loop needs no second model
+    and imports no adapter library."""
     train = config.train
     reference = None
     if train.objective == "dpo":
@@ -220,6 +212,7 @@ def preference_objective(config: JobConfig, model):
         dpo_loss=train.dpo_loss,
         orpo_lambda=train.orpo_lambda,
         reference=reference,
+        world=world,
     )
 
 
@@ -384,7 +377,7 @@ def run_loop(
             stop_requested=stop_requested,
             flop_meter=meter,
             world=world,
-            objective=preference_objective(config, placed.model) if config.train.objective != "sft" else None,
+            objective=preference_objective(config, placed.model, world) if config.train.objective != "sft" else None,
         )
     finally:
         if metrics:

@@ -130,8 +130,8 @@ def train(
         eval_loss = eval_loss_before = evaluate(
             model, eval_batches, device, settings.loss_chunk_tokens, precision, world, objective
         )
+        eval_readings = {f"eval_{name}": value for name, value in objective.readings().items()}  # every rank
         if metrics:
-            eval_readings = {f"eval_{name}": value for name, value in objective.readings().items()}
             metrics.write({"step": 0, **eval_row(eval_loss, objective), **eval_readings})
     if resume:
         # Last, after anything above that might draw random numbers: dropout masks from here
@@ -198,7 +198,9 @@ def train(
                 with gradients_kept_local(model, index < len(mine) - 1 and world.strategy != "fsdp"):
                     with saved_for_backward_on_host(settings.offload_activations):
                         with precision.autocast():
-                            batch_loss_sum = objective.loss_sum(model, batch, device, settings.loss_chunk_tokens)
+                            batch_loss_sum = objective.loss_sum(
+                                model, batch, device, settings.loss_chunk_tokens, counted=counted
+                            )
                         if not counted:  # a short window's filler: its passes only keep the ranks in step
                             batch_loss_sum = batch_loss_sum * 0
                         scaler.scale(batch_loss_sum * world.size / max(window_units, 1)).backward()
@@ -342,17 +344,19 @@ def evaluate(
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     mine = list(batches[world.rank :: world.size])
-    supervised = objective.start_window(mine)  # the units: supervised tokens, or pairs
+    # The units of the whole eval set (every rank holds it): supervised tokens, or pairs (ORPO's NLL
+    # share needs the whole set's chosen tokens, not this rank's).
+    units = objective.start_window(batches)
     forwards = math.ceil(len(batches) / world.size)
     for index in range(forwards):
         batch = mine[index] if index < len(mine) else batches[0]
         with precision.autocast():
-            batch_loss = objective.loss_sum(model, batch, device, chunk_tokens).double()
+            batch_loss = objective.loss_sum(model, batch, device, chunk_tokens, counted=index < len(mine)).double()
         if index < len(mine):
             loss_sum += batch_loss
     model.train(was_training)
-    total, supervised = summed(world, [loss_sum.item(), supervised])
-    return total / max(supervised, 1)
+    total = summed(world, [loss_sum.item()])[0]
+    return total / max(units, 1)
 
 
 def data_stream(epoch_batches: Callable[[int], Sequence], epoch: int = 0, index: int = 0):

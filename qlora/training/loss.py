@@ -42,7 +42,8 @@ class TokenObjective:
     """SFT's objective for the loop: summed cross-entropy over the supervised targets, normalized by
     the window's supervised tokens. The loop's interface (preference objectives have the same):
     start_window(batches) -> the units a window's summed loss is divided by; loss_sum(model, batch,
-    device, chunk_tokens) -> that batch's sum; readings() -> extra metrics per unit since the last call;
+    device, chunk_tokens, counted) -> that batch's sum (not `counted`: a rank's filler pass, which the
+    loop zeroes); readings() -> extra metrics per unit since the last call, called on every rank;
     per_token: whether the loss is a mean per token (then exp(eval loss) is a perplexity)."""
 
     per_token = True
@@ -53,8 +54,10 @@ class TokenObjective:
     def start_window(self, batches) -> int:
         return sum(batch.supervised_tokens for batch in batches)
 
-    def loss_sum(self, model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
-        return self.summed_loss(model, batch, device, chunk_tokens)
+    def loss_sum(
+        self, model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto", counted: bool = True
+    ) -> torch.Tensor:
+        return self.summed_loss(model, batch, device, chunk_tokens)  # a filler's (not counted) the loop zeroes
 
     def readings(self) -> dict:
         return {}

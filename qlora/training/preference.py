@@ -18,6 +18,11 @@ whichever micro-batch it landed in (TRL averages per micro-batch, then over the 
 for equal micro-batches). ORPO's NLL is a mean per chosen token, as TRL's is within one batch; over
 a window it is the mean over all of the window's chosen tokens, as SFT's loss is.
 
+Under torchrun every rank holds the whole window (the loop's stream), so these units need no
+all-reduce; the readings do: `readings()` sums every rank's (a filler pass adds nothing). The
+reference forward is a second, no-grad forward through the DDP / FSDP wrapper: it prepares no
+backward, so DDP still sees one forward per backward, every LoRA weight used.
+
 The same numbers as TRL 1.16: DPOTrainer (loss_type sigmoid, ipo: its margin per answer token)
 and ORPOTrainer (average log-probs per answer token, the NLL over the whole chosen sequence,
 prompt included); tests/test_preference_oracle.py holds both side by side.
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 
 from qlora.labels import IGNORE_INDEX
 from qlora.plan.loss_chunks import loss_chunk_tokens
+from qlora.training.distributed import World, summed
 from qlora.training.loss import final_hidden_states, head_reproduces_logits, model_inputs, output_head, over_chunks
 
 LN_HALF = -0.6931471805599453
@@ -50,6 +56,7 @@ class PreferenceObjective:
         dpo_loss: str = "sigmoid",
         orpo_lambda: float = 0.1,
         reference: Optional[Callable[[], ContextManager]] = None,
+        world: World = World(),
     ):
         if kind not in ("dpo", "orpo"):
             raise ValueError(f"preference objective must be dpo or orpo, got {kind!r}")
@@ -57,6 +64,7 @@ class PreferenceObjective:
             raise ValueError("dpo needs `reference`: a context manager in which the model is the reference")
         self.kind, self.beta, self.label_smoothing = kind, beta, label_smoothing
         self.dpo_loss, self.orpo_lambda, self.reference = dpo_loss, orpo_lambda, reference
+        self.world = world  # readings are means over every rank's pairs
         self._window_pairs, self._window_chosen_tokens = 1, 1
         self._sums: dict[str, torch.Tensor] = {}
         self._pairs = 0
@@ -67,8 +75,11 @@ class PreferenceObjective:
         self._window_chosen_tokens = sum(int(chosen_sequence_targets(batch).sum()) for batch in batches)
         return self._window_pairs
 
-    def loss_sum(self, model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto") -> torch.Tensor:
-        """The batch's share of the window's loss x the window's pairs (the loop divides by them)."""
+    def loss_sum(
+        self, model: torch.nn.Module, batch, device, chunk_tokens: Union[int, str] = "auto", counted: bool = True
+    ) -> torch.Tensor:
+        """The batch's share of the window's loss x the window's pairs (the loop divides by them).
+        Not `counted`: a rank's filler pass (qlora.training.distributed.share), kept out of the readings."""
         whole_chosen = self.kind == "orpo"
         log_probs, columns = target_log_probs(model, batch, device, chunk_tokens, whole_chosen)
         sequences = batch.sequence_ids[columns]
@@ -100,7 +111,7 @@ class PreferenceObjective:
                 "logps/accuracy": (chosen > rejected).float().sum(),
                 **extra,
             },
-            batch.pairs,
+            batch.pairs if counted else 0,
         )
         return losses.sum()
 
@@ -125,19 +136,23 @@ class PreferenceObjective:
         return -self.orpo_lambda * ratio, rewards, extra
 
     def keep(self, sums: dict, pairs: int) -> None:
+        """Add a batch's sums over its `pairs` (0: a filler's, added as zeros so that every rank
+        holds the same names, in the same order, for the reduction)."""
         for name, value in sums.items():
-            self._sums[name] = self._sums.get(name, 0) + value.detach().float()
+            value = value.detach().float() * (1.0 if pairs else 0.0)
+            self._sums[name] = self._sums.get(name, 0) + value
         self._pairs += pairs
 
     def readings(self) -> dict[str, float]:
-        """Means per pair since the last call (one host transfer), then reset."""
+        """Means per pair since the last call, over every rank's pairs (one host transfer, one
+        all-reduce; every rank calls it at the same point), then reset."""
         if not self._sums:
             return {}
         names = list(self._sums)
         values = torch.stack([self._sums[name].reshape(()) for name in names]).tolist()
-        pairs = max(self._pairs, 1)
+        *values, pairs = summed(self.world, values + [self._pairs])
         self._sums, self._pairs = {}, 0
-        return {name: value / pairs for name, value in zip(names, values)}
+        return {name: value / max(pairs, 1) for name, value in zip(names, values)}
 
 
 def chosen_sequence_targets(batch) -> torch.Tensor:

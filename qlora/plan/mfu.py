@@ -9,8 +9,13 @@ from qlora.plan.peak_flops import peak_matmul_flops
 
 
 def job_flop_meter(
-    name_or_path: str, lora_params: int, compute_dtype: str, trust_remote_code: bool = False
+    name_or_path: str,
+    lora_params: int,
+    compute_dtype: str,
+    trust_remote_code: bool = False,
+    reference_forward: bool = False,
 ) -> FlopMeter:
+    """reference_forward: DPO's, counted as useful FLOPs (the convention: qlora.plan.flops)."""
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -20,4 +25,5 @@ def job_flop_meter(
         FlopModel.of(arch, lora_params),
         peak_matmul_flops(device, compute_dtype)["flops_per_s"],
         head_on_supervised_only=True,
+        reference_forward=reference_forward,
     )

@@ -80,9 +80,7 @@ def test_p_pairs_are_planned_as_2p_sft_rows_plus_dpos_reference(mode, pairs):
     tokens = 2 * pairs * 2048
     dequantized = max(linear.weights for linear in arch.linears) * 2
     assert reference.bytes == layer_forward_bytes_per_token(arch, base) * tokens + dequantized
-    sft_phases = max(
-        phase_bytes(sft, ["logits_and_loss"]), phase_bytes(sft, ["layer_backward", "dequant_workspace"])
-    )
+    sft_phases = max(phase_bytes(sft, ["logits_and_loss"]), phase_bytes(sft, ["layer_backward", "dequant_workspace"]))
     assert dpo.allocated_bytes == sft.allocated_bytes + max(0, reference.bytes - sft_phases)
     assert reference.counted is (reference.bytes > sft_phases)
     # A layer recomputed with its gradients outweighs a no_grad forward of one; without
@@ -422,3 +420,26 @@ def test_qlora_plan_estimates_a_dpo_job_and_says_what_it_assumed(tmp_path, tiny_
     assert orpo["suggestions"]["largest_micro_batch"] >= 1
     assert main(["plan", str(job), "--set", "train.objective=orpo"]) == 0
     assert "no reference pass" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_dry_run_of_a_dpo_step_reads_a_peak_that_grows_with_the_pairs(wide_vocab_dir):
+    """What only a GPU shows: the allocator's peak around the same preference step."""
+    from qlora.training.dry_run import cuda_dry_run_peak
+
+    model = attach_lora(tiny_base(wide_vocab_dir, compute_dtype="bfloat16"), LoraSection(r=8, alpha=16), seed=0)
+    resident = torch.cuda.memory_allocated()
+    one, four = (
+        cuda_dry_run_peak(
+            model,
+            pairs,
+            256,
+            2048,
+            compute_dtype="bfloat16",
+            objective=PreferenceObjective("dpo", reference=model.disable_adapter),
+        )
+        for pairs in (1, 4)
+    )
+    assert one is not None and four is not None and resident < one < four
+    assert all(parameter.grad is None for parameter in model.parameters())

@@ -163,12 +163,15 @@ def reference_line(arch: Architecture, settings: PlanSettings, tokens: int) -> L
     # nothing, so its peak is a moment: one layer running (its working set + the dequantized
     # weight of its largest linear) or, after the layers, the head on one loss chunk (float32
     # logits and their log-softmax, no backward copy). Never both: the layers are done first.
+    # Throughout, the policy's last loss chunk (never checkpointed) keeps its float32 log-softmax
+    # for the backward to come.
     e = DTYPE_BYTES[settings.compute_dtype]
     layer = layer_forward_bytes_per_token(arch, settings) * tokens
     if settings.bits in (4, 8) and arch.linears:
         layer += max(linear.weights for linear in arch.linears) * e
     logit_tokens = chunk_positions(arch, settings, tokens)
     head = (8 * arch.vocab + (2 * e * arch.vocab if arch.logit_softcap else 0)) * logit_tokens
+    policy_chunk = 4 * arch.vocab * logit_tokens
     moment = (
         f"one layer's forward ({layer_forward_bytes_per_token(arch, settings) / 1024:.0f} KiB/token"
         + (" + a dequantized linear" if settings.bits in (4, 8) else "")
@@ -178,9 +181,9 @@ def reference_line(arch: Architecture, settings: PlanSettings, tokens: int) -> L
     )
     return Line(
         "reference_forward",
-        max(layer, head),
+        max(layer, head) + policy_chunk,
         f"DPO's reference (adapter off, no_grad: nothing saved) between the policy's forward and backward: "
-        f"its peak is {moment} ({batch_shape(settings)})",
+        f"its peak is {moment}, + the policy's last loss chunk's log-softmax ({batch_shape(settings)})",
     )
 
 

@@ -246,13 +246,17 @@ def test_the_reference_passes_working_set_is_within_the_planned_line(tiny256, bi
     assert 0.85 * working_set <= live.peak <= 1.01 * working_set, (live.peak, working_set)
 
 
-def test_the_flop_meter_counts_dpos_reference_as_torchs_counter_does():
-    """torch's FLOP counter over one whole DPO step (policy forward + backward, reference forward)
-    on a tiny 16-bit Llama with LoRA on every linear: the meter's linear FLOPs, exactly."""
+def test_the_flop_meter_counts_a_preference_step_as_torchs_counter_does(tiny_model_dir, tmp_path):
+    """torch's FLOP counter over one whole step (policy forward + backward, DPO's reference forward)
+    of real pair batches (prompts unscored) on a tiny 16-bit Llama with LoRA on every linear: the
+    meter's linear FLOPs, exactly, for DPO (+ the reference) and ORPO (the head on every chosen
+    position too)."""
     from peft import LoraConfig, get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from qlora import data
+    from qlora.model.base import load_tokenizer
     from qlora.plan.architecture import describe_skeleton
 
     config = LlamaConfig(
@@ -271,27 +275,51 @@ def test_the_flop_meter_counts_dpos_reference_as_torchs_counter_does():
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
     model.enable_input_require_grads()
     lora_params = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-    batch = synthetic_pair_batch(2, 48, 320, torch.Generator().manual_seed(0))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = data.read_rows([(str(write_pairs(tmp_path / "p.jsonl", 3, seed=4)), "auto")], objective="dpo")
+    pairs = data.tokenize_pairs(rows, tokenizer, 64, "truncate").examples
+    (padded,) = data.epoch_pair_batches(pairs, 3, tokenizer.pad_token_id, seed=0, epoch=0, shuffle=False)
+    # Without its padding tail: padding is never useful FLOPs (the meter's rule); the counter counts what runs.
+    real = sum(padded.row_lengths)
+    assert padded.input_ids.shape[1] > real
+    batch = replace(
+        padded,
+        input_ids=padded.input_ids[:, :real],
+        position_ids=padded.position_ids[:, :real],
+        targets=padded.targets[:, :real],
+        next_tokens=padded.next_tokens[:, :real],
+        sequence_ids=padded.sequence_ids[:real],
+    )
 
-    def linear_flops(kind: str) -> float:
-        objective = PreferenceObjective(kind, reference=model.disable_adapter)
+    def linear_flops(objective) -> float:
         objective.start_window([batch])
         with FlopCounterMode(display=False) as counter:
             objective.loss_sum(model, batch, CPU, "auto").backward()
         model.zero_grad(set_to_none=True)
         return sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if "bmm" not in str(op))
 
-    linear_flops("orpo")  # the loss's one-time head probe, outside the counts below
+    linear_flops(PreferenceObjective("orpo"))  # the loss's one-time head probe, outside the counts below
     flop_model = FlopModel.of(arch, lora_params)
     no_attention = FlopModel(flop_model.base_linear_weights, lora_params, flop_model.head_weights, 0)
+    metered = {}
     for kind in ("dpo", "orpo"):
-        meter = FlopMeter(no_attention, 1.0, head_on_supervised_only=True, reference_forward=kind == "dpo")
-        assert linear_flops(kind) == meter.of_batch(batch), kind
-    # The difference is the reference alone: the base's forward without LoRA and the head at the answers.
-    dpo = FlopMeter(flop_model, 1.0, head_on_supervised_only=True, reference_forward=True)
-    orpo = replace(dpo, reference_forward=False)
-    expected = flop_model.reference_forward(batch.row_lengths, batch.supervised_tokens)
-    assert dpo.of_batch(batch) - orpo.of_batch(batch) == pytest.approx(expected, rel=1e-12)
+        objective = PreferenceObjective(kind, reference=model.disable_adapter)
+        meter = FlopMeter(
+            no_attention,
+            1.0,
+            head_on_supervised_only=True,
+            reference_forward=kind == "dpo",
+            head_positions=objective.head_positions,
+        )
+        metered[kind] = meter.of_batch(batch)
+        assert linear_flops(objective) == metered[kind], kind
+    orpo_head = PreferenceObjective("orpo").head_positions(batch)
+    assert PreferenceObjective("dpo", reference=model.disable_adapter).head_positions(batch) == batch.supervised_tokens
+    assert orpo_head > batch.supervised_tokens  # the chosen prompts too
+    # The difference: the reference (the base without LoRA, the head at the answers), less ORPO's extra head.
+    reference = no_attention.reference_forward(batch.row_lengths, batch.supervised_tokens)
+    extra_head = 4 * no_attention.head_weights * (orpo_head - batch.supervised_tokens)
+    assert metered["dpo"] - metered["orpo"] == pytest.approx(reference - extra_head, rel=1e-12)
 
 
 def test_the_jobs_flop_meter_takes_the_reference(tiny_model_dir):

@@ -360,6 +360,7 @@ def run_loop(
     precision = build_precision(config.quantization.compute_dtype, optimizer.param_groups[0]["params"][0].device.type)
     metrics = MetricsLog(output_dir / "metrics.jsonl", trackers) if world.is_main else None
     try:
+        objective = preference_objective(config, placed.model) if config.train.objective != "sft" else None
         model_source = config.model
         meter = job_flop_meter(
             model_source.name_or_path,
@@ -367,6 +368,7 @@ def run_loop(
             config.quantization.compute_dtype,
             model_source.trust_remote_code,
             reference_forward=OBJECTIVE_PASSES[config.train.objective][1],
+            head_positions=objective.head_positions if objective else None,
         )
         return train(
             trained,
@@ -384,7 +386,7 @@ def run_loop(
             stop_requested=stop_requested,
             flop_meter=meter,
             world=world,
-            objective=preference_objective(config, placed.model) if config.train.objective != "sft" else None,
+            objective=objective,
         )
     finally:
         if metrics:

@@ -24,7 +24,7 @@ forward, and the head at the positions it scores (the answers' targets, as the p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from qlora.plan.architecture import Architecture
 
@@ -101,12 +101,18 @@ class FlopMeter:
     peak_flops_per_s: float
     head_on_supervised_only: bool = False  # True when the loss computes logits only at supervised targets
     reference_forward: bool = False  # DPO: each micro-batch also runs the reference forward (useful: see above)
+    # batch -> positions the loss's head projects, where these are not the supervised targets
+    # (ORPO: its NLL reads every chosen position too; the objective's head_positions)
+    head_positions: Optional[Callable] = None
 
     def of_batch(self, batch) -> float:
-        """Useful FLOPs of a micro-batch with `row_lengths` and `supervised_tokens` (no tensor is
-        read); a pair batch's row_lengths are its chosen and rejected sequences."""
-        head = batch.supervised_tokens if self.head_on_supervised_only else sum(batch.row_lengths)
+        """Useful FLOPs of a micro-batch with `row_lengths` and `supervised_tokens` (no device
+        tensor is read); a pair batch's row_lengths are its chosen and rejected sequences."""
+        if self.head_positions is not None:
+            head = self.head_positions(batch)
+        else:
+            head = batch.supervised_tokens if self.head_on_supervised_only else sum(batch.row_lengths)
         useful = self.model.useful(batch.row_lengths, head)
-        if self.reference_forward:
-            useful += self.model.reference_forward(batch.row_lengths, head)
+        if self.reference_forward:  # DPO's reference scores the answers' targets
+            useful += self.model.reference_forward(batch.row_lengths, batch.supervised_tokens)
         return useful

@@ -3,6 +3,8 @@ plan` reads them) and the measured peak of the device in the compute dtype."""
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 from qlora.plan.architecture import load_architecture
 from qlora.plan.flops import FlopMeter, FlopModel
 from qlora.plan.peak_flops import peak_matmul_flops
@@ -14,8 +16,10 @@ def job_flop_meter(
     compute_dtype: str,
     trust_remote_code: bool = False,
     reference_forward: bool = False,
+    head_positions: Optional[Callable] = None,
 ) -> FlopMeter:
-    """reference_forward: DPO's, counted as useful FLOPs (the convention: qlora.plan.flops)."""
+    """reference_forward: DPO's, counted as useful FLOPs (the convention: qlora.plan.flops);
+    head_positions: batch -> positions the loss's head projects, when not the supervised targets."""
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,4 +30,5 @@ def job_flop_meter(
         peak_matmul_flops(device, compute_dtype)["flops_per_s"],
         head_on_supervised_only=True,
         reference_forward=reference_forward,
+        head_positions=head_positions,
     )

@@ -201,13 +201,14 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # The freed first: an output may sit at the address of a storage the op let go.
+        self.live = {key: value for key, value in self.live.items() if not value[0].expired()}
         for tensor in torch.utils._pytree.tree_leaves(out):
             if torch.is_tensor(tensor):
                 storage = tensor.untyped_storage()
                 key = storage.data_ptr()
                 if key not in self.live and key not in self.skip:
                     self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-        self.live = {key: value for key, value in self.live.items() if not value[0].expired()}
         self.peak = max(self.peak, sum(size for _, size in self.live.values()))
         return out
 
@@ -243,7 +244,7 @@ def test_the_reference_passes_working_set_is_within_the_planned_line(tiny256, bi
     dequantized = max(linear.weights for linear in arch.linears) * 4 if bits else 0
     policy_chunk = 4 * 320 * chunk  # made before the reference, outside this count
     assert planned == working_set + dequantized + policy_chunk
-    assert 0.85 * working_set <= live.peak <= 1.01 * working_set, (live.peak, working_set)
+    assert 0.99 * working_set <= live.peak <= 1.01 * working_set, (live.peak, working_set)
 
 
 def test_the_flop_meter_counts_a_preference_step_as_torchs_counter_does(tiny_model_dir, tmp_path):

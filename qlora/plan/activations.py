@@ -150,7 +150,7 @@ def layer_forward_bytes_per_token(arch: Architecture, settings: PlanSettings) ->
     end; the layer's input, held by its caller; the residual after attention; the normed input),
     the rotary cos and sin, and the larger of the attention's q, k, v, rotated q and k and output,
     and the MLP's act(gate), up and their product (gate is freed once activated). No LoRA: DPO's
-    reference runs with the adapter off. Measured on a tiny Llama (tests/test_preference_plan.py)."""
+    reference runs with the adapter off. Measured on a tiny Llama within 1% (tests/test_preference_plan.py)."""
     e = DTYPE_BYTES[settings.compute_dtype]
     attention = 3 * arch.q_dim + 3 * arch.kv_dim
     mlp = 3 * arch.intermediate

@@ -207,10 +207,6 @@ def test_what_a_preference_job_does_not_do_yet_is_refused(tiny_model_dir, tmp_pa
     job = dpo_job(tmp_path, tiny_model_dir)
     assert main(["train", str(job), "--set", "data.packing=true"]) == EXIT_CONFIG
     assert "data.packing: dpo pairs are not packed" in one_line_error(capsys)
-    assert main(["train", str(job), "--set", "train.micro_batch_size=auto"]) == EXIT_CONFIG
-    assert "train.micro_batch_size: auto" in one_line_error(capsys)
-    assert main(["plan", str(job)]) == EXIT_CONFIG
-    assert "qlora plan estimates sft jobs only" in one_line_error(capsys)
     assert main(["train", str(job), "--set", "train.objective=sft"]) == EXIT_DATA
     assert "a preference row (chosen, rejected) in an sft job" in one_line_error(capsys)
 

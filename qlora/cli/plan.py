@@ -1,4 +1,5 @@
-"""`qlora plan`: parse, plan (qlora.plan.memory does the arithmetic), print the breakdown or JSON."""
+"""`qlora plan`: parse, plan (qlora.plan.memory does the arithmetic), print the breakdown or JSON.
+A dpo / orpo job is planned in pairs (two sequences each; DPO with its reference forward)."""
 
 from __future__ import annotations
 
@@ -85,11 +86,6 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.strategy and "train.distributed" in str(error):
             raise ConfigError(f"--strategy {args.strategy}: {error}") from None
         raise
-    if config.train.objective != "sft":
-        raise ConfigError(
-            f"train.objective: qlora plan estimates sft jobs only; {config.train.objective} (two sequences per "
-            "pair, a reference pass) is not planned yet"
-        )
     gpu = find_gpu(args.gpu) if args.gpu else None
     try:
         budget = gpu.memory_bytes if gpu else parse_bytes(args.gpu_memory) if args.gpu_memory else None
@@ -167,10 +163,12 @@ def describe_plan(
     lines = [
         f"plan for {plan.architecture}: {plan.parameters['total'] / 1e9:.2f}B params "
         f"({plan.parameters['quantized'] / 1e9:.2f}B quantized, {plan.parameters['lora'] / 1e6:.1f}M LoRA)",
-        f"  micro_batch {settings['micro_batch']} x seq_len {settings['seq_len']}, checkpointing "
+        f"  micro_batch {settings['micro_batch']}{rows_shape(settings)} x seq_len {settings['seq_len']}, checkpointing "
         f"{checkpointing_word(settings['gradient_checkpointing'])}, {settings['bits'] or 16}-bit base, "
         f"compute {settings['compute_dtype']}, optimizer {settings['optimizer']}",
     ]
+    if settings["sequences_per_row"] > 1:
+        lines.append(preference_line(settings))
     if settings["world_size"] > 1:
         lines.append(
             f"  on {settings['world_size']} GPUs with {settings['strategy']}: every number below is ONE GPU's "
@@ -191,7 +189,12 @@ def describe_plan(
     per_token = plan.flops_per_token
     # A demo-sized model does well under a GFLOP a token: "0.0 GFLOP" would say nothing.
     compute = f"{per_token / 1e9:.1f} GFLOP" if per_token >= 1e8 else f"{per_token / 1e6:.2f} MFLOP"
-    lines.append(f"  compute: {compute} per training token")
+    counted = (
+        " (both sequences of a pair" + (", and the reference forward" if settings["reference_forward"] else "") + ")"
+        if settings["sequences_per_row"] > 1
+        else ""
+    )
+    lines.append(f"  compute: {compute} per training token{counted}")
     if tflops:
         lines.append(time_line(plan.flops_per_token, tflops, utilization, epoch_tokens, settings["world_size"]))
     return "\n".join(lines)
@@ -209,7 +212,7 @@ def fit_lines(plan: Plan, gpu_name: Optional[str], auto=None) -> list[str]:
     if not plan.fits:
         lines.append(more_gpus_line(plan, tips.get("fits_on_gpus")))
     lines.append(
-        f"  largest micro_batch at seq_len {settings['seq_len']}: {tips['largest_micro_batch']}"
+        f"  largest micro_batch at seq_len {settings['seq_len']}: {tips['largest_micro_batch']}{rows_unit(settings)}"
         f"; largest seq_len at micro_batch {settings['micro_batch']}: {tips['largest_seq_len']}"
     )
     if tips["fits_without_checkpointing"]:
@@ -254,6 +257,32 @@ def time_line(
         f"  time at {utilization:.0%} of {tflops:g} TFLOP/s{gpus}: {1 / per_token:,.0f} tokens/s, "
         f"{per_token * 1e6 / 3600:.2f} h per million tokens"
         + (f", {per_token * epoch_tokens / 3600:.2f} h per epoch of {epoch_tokens:,} tokens" if epoch_tokens else "")
+    )
+
+
+def rows_unit(settings: dict) -> str:
+    """What micro_batch counts, when not plain sequences."""
+    return " pairs" if settings["sequences_per_row"] > 1 else ""
+
+
+def rows_shape(settings: dict) -> str:
+    if settings["sequences_per_row"] == 1:
+        return ""
+    pairs = " pair" if settings["micro_batch"] == 1 else " pairs"
+    return f"{pairs} ({settings['micro_batch'] * settings['sequences_per_row']} sequences)"
+
+
+def preference_line(settings: dict) -> str:
+    """What a preference plan assumed: two sequences per pair, and DPO's reference pass or none."""
+    reference = (
+        "+ a reference forward per micro-batch (the adapter off, no_grad): its FLOPs in compute, its peak as "
+        "the reference_forward phase"
+        if settings["reference_forward"]
+        else "no reference pass"
+    )
+    return (
+        f"  preference pairs: each is its chosen and rejected sequence (up to seq_len each) in one padding-free "
+        f"forward, so activations and logits are {settings['sequences_per_row']} x micro_batch sequences'; {reference}"
     )
 
 

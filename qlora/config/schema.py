@@ -327,8 +327,6 @@ def preference_limits(config: JobConfig) -> None:
         raise ValueError(f"data.padding_free: {objective} batches are padding-free only; set data.padding_free: true")
     if config.data.train_on != "completions":
         raise ValueError(f"data.train_on: {objective} scores the answers only; set data.train_on: completions")
-    if train.micro_batch_size == "auto":
-        raise ValueError(f"train.micro_batch_size: auto plans sequences, not {objective} pairs; set a number")
     if train.eval_exact_match:
         raise ValueError(f"train.eval_exact_match: not supported with train.objective {objective} yet; set 0")
     if train.dpo_label_smoothing and train.dpo_loss != "sigmoid":

@@ -34,6 +34,7 @@ from qlora.plan.budget import read_budget
 from qlora.plan.checkpointing_mode import AUTO, resolve_checkpointing, tightest
 from qlora.plan.mfu import job_flop_meter
 from qlora.plan.micro_batch import confirm_micro_batch, resolve_micro_batch, set_micro_batch
+from qlora.plan.settings import OBJECTIVE_PASSES
 from qlora.training.builders import build_optimizer, build_schedule, loop_settings
 from qlora.training.checkpoint import TrainingState, load_training_state, remove_partial_checkpoints, verify_checkpoint
 from qlora.training.distributed import World, agreed, from_every_rank, join, leave, world_from_env
@@ -311,9 +312,11 @@ def train_and_publish(config: JobConfig, run: RunPlan, world: World, stop_reques
 
 def confirm_on_every_rank(config: JobConfig, run: RunPlan, model, world: World, echo) -> None:
     """The auto micro-batch's dry run (CUDA), on each rank's whole model; each may step down
-    differently, so all take the smallest."""
+    differently, so all take the smallest. A preference job's step is its objective's (a fresh
+    one per try: pairs, and DPO's reference forward)."""
     effective = config.train.micro_batch_size * config.train.grad_accum_steps
     train, data = config.train, config.data
+    preference = train.objective != "sft"
 
     def measure_peak(micro_batch: int):
         return cuda_dry_run_peak(
@@ -325,6 +328,8 @@ def confirm_on_every_rank(config: JobConfig, run: RunPlan, model, world: World, 
             chunk_tokens=train.loss_chunk_tokens,
             padding_free=data.padding_free,
             offload_activations=train.offload_activations,
+            # Each rank measures its own step: the objective's readings are never summed across ranks here.
+            objective=preference_objective(config, model, World()) if preference else None,
         )
 
     confirm_micro_batch(config, run.auto_budget, measure_peak, echo)
@@ -354,12 +359,15 @@ def run_loop(
     precision = build_precision(config.quantization.compute_dtype, optimizer.param_groups[0]["params"][0].device.type)
     metrics = MetricsLog(output_dir / "metrics.jsonl", trackers) if world.is_main else None
     try:
+        objective = preference_objective(config, placed.model, world) if config.train.objective != "sft" else None
         model_source = config.model
         meter = job_flop_meter(
             model_source.name_or_path,
             placed.parameters[0],
             config.quantization.compute_dtype,
             model_source.trust_remote_code,
+            reference_forward=OBJECTIVE_PASSES[config.train.objective][1],
+            head_positions=objective.head_positions if objective else None,
         )
         return train(
             trained,
@@ -377,7 +385,7 @@ def run_loop(
             stop_requested=stop_requested,
             flop_meter=meter,
             world=world,
-            objective=preference_objective(config, placed.model, world) if config.train.objective != "sft" else None,
+            objective=objective,
         )
     finally:
         if metrics:

@@ -1,7 +1,13 @@
 """What a step adds on top: the activations checkpointing keeps per layer, the loss phase (the
-vocabulary-sized logits of one chunk) and the backward phase (one layer recomputed with its
-gradients and a dequantized weight). The per-layer count was checked against the tensors
-autograd really saves on a tiny Llama (tests/test_plan.py, exact in float32)."""
+vocabulary-sized logits of one chunk), the backward phase (one layer recomputed with its
+gradients and a dequantized weight) and, for DPO, the reference phase (the same model with the
+adapter off, under no_grad, between the policy's forward and its backward). The per-layer count
+was checked against the tensors autograd really saves on a tiny Llama (tests/test_plan.py, exact
+in float32; tests/test_preference_plan.py for a DPO step).
+
+A micro-batch row is `sequences_per_row` sequences of up to seq_len tokens: one for SFT, a pair's
+chosen and rejected for DPO / ORPO (one padding-free forward of 2 x micro_batch sequences), so a
+micro-batch of P pairs holds the tokens, activations and logits of 2P SFT rows."""
 
 from __future__ import annotations
 
@@ -59,17 +65,28 @@ def layer_linears(arch: Architecture) -> list[Linear]:
     return [linear for linear in arch.linears if linear.name.startswith(prefix + ".")]
 
 
-def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[Line], list[Line], list[Line]]:
-    """(always held during the step, loss phase, backward phase)."""
-    tokens = settings.micro_batch * settings.seq_len
+def micro_batch_tokens(settings: PlanSettings) -> int:
+    """Tokens of one micro-batch of full rows: every sequence of every row at seq_len."""
+    return settings.micro_batch * settings.sequences_per_row * settings.seq_len
+
+
+def activation_lines(arch: Architecture, settings: PlanSettings) -> tuple[list[Line], list[list[Line]]]:
+    """(always held during the step, [the phases that never overlap: loss, backward, and DPO's
+    reference forward]); the step's peak is the held lines + its largest phase."""
+    tokens = micro_batch_tokens(settings)
     per_layer = layer_activation_bytes_per_token(arch, settings)
     held = held_activations_line(arch, settings, per_layer, tokens)
-    loss = loss_line(arch, settings, tokens)
-    return [held], [loss], backward_lines(arch, settings, per_layer, tokens)
+    phases = [[loss_line(arch, settings, tokens)], backward_lines(arch, settings, per_layer, tokens)]
+    if settings.reference_forward:
+        phases.append([reference_line(arch, settings, tokens)])
+    return [held], phases
 
 
 def batch_shape(settings: PlanSettings) -> str:
-    return f"{settings.micro_batch} x {settings.seq_len} tokens"
+    if settings.sequences_per_row == 1:
+        return f"{settings.micro_batch} x {settings.seq_len} tokens"
+    pairs = f"{settings.micro_batch} pair" + ("s" if settings.micro_batch != 1 else "")
+    return f"{pairs} x {settings.sequences_per_row} sequences (chosen, rejected) x {settings.seq_len} tokens"
 
 
 def held_activations_line(arch: Architecture, settings: PlanSettings, per_layer: int, tokens: int) -> Line:
@@ -100,14 +117,20 @@ def held_activations_line(arch: Architecture, settings: PlanSettings, per_layer:
     )
 
 
+def chunk_positions(arch: Architecture, settings: PlanSettings, tokens: int) -> int:
+    """Positions whose vocabulary-sized logits exist at once: one loss chunk's (qlora.plan.loss_chunks),
+    or all of them for a softcapped head, whose logits are the model's own."""
+    chunk = None if arch.logit_softcap else loss_chunk_tokens(arch.vocab, settings.loss_chunk_tokens)
+    return tokens if chunk is None else min(tokens, chunk)
+
+
 def loss_line(arch: Architecture, settings: PlanSettings, tokens: int) -> Line:
     # Loss: bf16 logits -> float32 copy -> log-softmax (saved) -> in backward its gradient and the
     # NLL gradient: three float32 vocab-sized tensors at once, for one chunk of supervised
     # positions (qlora.training.loss); a softcapped head's logits are the model's own, all at once.
     e = DTYPE_BYTES[settings.compute_dtype]
     logits_per_token = 12 * arch.vocab + (2 * e * arch.vocab if arch.logit_softcap else 0)
-    chunk = None if arch.logit_softcap else loss_chunk_tokens(arch.vocab, settings.loss_chunk_tokens)
-    logit_tokens = tokens if chunk is None else min(tokens, chunk)
+    logit_tokens = chunk_positions(arch, settings, tokens)
     shape = batch_shape(settings)
     where = (
         f"a chunk of {logit_tokens:,} supervised positions"
@@ -118,6 +141,49 @@ def loss_line(arch: Architecture, settings: PlanSettings, tokens: int) -> Line:
         "logits_and_loss",
         logits_per_token * logit_tokens,
         f"{arch.vocab:,}-entry logits: 3 float32 copies at once in the loss backward ({where})",
+    )
+
+
+def layer_forward_bytes_per_token(arch: Architecture, settings: PlanSettings) -> int:
+    """Bytes a decoder layer's forward holds at once per token when autograd saves nothing (under
+    no_grad): four hidden-sized tensors (the embeddings, which the model's forward keeps to its
+    end; the layer's input, held by its caller; the residual after attention; the normed input),
+    the rotary cos and sin, and the larger of the attention's q, k, v, rotated q and k and output,
+    and the MLP's act(gate), up and their product (gate is freed once activated). No LoRA: DPO's
+    reference runs with the adapter off. Measured on a tiny Llama within 1% (tests/test_preference_plan.py)."""
+    e = DTYPE_BYTES[settings.compute_dtype]
+    attention = 3 * arch.q_dim + 3 * arch.kv_dim
+    mlp = 3 * arch.intermediate
+    return e * (4 * arch.hidden + 2 * arch.head_dim + max(attention, mlp))
+
+
+def reference_line(arch: Architecture, settings: PlanSettings, tokens: int) -> Line:
+    # DPO's reference forward (qlora.training.preference) runs after the policy's forward, every
+    # layer's held activations still there, and before its backward; under no_grad it saves
+    # nothing, so its peak is a moment: one layer running (its working set + the dequantized
+    # weight of its largest linear) or, after the layers, the head on one loss chunk (float32
+    # logits and their log-softmax, no backward copy). Never both: the layers are done first.
+    # Throughout, the policy's last loss chunk (never checkpointed) keeps its float32 log-softmax
+    # for the backward to come.
+    e = DTYPE_BYTES[settings.compute_dtype]
+    layer = layer_forward_bytes_per_token(arch, settings) * tokens
+    if settings.bits in (4, 8) and arch.linears:
+        layer += max(linear.weights for linear in arch.linears) * e
+    logit_tokens = chunk_positions(arch, settings, tokens)
+    head = (8 * arch.vocab + (2 * e * arch.vocab if arch.logit_softcap else 0)) * logit_tokens
+    policy_chunk = 4 * arch.vocab * logit_tokens
+    moment = (
+        f"one layer's forward ({layer_forward_bytes_per_token(arch, settings) / 1024:.0f} KiB/token"
+        + (" + a dequantized linear" if settings.bits in (4, 8) else "")
+        + ")"
+        if layer >= head
+        else f"the head on {logit_tokens:,} positions (float32 logits + log-softmax)"
+    )
+    return Line(
+        "reference_forward",
+        max(layer, head) + policy_chunk,
+        f"DPO's reference (adapter off, no_grad: nothing saved) between the policy's forward and backward: "
+        f"its peak is {moment}, + the policy's last loss chunk's log-softmax ({batch_shape(settings)})",
     )
 
 

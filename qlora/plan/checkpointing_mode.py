@@ -16,6 +16,10 @@ a fixed ~1/3 more FLOPs for every token, while a larger micro-batch only changes
 each kernel sees (and with grad_accum_steps keeping the effective batch, never the optimization);
 at realistic sequence lengths one sequence already fills the matmuls, so the mode is the lever
 that pays, and the micro-batch takes what memory the mode leaves.
+
+Preference jobs (train.objective dpo / orpo) are planned as they train (launched_settings): a
+micro-batch row is a pair of sequences, and DPO's reference forward is a phase of its own (it
+adds FLOPs equally to every mode, so the order of the candidates stays).
 """
 
 from __future__ import annotations
@@ -116,11 +120,6 @@ def resolve_checkpointing(
     if kept in MODES:
         config.train.gradient_checkpointing = kept
         echo(f"gradient_checkpointing auto: {mode_word(kept)} (the checkpoint's: a resumed run trains as it did)")
-        return None
-    if config.train.objective != "sft":
-        # The plan counts sequences, not a pair's two and the reference pass: the least memory, until it does.
-        config.train.gradient_checkpointing = True
-        echo(f"gradient_checkpointing auto: on (train.objective {config.train.objective} is not planned yet)")
         return None
     arch = load_architecture(config.model.name_or_path, config.model.trust_remote_code)
     choice = choose_checkpointing(arch, launched_settings(config), budget)

@@ -12,12 +12,19 @@ Useful FLOPs (what MFU counts) are the matmul FLOPs a step cannot do without, pe
 Not useful, never counted: the forward recomputed by gradient checkpointing, attention scores
 a kernel computes above the causal diagonal, padding, elementwise work (norms, rotary, softmax,
 dequantization). Hardware FLOPs (what the plan's time estimate needs) add the recompute.
+
+Preference jobs (qlora.training.preference). A pair is two sequences, chosen and rejected, each
+counted as a row: its tokens are the tokens of both, once. DPO's reference forward (the same
+model with the adapter off, no_grad) is counted as useful: the loss cannot be computed without it
+(a recompute only trades FLOPs for memory), and leaving it out would understate how busy the GPU
+is by ~1/3. It is a forward of the frozen base alone: 2W per token (no LoRA), the causal attention
+forward, and the head at the positions it scores (the answers' targets, as the policy's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from qlora.plan.architecture import Architecture
 
@@ -53,12 +60,26 @@ class FlopModel:
             + 3.0 * sum(self.attention_forward(length) for length in row_lengths)
         )
 
-    def per_token(self, seq_len: int, gradient_checkpointing: Union[bool, str]) -> float:
+    def reference_forward(self, row_lengths: Sequence[int], head_positions: int) -> float:
+        """DPO's reference pass over rows of these lengths: a forward of the frozen base with the
+        adapter off (no LoRA, no backward), the head applied at `head_positions` positions."""
+        return (
+            2.0 * self.base_linear_weights * sum(row_lengths)
+            + 2.0 * self.head_weights * head_positions
+            + sum(self.attention_forward(length) for length in row_lengths)
+        )
+
+    def per_token(
+        self, seq_len: int, gradient_checkpointing: Union[bool, str], reference_forward: bool = False
+    ) -> float:
         """Hardware FLOPs per token of full rows of seq_len tokens, the head on every token:
-        the useful FLOPs + the forward that checkpointing recomputes (head excluded: it is
-        outside the checkpointed layers; "selective" keeps the frozen base matmuls' outputs, so
-        only the LoRA branch and attention are recomputed)."""
+        the useful FLOPs (with DPO's reference forward) + the forward that checkpointing
+        recomputes (head excluded: it is outside the checkpointed layers; "selective" keeps the
+        frozen base matmuls' outputs, so only the LoRA branch and attention are recomputed; the
+        reference, under no_grad, is never recomputed)."""
         useful = self.useful([seq_len], seq_len) / seq_len
+        if reference_forward:
+            useful += self.reference_forward([seq_len], seq_len) / seq_len
         if not gradient_checkpointing:
             return useful
         recomputed_linears = (
@@ -79,8 +100,19 @@ class FlopMeter:
     model: FlopModel
     peak_flops_per_s: float
     head_on_supervised_only: bool = False  # True when the loss computes logits only at supervised targets
+    reference_forward: bool = False  # DPO: each micro-batch also runs the reference forward (useful: see above)
+    # batch -> positions the loss's head projects, where these are not the supervised targets
+    # (ORPO: its NLL reads every chosen position too; the objective's head_positions)
+    head_positions: Optional[Callable] = None
 
     def of_batch(self, batch) -> float:
-        """Useful FLOPs of a micro-batch with `row_lengths` and `supervised_tokens` (no tensor is read)."""
-        head = batch.supervised_tokens if self.head_on_supervised_only else sum(batch.row_lengths)
-        return self.model.useful(batch.row_lengths, head)
+        """Useful FLOPs of a micro-batch with `row_lengths` and `supervised_tokens` (no device
+        tensor is read); a pair batch's row_lengths are its chosen and rejected sequences."""
+        if self.head_positions is not None:
+            head = self.head_positions(batch)
+        else:
+            head = batch.supervised_tokens if self.head_on_supervised_only else sum(batch.row_lengths)
+        useful = self.model.useful(batch.row_lengths, head)
+        if self.reference_forward:  # DPO's reference scores the answers' targets
+            useful += self.model.reference_forward(batch.row_lengths, batch.supervised_tokens)
+        return useful

@@ -7,12 +7,16 @@ was checked against the tensors autograd really saves on a tiny Llama (tests/tes
 in float32); the rest (logits, backward temporaries, allocator slack, CUDA context) is calibrated
 by bench/plan_proof.py on a GPU. Here: the total, whether it fits, and the largest that does.
 
-The peak of a step is reached in one of two phases that never overlap:
-  loss:     every layer's checkpointed input is held while the vocab-sized logits, their
-            float32 copy and log-softmax (and its gradient) exist;
-  backward: one decoder layer is recomputed with its full activations, its gradients flow, and
-            the 4-bit weights of a linear are dequantized to the compute dtype for the matmul.
-The total is what is always resident + the larger of the two phases + allocator slack + context.
+The peak of a step is reached in one of the phases that never overlap:
+  loss:      every layer's checkpointed input is held while the vocab-sized logits, their
+             float32 copy and log-softmax (and its gradient) exist;
+  backward:  one decoder layer is recomputed with its full activations, its gradients flow, and
+             the 4-bit weights of a linear are dequantized to the compute dtype for the matmul;
+  reference: DPO only: after the policy's forward, before its backward, the same model with
+             the adapter off runs under no_grad (one layer's working set at a time).
+The total is what is always resident + the largest phase + allocator slack + context. A
+preference micro-batch of P pairs is 2P sequences (settings.sequences_per_row): its activations
+and logits are those of 2P SFT rows.
 On N GPUs (settings.world_size) every number is one GPU's: qlora.plan.sharding says what DDP adds
 to the resident lines and what FSDP divides; the phases are one micro-batch's on every rank.
 """
@@ -68,10 +72,11 @@ class Plan:
 
 
 def flops_per_token(arch: Architecture, settings: PlanSettings) -> float:
-    """Training FLOPs per token of full seq_len rows (qlora.plan.flops: useful FLOPs + the forward
-    that checkpointing recomputes); the loop's MFU counts the useful part by the same model."""
+    """Training FLOPs per token of full seq_len sequences (qlora.plan.flops: useful FLOPs, DPO's
+    reference forward included, + the forward that checkpointing recomputes); the loop's MFU
+    counts the useful part by the same model."""
     return FlopModel.of(arch, sum(lora_tensor_sizes(arch, settings))).per_token(
-        settings.seq_len, settings.gradient_checkpointing
+        settings.seq_len, settings.gradient_checkpointing, settings.reference_forward
     )
 
 
@@ -79,12 +84,13 @@ def make_plan(
     arch: Architecture, settings: PlanSettings, budget_bytes: Optional[int] = None, suggest: bool = True
 ) -> Plan:
     static = per_gpu_lines(arch, settings, base_weight_lines(arch, settings) + adapter_lines(arch, settings))
-    held, loss, backward = activation_lines(arch, settings)
-    loss_bytes, backward_bytes = sum(line.bytes for line in loss), sum(line.bytes for line in backward)
-    for line in loss if loss_bytes < backward_bytes else backward:
-        line.counted = False
-        line.why += " [smaller phase: not part of the peak]"
-    lines = static + held + loss + backward
+    held, phases = activation_lines(arch, settings)
+    largest = max(phases, key=lambda phase: sum(line.bytes for line in phase))  # ties: the first
+    for phase in phases:
+        for line in phase if phase is not largest else ():
+            line.counted = False
+            line.why += " [smaller phase: not part of the peak]"
+    lines = static + held + [line for phase in phases for line in phase]
     # This GPU's optimizer state (FSDP shards it) times the share bitsandbytes really pages.
     state = next(line.bytes for line in static if line.name == "optimizer_state")
     total_state = optimizer_state_bytes(lora_tensor_sizes(arch, settings), settings.optimizer)
@@ -132,7 +138,8 @@ def fits(arch: Architecture, settings: PlanSettings, budget_bytes: int) -> bool:
 
 
 def largest_micro_batch(arch: Architecture, settings: PlanSettings, budget_bytes: int, limit: int = 1024) -> int:
-    """The largest micro-batch at settings.seq_len that fits (0 if not even one sequence does)."""
+    """The largest micro-batch at settings.seq_len that fits (0 if not even one row does): sequences,
+    or pairs of sequences for a preference job (settings.sequences_per_row 2)."""
     return largest_fitting(lambda value: fits(arch, replace(settings, micro_batch=value), budget_bytes), 1, limit)
 
 

@@ -6,6 +6,9 @@ memory, never the optimization. On CUDA one dry-run training step at that size (
 loss on a synthetic batch: qlora.training.dry_run, handed in by the job, as this layer sits below
 training) measures the real peak and steps down if the plan was optimistic. On CPU there is no
 device total to plan for, so auto needs train.memory_budget (and is not confirmed by a dry run).
+For train.objective dpo / orpo the micro-batch counts pairs (two sequences each, and DPO's
+reference forward: qlora.plan.activations), as the loop's preference batches do, and the dry run
+is a preference step.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from qlora.errors import ConfigError
 from qlora.plan.architecture import load_architecture
 from qlora.plan.budget import read_budget
 from qlora.plan.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, largest_micro_batch, make_plan
-from qlora.plan.settings import PlanSettings, settings_from_job
+from qlora.plan.settings import OBJECTIVE_PASSES, PlanSettings, settings_from_job
 from qlora.sizes import format_bytes
 
 # The dry run reads max_memory_allocated; the card must also hold what the caching allocator
@@ -44,15 +47,24 @@ def resolve_micro_batch(config: JobConfig, echo: Callable[[str], None] = print) 
     if largest == 0:
         need = make_plan(arch, settings).total_bytes
         raise ConfigError(
-            f"train.micro_batch_size auto: even one sequence of data.max_seq_len {config.data.max_seq_len} needs "
-            f"{format_bytes(need)}, over the memory budget {format_bytes(budget)} (see `qlora plan`)"
+            f"train.micro_batch_size auto: even {one_row(config)} of data.max_seq_len {config.data.max_seq_len} "
+            f"needs {format_bytes(need)}, over the memory budget {format_bytes(budget)} (see `qlora plan`)"
         )
     set_micro_batch(config, largest, effective)
     echo(
         f"micro_batch_size auto: {train.micro_batch_size} x grad_accum_steps {train.grad_accum_steps} = {effective} "
-        f"sequences per step (the plan fits up to {largest} in {format_bytes(budget)})"
+        f"{rows_word(config)} per step (the plan fits up to {largest} in {format_bytes(budget)})"
     )
     return budget
+
+
+def rows_word(config: JobConfig) -> str:
+    """What micro_batch_size counts: sequences, or pairs of them (train.objective dpo / orpo)."""
+    return "sequences" if OBJECTIVE_PASSES[config.train.objective][0] == 1 else "pairs"
+
+
+def one_row(config: JobConfig) -> str:
+    return "one sequence" if rows_word(config) == "sequences" else "one pair (chosen + rejected sequences)"
 
 
 def launched_settings(config: JobConfig, micro_batch: Optional[int] = None) -> PlanSettings:
@@ -119,7 +131,7 @@ def step_down_until_fits(
             return
         if micro == 1:
             raise ConfigError(
-                f"train.micro_batch_size auto: one sequence of {config.data.max_seq_len} tokens "
+                f"train.micro_batch_size auto: {one_row(config)} of {config.data.max_seq_len} tokens "
                 f"does not fit in {format_bytes(budget)} (dry run); lower data.max_seq_len"
             )
         outcome = "ran out of memory" if peak is None else f"needs {format_bytes(dry_run_need(peak, extra))}"

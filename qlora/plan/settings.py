@@ -16,6 +16,12 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # faster fits.
 AUTO_WITHOUT_BUDGET = True
 
+# What one micro-batch row is, per train.objective: (sequences it holds, whether each step also
+# runs a reference forward). A preference pair is its chosen and its rejected sequence, end to end
+# in the one padding-free forward (qlora.data.pairs); DPO also scores both with the adapter
+# switched off, under no_grad (qlora.training.preference); ORPO needs no reference.
+OBJECTIVE_PASSES = {"sft": (1, False), "dpo": (2, True), "orpo": (2, False)}
+
 
 def default(section, key: str):
     """The schema's default of `key`: written once, there."""
@@ -47,6 +53,12 @@ class PlanSettings:
     # so it has no schema key; with more than one every number is per GPU (qlora.plan.sharding).
     world_size: int = 1
     strategy: str = default(TrainSection, "distributed")  # ddp or fsdp: what N > 1 GPUs do
+    # Sequences of up to seq_len tokens per micro-batch row: 2 for a preference pair (chosen and
+    # rejected in one forward), so micro_batch counts pairs and a step sees 2 x micro_batch sequences.
+    sequences_per_row: int = OBJECTIVE_PASSES[default(TrainSection, "objective")][0]
+    # DPO: a forward of the same model with the adapter off, under no_grad, between the policy's
+    # forward and its backward: its FLOPs and its transient working set (it saves nothing).
+    reference_forward: bool = OBJECTIVE_PASSES[default(TrainSection, "objective")][1]
 
     def __post_init__(self):
         if self.gradient_checkpointing == "auto":
@@ -70,6 +82,7 @@ def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings
         if micro_batch is not None
         else (train.micro_batch_size if isinstance(train.micro_batch_size, int) else 1)
     )
+    sequences_per_row, reference_forward = OBJECTIVE_PASSES[train.objective]
     return PlanSettings(
         micro_batch=batch,
         seq_len=config.data.max_seq_len,
@@ -87,4 +100,6 @@ def settings_from_job(config, micro_batch: Optional[int] = None) -> PlanSettings
         optimizer=train.optimizer,
         loss_chunk_tokens=train.loss_chunk_tokens,
         strategy=train.distributed,
+        sequences_per_row=sequences_per_row,
+        reference_forward=reference_forward,
     )

@@ -5,8 +5,11 @@ with the peak of one step here and steps down while it does not fit. The step is
 (qlora.training.loop): the loss is `summed_loss`, the chunked loss, under the loop's explicit
 autocast and its activation offload, so the peak is the one training will reach, not the
 full-vocabulary logits plus their float32 copy a plain `model(...).logits` cross-entropy would
-allocate (~1.5 MB per token for Llama 3's 128k vocabulary). The step runs on any device, so the
-CPU tests check exactly what the GPU measures; only the peak reading is CUDA's.
+allocate (~1.5 MB per token for Llama 3's 128k vocabulary). A preference job's step is the
+loop's objective (qlora.training.preference) on a synthetic pair batch: the policy's forward and
+backward over both sequences of every pair, and DPO's reference forward between them. The step
+runs on any device, so the CPU tests check exactly what the GPU measures; only the peak reading
+is CUDA's.
 """
 
 from __future__ import annotations
@@ -31,6 +34,21 @@ class SyntheticBatch:
     targets: torch.LongTensor
     attention_mask: Optional[torch.LongTensor]
     supervised_tokens: int
+
+
+@dataclass
+class SyntheticPairBatch:
+    """The fields of a preference batch the objectives read (qlora.data.pairs.PairBatch), made up."""
+
+    input_ids: torch.LongTensor
+    position_ids: torch.LongTensor
+    targets: torch.LongTensor
+    next_tokens: torch.LongTensor
+    sequence_ids: torch.LongTensor
+    attention_mask: None
+    pairs: int
+    supervised_tokens: int
+    row_lengths: list[int]
 
 
 def token_id_limit(model: torch.nn.Module, tokenizer_size: int) -> int:
@@ -61,6 +79,24 @@ def synthetic_batch(
     )
 
 
+def synthetic_pair_batch(pairs: int, seq_len: int, token_limit: int, generator: torch.Generator) -> SyntheticPairBatch:
+    """`pairs` pairs as the loop's preference batches hold them: 2 x pairs sequences of seq_len
+    random ids (chosen, rejected, chosen, ...) end to end in ONE padding-free sequence, every next
+    token a target: the most the objective projects (ORPO's whole chosen sequence included)."""
+    flat = synthetic_batch(2 * pairs, seq_len, token_limit, True, generator)
+    return SyntheticPairBatch(
+        input_ids=flat.input_ids,
+        position_ids=flat.position_ids,
+        targets=flat.targets,
+        next_tokens=flat.targets.clone(),
+        sequence_ids=torch.arange(2 * pairs).repeat_interleave(seq_len),
+        attention_mask=None,
+        pairs=pairs,
+        supervised_tokens=flat.supervised_tokens,
+        row_lengths=[seq_len] * (2 * pairs),
+    )
+
+
 def dry_run_step(
     model: torch.nn.Module,
     micro_batch: int,
@@ -71,13 +107,20 @@ def dry_run_step(
     chunk_tokens: Union[int, str] = "auto",
     padding_free: bool = True,
     offload_activations: bool = False,
+    objective=None,
 ) -> float:
     """One forward + backward of the loop's loss at micro_batch x seq_len on `device`; returns the
-    summed loss. Leaves no trace: gradients dropped, train/eval mode and every RNG restored (the
-    ids come from their own generator; dropout and checkpointing draw from forked ones)."""
+    summed loss. `objective`: a preference job's (qlora.training.preference.PreferenceObjective,
+    a fresh one), micro_batch then counting pairs of sequences; None: SFT's loss. Leaves no
+    trace: gradients dropped, train/eval mode and every RNG restored (the ids come from their own
+    generator; dropout and checkpointing draw from forked ones), the objective's readings drained."""
     precision = build_precision(compute_dtype, device.type)
     generator = torch.Generator().manual_seed(0)
-    batch = synthetic_batch(micro_batch, seq_len, token_id_limit(model, tokenizer_size), padding_free, generator)
+    limit = token_id_limit(model, tokenizer_size)
+    if objective is None:
+        batch = synthetic_batch(micro_batch, seq_len, limit, padding_free, generator)
+    else:
+        batch = synthetic_pair_batch(micro_batch, seq_len, limit, generator)  # pair batches are padding-free
     was_training = model.training
     model.train()
     forked = [device] if device.type == "cuda" else []
@@ -85,13 +128,19 @@ def dry_run_step(
         with torch.random.fork_rng(devices=forked):
             with saved_for_backward_on_host(offload_activations):
                 with precision.autocast():
-                    loss = summed_loss(model, batch, device, chunk_tokens)
+                    if objective is None:
+                        loss = summed_loss(model, batch, device, chunk_tokens)
+                    else:
+                        objective.start_window([batch])
+                        loss = objective.loss_sum(model, batch, device, chunk_tokens)
                 loss.backward()
         return float(loss.detach())
     finally:
         loss = None
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+        if objective is not None:
+            objective.readings()
 
 
 def cuda_dry_run_peak(

@@ -69,6 +69,12 @@ class PreferenceObjective:
         self._sums: dict[str, torch.Tensor] = {}
         self._pairs = 0
 
+    def head_positions(self, batch) -> int:
+        """Positions the policy's head projects for this batch (what the MFU meter counts): the
+        answers' targets, and for ORPO every next token of the chosen sequences. DPO's reference
+        projects the answers' targets (the meter's reference_forward). Reads CPU tensors only."""
+        return int(scored_columns(batch, self.kind == "orpo").sum())
+
     def start_window(self, batches: Sequence) -> int:
         """The window's units: its pairs (and, for ORPO, its chosen tokens, the NLL's denominator)."""
         self._window_pairs = sum(batch.pairs for batch in batches)
@@ -169,6 +175,15 @@ def answer_log_probs(model, batch, device, chunk_tokens: Union[int, str] = "auto
     return per_sequence(log_probs, answer, batch.sequence_ids[columns].to(device), 2 * batch.pairs)
 
 
+def scored_columns(batch, whole_chosen: bool) -> torch.Tensor:
+    """[T] True at the columns whose next-token log-prob is read: the answers' targets, and with
+    `whole_chosen` (ORPO's NLL) every position of the chosen sequences."""
+    wanted = batch.targets[0] != IGNORE_INDEX
+    if whole_chosen:
+        wanted = wanted | chosen_sequence_targets(batch)[0]
+    return wanted
+
+
 def per_sequence(log_probs, answer, sequences, count):
     """(summed answer log-prob per sequence, answer tokens per sequence), [count] each."""
     zeros = log_probs.new_zeros(count)
@@ -180,10 +195,7 @@ def per_sequence(log_probs, answer, sequences, count):
 def target_log_probs(model, batch, device, chunk_tokens, whole_chosen: bool):
     """(log-prob of the next token at each wanted column, those columns): the answers' targets,
     and with `whole_chosen` every position of the chosen sequences. Chunked like the SFT loss."""
-    wanted = batch.targets[0] != IGNORE_INDEX
-    if whole_chosen:
-        wanted = wanted | chosen_sequence_targets(batch)[0]
-    columns = wanted.nonzero().flatten()
+    columns = scored_columns(batch, whole_chosen).nonzero().flatten()
     tokens = batch.next_tokens[0, columns].to(device)
     inputs = model_inputs(batch, device)
     head = output_head(model)

@@ -113,6 +113,8 @@ def demo_rule_dpo(tmp_path_factory):
             "learning_rate": 2e-3,
             "warmup_steps": 2,
             "eval_every": 10,
+            "eval_exact_match": 64,
+            "eval_max_new_tokens": 16,
         },
     )
     assert main(["train", str(job)]) == 0

@@ -219,6 +219,12 @@ def test_dpo_on_the_demo_model_learns_a_rule_the_base_does_not_follow(demo_rule_
     evals = [row for row in rows if "eval_logps/accuracy" in row]
     assert 0.3 <= evals[0]["eval_logps/accuracy"] <= 0.7 and evals[0]["step"] == 0
     assert evals[-1]["eval_logps/accuracy"] >= 0.9 and evals[-1]["eval_rewards/accuracy"] >= 0.9
+    # Greedy answers of the held-out prompts against the chosen answers, before and after.
+    summary = json.loads((demo_rule_dpo / "out" / "summary.json").read_text())
+    print(
+        f"exact match with the chosen answer: {summary['exact_match_before']:.1%} -> {summary['exact_match_after']:.1%}"
+    )
+    assert summary["exact_match_after"] > summary["exact_match_before"]
 
 
 def test_too_long_applies_to_the_pair(tiny_model_dir, tmp_path):

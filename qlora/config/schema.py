@@ -198,7 +198,8 @@ class TrainSection(_Strict):
     path: tensorboard (OUTPUT/tensorboard/), mlflow (MLFLOW_TRACKING_URI, else OUTPUT/mlruns/), wandb
     (WANDB_PROJECT, WANDB_MODE ...); none or [] for none."""
     eval_exact_match: int = Field(0, ge=0)
-    """Greedy-decode this many held-out prompts before and after training and report exact match of the answers."""
+    """Greedy-decode this many held-out prompts before and after training and report exact match of the
+    answers (preference rows: with the chosen answer)."""
     eval_max_new_tokens: int = Field(64, gt=0)
     """Longest answer generated for eval_exact_match."""
     objective: Literal["sft", "dpo", "orpo"] = "sft"
@@ -327,7 +328,5 @@ def preference_limits(config: JobConfig) -> None:
         raise ValueError(f"data.padding_free: {objective} batches are padding-free only; set data.padding_free: true")
     if config.data.train_on != "completions":
         raise ValueError(f"data.train_on: {objective} scores the answers only; set data.train_on: completions")
-    if train.eval_exact_match:
-        raise ValueError(f"train.eval_exact_match: not supported with train.objective {objective} yet; set 0")
     if train.dpo_label_smoothing and train.dpo_loss != "sigmoid":
         raise ValueError("train.dpo_label_smoothing: applies to dpo_loss sigmoid only")

@@ -88,6 +88,15 @@ def split_conversation(fields: dict, where: str) -> tuple[list[dict], tuple[list
     return prompt, answers
 
 
+def pair_prompt(fields: dict, tokenizer, where: str) -> tuple[str, bool, str]:
+    """(prompt text, add_special_tokens, the chosen answer's first turn stripped): what a held-out
+    greedy decode of a pair's prompt is compared with, as formats.render_prompt gives for SFT rows."""
+    if isinstance(fields.get("prompt"), str):
+        return fields["prompt"], True, fields["chosen"].strip()
+    prompt, (chosen, _) = split_conversation(fields, where)
+    return apply_template(tokenizer, prompt, True, where), False, chosen[0]["content"].strip()
+
+
 def render_pair(fields: dict, tokenizer, where: str) -> tuple[Rendering, Rendering]:
     """(prompt + chosen, prompt + rejected), each supervised on its answer alone."""
     if isinstance(fields.get("prompt"), str):

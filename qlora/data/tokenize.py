@@ -12,6 +12,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 from qlora.data.formats import Rendering, Span, render_prompt, render_row
+from qlora.data.preference import pair_prompt
 from qlora.data.sources import Row
 from qlora.errors import DataError
 from qlora.labels import IGNORE_INDEX
@@ -87,8 +88,12 @@ def tokenize_rows(rows: list[Row], tokenizer, max_seq_len: int, train_on: str, t
 
 def prompt_and_answer(row: Row, tokenizer) -> tuple[list[int], str]:
     """Token ids of a chat/alpaca row up to its last answer (ending with the generation prompt),
-    and that answer's reference text, stripped: what a held-out greedy decode is compared with."""
-    prompt, add_special_tokens, answer = render_prompt(row.fields, row.format, tokenizer, row.where)
+    and that answer's reference text, stripped: what a held-out greedy decode is compared with.
+    A preference row: its prompt, and its chosen answer."""
+    if row.format == "preference":
+        prompt, add_special_tokens, answer = pair_prompt(row.fields, tokenizer, row.where)
+    else:
+        prompt, add_special_tokens, answer = render_prompt(row.fields, row.format, tokenizer, row.where)
     return tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"], answer
 
 

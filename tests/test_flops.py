@@ -6,36 +6,19 @@ import json
 import pytest
 import torch
 
-from qlora.plan.architecture import describe_skeleton
 from qlora.plan.flops import FlopModel
 from qlora.plan.peak_flops import CACHE_FILE, peak_matmul_flops
 from qlora.user_cache import cache_dir
+from tests.tiny_training import counted_lora_llama
 
 
 def counted_flops(length: int):
     """(our FlopModel, torch's counts: linear matmuls, attention) of one float32 forward+backward
     of a row of `length` tokens through a tiny Llama with LoRA on every linear (dropout 0)."""
-    from peft import LoraConfig, get_peft_model
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    arch = describe_skeleton(base, "tiny")
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-    model.enable_input_require_grads()  # as the loop trains (gradient checkpointing needs it)
-    lora_params = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    model, arch, lora_params = counted_lora_llama("sdpa")
     ids = torch.randint(0, 320, (1, length))
     # The counter has no formula for CPU flash attention; the math backend's attention is
     # batched matmuls (bmm), the linears are mm/addmm.

@@ -33,7 +33,7 @@ from qlora.training.loss import model_inputs
 from qlora.training.preference import PreferenceObjective, target_log_probs
 from tests.tiny import write_job
 from tests.tiny_pairs import write_pairs
-from tests.tiny_training import saved_activation_bytes, tiny_base
+from tests.tiny_training import counted_lora_llama, saved_activation_bytes, tiny_base
 from tests.vocab_tensors import VocabSizedTensors
 
 CPU = torch.device("cpu")
@@ -252,30 +252,13 @@ def test_the_flop_meter_counts_a_preference_step_as_torchs_counter_does(tiny_mod
     of real pair batches (prompts unscored) on a tiny 16-bit Llama with LoRA on every linear: the
     meter's linear FLOPs, exactly, for DPO (+ the reference) and ORPO (the head on every chosen
     position too)."""
-    from peft import LoraConfig, get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlora import data
     from qlora.model.base import load_tokenizer
-    from qlora.plan.architecture import describe_skeleton
 
-    config = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        attn_implementation="eager",  # attention as matmuls the counter tells apart (bmm), not a fused kernel
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    arch = describe_skeleton(base, "tiny")
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-    model.enable_input_require_grads()
-    lora_params = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    # Eager attention: matmuls the counter tells apart (bmm), not a fused kernel.
+    model, arch, lora_params = counted_lora_llama("eager")
     tokenizer = load_tokenizer(str(tiny_model_dir))
     rows = data.read_rows([(str(write_pairs(tmp_path / "p.jsonl", 3, seed=4)), "auto")], objective="dpo")
     pairs = data.tokenize_pairs(rows, tokenizer, 64, "truncate").examples

@@ -120,3 +120,30 @@ def saved_activation_bytes(model, input_ids) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=input_ids, use_cache=False)
     return sum(saved.values())
+
+
+def counted_lora_llama(attn_implementation: str):
+    """(peft model, its architecture, LoRA parameter count): a tiny float32 Llama (vocabulary 320,
+    untied head) with LoRA r=8 on every linear, dropout 0, seeded: what FLOP counts are checked on."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora.plan.architecture import describe_skeleton
+
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    arch = describe_skeleton(base, "tiny")
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    model.enable_input_require_grads()  # as the loop trains (gradient checkpointing needs it)
+    lora_params = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return model, arch, lora_params

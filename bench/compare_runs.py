@@ -196,8 +196,8 @@ def held_out_preference(model, tokenizer, settings: dict, fixture: dict) -> dict
 
 
 def evaluate_adapters(settings: dict, fixture: dict, compute_dtype: str, adapter_dirs: list) -> dict:
-    """{adapter dir: {eval_loss[, eval_accuracy, ...]}}: each adapter as written, on one freshly loaded base (loaded once,
-    adapters switched by name), so what is measured is the artifact users get."""
+    """{adapter dir: {eval_loss[, eval_accuracy, ...]}}: each adapter as written, on one freshly
+    loaded base (loaded once, adapters switched by name), so what is measured is the artifact users get."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 

@@ -36,7 +36,8 @@ def main(path: str) -> int:
             f"| {record['model']} | {record['run']} | {record['compute_dtype']} | {record['gradient_checkpointing']} "
             f"| {record['optimizer_steps']} | {record['wall_s']:.1f} s | {record['train_s']:.1f} s "
             f"| {record['process_peak_rss_bytes'] / MIB:,.0f} MiB | {record['supervised_tokens_per_s']} "
-            f"| {record['final_train_loss']:.4f} ({record['train_loss_last5']:.4f}) | {record['eval_loss']:.4f} |{accuracy}"
+            f"| {record['final_train_loss']:.4f} ({record['train_loss_last5']:.4f}) "
+            f"| {record['eval_loss']:.4f} |{accuracy}"
         )
     print()
     extra = " eval accuracy, ours - theirs |" if dpo else ""

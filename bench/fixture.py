@@ -236,7 +236,9 @@ def build_pairs(
     folder.mkdir(parents=True, exist_ok=True)
     rows = {"train": (train_rows, seed + 1), "eval": (eval_rows, seed + 2)}
     return {
-        split: str(write_rows(folder / f"pairs-{split}.jsonl", preference_rows(count, rng_seed, max_words, max_seq_len)))
+        split: str(
+            write_rows(folder / f"pairs-{split}.jsonl", preference_rows(count, rng_seed, max_words, max_seq_len))
+        )
         for split, (count, rng_seed) in rows.items()
     }
 

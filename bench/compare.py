@@ -29,7 +29,7 @@ same way for every run. Then every adapter's eval loss is measured by one functi
 Prints one JSON line per run and one ratio line per model. Needs `pip install .[bench]` (trl).
 
 --objective dpo: the same machinery for preference tuning (BENCHMARKS.md "DPO: ours vs TRL
-DPOTrainer + PEFT"), ~5 min on 2 CPU cores with its defaults (DPO_DEFAULTS):
+DPOTrainer + PEFT"), ~4 min on 2 idle CPU cores with its defaults (DPO_DEFAULTS):
     python bench/compare.py --objective dpo
   rows          the chat rows as preference pairs (bench/fixture.py preference_rows): the capitals
                 chosen, the words as given rejected
@@ -75,7 +75,7 @@ DEFAULT_RUNS = (
 )
 DEFAULT_DPO_RUNS = ("ours@tied", "trl-default@tied", "ours@untied", "trl-default@untied")
 # --objective dpo's defaults where they differ: a pair is two sequences and a reference forward,
-# so fewer, shorter rows keep the invocation ~5 min on 2 CPU cores; dropout off as DPOConfig has
+# so fewer, shorter rows keep the invocation ~4 min on 2 CPU cores; dropout off as DPOConfig has
 # it; a lower rate, as DPO takes, which also keeps the held-out loss off 0 (at 1e-3 two steps
 # already prefer every held-out pair: nothing left to compare).
 DPO_DEFAULTS = dict(

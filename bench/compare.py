@@ -27,6 +27,19 @@ adapter written) and peak RSS (the child's ru_maxrss from wait4) are measured fr
 same way for every run. Then every adapter's eval loss is measured by one function
 (compare_runs.held_out_loss) on one freshly loaded base per model, in processes of their own.
 Prints one JSON line per run and one ratio line per model. Needs `pip install .[bench]` (trl).
+
+--objective dpo: the same machinery for preference tuning (BENCHMARKS.md "DPO: ours vs TRL
+DPOTrainer + PEFT"), ~4 min on 2 idle CPU cores with its defaults (DPO_DEFAULTS):
+    python bench/compare.py --objective dpo
+  rows          the chat rows as preference pairs (bench/fixture.py preference_rows): the capitals
+                chosen, the words as given rejected
+  ours          the job runner with train.objective dpo, data.format preference (reference: the base
+                with the adapter disabled)
+  trl-default   DPOTrainer + PEFT with DPOConfig's defaults, ref_model None (so its reference is
+                the adapter disabled too); TRL 1.16's DPO has no padding-free path, so no trl-best
+  shared too    beta; LoRA dropout 0 (DPOConfig disables dropout by default); lr 1e-4
+  eval          every adapter's held-out DPO loss, preference accuracy and reward margin, by one
+                function (compare_runs.held_out_preference)
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 from bench.compare_runs import OURS_RUNS, TRL_RUNS, compute_dtype_of  # noqa: E402
 
 RUNS = tuple(OURS_RUNS) + TRL_RUNS
+DPO_RUNS = ("ours", "ours-float32", "trl-default")  # the runs a dpo comparison has
 MODELS = ("tied", "untied", "byte")
 DEFAULT_RUNS = (
     "ours@tied",
@@ -59,10 +73,24 @@ DEFAULT_RUNS = (
     "ours@byte",
     "ours-packing@tied",
 )
+DEFAULT_DPO_RUNS = ("ours@tied", "trl-default@tied", "ours@untied", "trl-default@untied")
+# --objective dpo's defaults where they differ: a pair is two sequences and a reference forward,
+# so fewer, shorter rows keep the invocation ~4 min on 2 CPU cores; dropout off as DPOConfig has
+# it; a lower rate, as DPO takes, which also keeps the held-out loss off 0 (at 1e-3 two steps
+# already prefer every held-out pair: nothing left to compare).
+DPO_DEFAULTS = dict(
+    steps=8, batch=4, micro_batch=2, max_seq_len=128, max_words=16, eval_rows=16, lora_dropout=0.0, learning_rate=1e-4
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--objective",
+        choices=["sft", "dpo"],
+        default="sft",
+        help=f"sft: ours vs SFTTrainer; dpo: ours vs DPOTrainer on preference pairs (defaults: {DPO_DEFAULTS})",
+    )
     parser.add_argument(
         "--runs",
         nargs="+",
@@ -92,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compute-dtype", choices=["float32", "bfloat16"], help="every run's; default: the project's default"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-words", type=int, default=32, help="the longest row's word count (bench/fixture.py)")
+    parser.add_argument("--dpo-beta", type=float, help="dpo: every run's beta; default: the project's default")
     parser.add_argument(
         "--arch",
         help="a configs/arch name (e.g. llama-3.1-8b): every run on a random copy of it (its shape, vocabulary "
@@ -100,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: train RUN@MODEL in this process
     parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)  # internal: where --one writes its adapter
     parser.add_argument("--eval", nargs="+", help=argparse.SUPPRESS)  # internal: MODEL DTYPE ADAPTER_DIR...
+    if parser.parse_known_args(argv)[0].objective == "dpo":
+        parser.set_defaults(**DPO_DEFAULTS)
     args = parser.parse_args(argv)
     if args.batch % args.micro_batch:
         parser.error(f"--batch {args.batch} is not a multiple of --micro-batch {args.micro_batch}")
@@ -113,15 +145,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     """[(run, model)] in the order they run."""
+    dpo = args.objective == "dpo"
+    runs = DPO_RUNS if dpo else RUNS
     if args.arch:
-        words = args.runs or ["ours", "trl-default", "trl-best"]
+        words = args.runs or [run for run in ("ours", "trl-default", "trl-best") if run in runs]
     else:
-        words = args.runs or DEFAULT_RUNS
+        words = args.runs or (DEFAULT_DPO_RUNS if dpo else DEFAULT_RUNS)
     plan = []
     for word in words:
         run, _, model = word.partition("@")
-        if run not in RUNS:
-            raise ValueError(f"--runs {word}: {run} is not one of {', '.join(RUNS)}")
+        if run not in runs:
+            raise ValueError(f"--runs {word}: {run} is not one of {', '.join(runs)} (--objective {args.objective})")
         if args.arch and model:
             raise ValueError(f"--runs {word}: with --arch every run is on {args.arch}; drop @{model}")
         if model and model not in MODELS:
@@ -132,9 +166,12 @@ def run_plan(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def settings_of(args: argparse.Namespace) -> dict:
-    from qlora.config import QuantizationSection
+    from qlora.config import QuantizationSection, TrainSection
 
     return {
+        "objective": args.objective,
+        # The project's default, read from the schema (TRL's default is the same 0.1).
+        "dpo_beta": args.dpo_beta or TrainSection.model_fields["dpo_beta"].default,
         "steps": args.steps,
         "batch": args.batch,
         "micro_batch": args.micro_batch,
@@ -158,10 +195,18 @@ def fixture_of(args: argparse.Namespace, model: str) -> dict:
     from bench import fixture as builder
 
     work = Path(args.work)
-    data_recipe = {"rows": [args.train_rows, args.eval_rows], "seed": args.seed, "max_seq_len": args.max_seq_len}
-    data_stamp = work / "data.json"
+    data_recipe = {
+        "rows": [args.train_rows, args.eval_rows],
+        "seed": args.seed,
+        "max_seq_len": args.max_seq_len,
+        "max_words": args.max_words,
+    }
+    sizes = dict(train_rows=args.train_rows, eval_rows=args.eval_rows, seed=args.seed, max_seq_len=args.max_seq_len)
+    # SFT's chat rows and DPO's pairs each have their own stamp, so one --work serves both.
+    data_stamp = work / ("pairs.json" if args.objective == "dpo" else "data.json")
     if not (data_stamp.is_file() and json.loads(data_stamp.read_text())["recipe"] == data_recipe):
-        rows = builder.build_data(work, args.train_rows, args.eval_rows, seed=args.seed, max_seq_len=args.max_seq_len)
+        build = builder.build_pairs if args.objective == "dpo" else builder.build_data
+        rows = build(work, **sizes, max_words=args.max_words)
         data_stamp.write_text(json.dumps({"recipe": data_recipe, "rows": rows}))
     rows = json.loads(data_stamp.read_text())["rows"]
     shape = builder.REALISTIC_SHAPE if model in MODELS else "configs/arch"
@@ -246,14 +291,15 @@ def add_eval_losses(records: list, forwarded: list) -> int:
     for (model, dtype), group in groups.items():
         result, returncode = measured_child(["--eval", model, dtype, *(r["adapter_dir"] for r in group)] + forwarded)
         for record in group:
-            record["eval_loss"] = result.get(record["adapter_dir"])
+            record.update(result.get(record["adapter_dir"], {"eval_loss": None}))
         status = status or returncode
     return status
 
 
 def ratios(model: str, records: list) -> dict:
     """Per model, ours against each other run: speed-up in whole-process wall time and in
-    training time (theirs / ours: >1 is ours faster), peak RSS and eval loss (ours / theirs).
+    training time (theirs / ours: >1 is ours faster), peak RSS and eval loss (ours / theirs);
+    DPO: also the held-out preference accuracy, ours minus theirs.
     The issue-17 goals: >= 1.5x trl-default and >= 1.3x trl-best wall, RSS <= 1, eval loss within 2%."""
     line = {"ratios": f"ours on {model}: speed-ups theirs / ours; peak RSS and eval loss ours / theirs"}
     ours = next((record for record in records if record["run"] == "ours"), None)
@@ -269,6 +315,8 @@ def ratios(model: str, records: list) -> dict:
             "peak_memory": round(ours[rss] / other[rss], 3),
             "eval_loss": round(ours["eval_loss"] / other["eval_loss"], 4),
         }
+        if "eval_accuracy" in ours:  # DPO: held-out preference accuracy, ours - theirs
+            line[other["run"]]["eval_accuracy_difference"] = round(ours["eval_accuracy"] - other["eval_accuracy"], 4)
     return line
 
 

@@ -44,9 +44,12 @@ def run_one(run: str, settings: dict, fixture: dict, adapter_dir: Path) -> dict:
     if run in OURS_RUNS:
         record = run_ours(settings, fixture, OURS_RUNS[run], adapter_dir)
     else:
-        from bench.peer_trl import run_trl
+        from bench.peer_trl import run_trl, run_trl_dpo
 
-        record = run_trl(settings, fixture, mode=run.removeprefix("trl-"), adapter_dir=adapter_dir)
+        if settings["objective"] == "dpo":
+            record = run_trl_dpo(settings, fixture, adapter_dir=adapter_dir)
+        else:
+            record = run_trl(settings, fixture, mode=run.removeprefix("trl-"), adapter_dir=adapter_dir)
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")
     record["peak_matmul_flops_per_s"] = {
@@ -79,7 +82,8 @@ def run_ours(settings: dict, fixture: dict, changes: dict, adapter_dir: Path) ->
     saved = yaml.safe_load((adapter_dir / "config.yaml").read_text())  # the job as it ran: auto resolved
     steps = [json.loads(line) for line in (adapter_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in steps if "loss" in row]
-    return {
+    accuracy = [row["rewards/accuracy"] for row in steps if "rewards/accuracy" in row]
+    record = {
         "optimizer_steps": loop.steps,
         "train_s": loop.seconds,
         "supervised_tokens": loop.supervised_tokens,
@@ -93,6 +97,9 @@ def run_ours(settings: dict, fixture: dict, changes: dict, adapter_dir: Path) ->
         "mfu": round(loop.mfu, 5),
         "peak_flops_per_s": loop.peak_flops_per_s,
     }
+    if accuracy:  # DPO: the last step's preference accuracy (TRL's rewards/accuracies)
+        record["final_train_accuracy"] = accuracy[-1]
+    return record
 
 
 def ours_job(settings: dict, fixture: dict, changes: dict, output_dir: Path) -> dict:
@@ -124,6 +131,10 @@ def ours_job(settings: dict, fixture: dict, changes: dict, output_dir: Path) -> 
         },
         "output": {"dir": str(output_dir)},
     }
+    if settings["objective"] == "dpo":
+        # The rows are TRL's conversational pairs; beta is written because it is TRL's too.
+        job["data"]["format"] = "preference"
+        job["train"].update(objective="dpo", dpo_beta=settings["dpo_beta"])
     for section, values in changes.items():
         job[section] = {**job[section], **values}
     if job["data"].get("packing"):
@@ -154,9 +165,39 @@ def held_out_loss(model, tokenizer, settings: dict, fixture: dict) -> float:
     return evaluate(model, batches, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def held_out_preference(model, tokenizer, settings: dict, fixture: dict) -> dict:
+    """DPO on the held-out pairs, by our loop's evaluate and DPO objective on qlora's tokenization
+    of them: the mean DPO loss per pair against the base with the adapter disabled (TRL's
+    reference too), the preference accuracy (the share of pairs whose chosen answer gains more
+    log-probability over the reference than the rejected one: TRL's rewards/accuracies) and the
+    mean reward margin."""
+    import torch
+
+    from qlora import data
+    from qlora.data.pairs import epoch_pair_batches, tokenize_pairs
+    from qlora.training.loop import evaluate
+    from qlora.training.preference import PreferenceObjective
+
+    rows = data.read_rows([(fixture["eval"], "preference")], key="data.eval", objective="dpo")
+    pairs = tokenize_pairs(rows, tokenizer, settings["max_seq_len"], "drop").examples
+    batches = epoch_pair_batches(
+        pairs, settings["micro_batch"], tokenizer.pad_token_id, seed=settings["seed"], epoch=0, shuffle=False
+    )
+    objective = PreferenceObjective("dpo", beta=settings["dpo_beta"], reference=model.disable_adapter)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loss = evaluate(model, batches, device, objective=objective)
+    readings = objective.readings()  # means over every held-out pair
+    return {
+        "eval_loss": loss,
+        "eval_accuracy": readings["rewards/accuracy"],
+        "eval_margin": readings["rewards/margin"],
+        "eval_pairs": len(pairs),
+    }
+
+
 def evaluate_adapters(settings: dict, fixture: dict, compute_dtype: str, adapter_dirs: list) -> dict:
-    """{adapter dir: eval loss}: each adapter as written, on one freshly loaded base (loaded once,
-    adapters switched by name), so what is measured is the artifact users get."""
+    """{adapter dir: {eval_loss[, eval_accuracy, ...]}}: each adapter as written, on one freshly
+    loaded base (loaded once, adapters switched by name), so what is measured is the artifact users get."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -174,5 +215,8 @@ def evaluate_adapters(settings: dict, fixture: dict, compute_dtype: str, adapter
         else:
             model.load_adapter(str(adapter_dir), adapter_name=name)
         model.set_adapter(name)
-        losses[str(adapter_dir)] = held_out_loss(model, tokenizer, settings, fixture)
+        if settings["objective"] == "dpo":
+            losses[str(adapter_dir)] = held_out_preference(model, tokenizer, settings, fixture)
+        else:
+            losses[str(adapter_dir)] = {"eval_loss": held_out_loss(model, tokenizer, settings, fixture)}
     return losses

@@ -1,4 +1,5 @@
-"""The comparison fixture: random-init Llamas (HF folders + tokenizers) and a chat data set.
+"""The comparison fixture: random-init Llamas (HF folders + tokenizers), a chat data set and its
+preference pairs (bench/compare.py --objective dpo).
 
 Two kinds of model, all random-init (no hub here), all with byte-level tokenizers, so a token is
 a byte and row lengths are easy to control (and equal for every model: one data set serves all):
@@ -193,6 +194,24 @@ def chat_rows(count: int, seed: int, max_words: int = 32, max_seq_len: int = 512
     return rows
 
 
+def preference_rows(count: int, seed: int, max_words: int = 32, max_seq_len: int = 512) -> list[dict]:
+    """chat_rows as TRL's conversational preference pairs: the prompt's messages, the capitals as
+    the chosen answer and the words as given as the rejected one (the same length, so a pair's two
+    sequences cost the same and the preference is the rule alone). Every sequence fits max_seq_len."""
+    pairs = []
+    for row in chat_rows(count, seed, max_words=max_words, max_seq_len=max_seq_len):
+        prompt, answer = row["messages"]
+        rejected = prompt["content"].removeprefix("Repeat in capitals: ")
+        pairs.append(
+            {
+                "prompt": [prompt],
+                "chosen": [answer],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return pairs
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     with open(path, "w") as handle:
         for row in rows:
@@ -200,12 +219,28 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_data(folder: Path, train_rows: int, eval_rows: int, seed: int = 0, max_seq_len: int = 512) -> dict:
+def build_data(
+    folder: Path, train_rows: int, eval_rows: int, seed: int = 0, max_seq_len: int = 512, max_words: int = 32
+) -> dict:
     """train.jsonl + eval.jsonl (disjoint seeds) in `folder`, every row within max_seq_len."""
     folder.mkdir(parents=True, exist_ok=True)
-    train = write_rows(folder / "train.jsonl", chat_rows(train_rows, seed=seed + 1, max_seq_len=max_seq_len))
-    held_out = write_rows(folder / "eval.jsonl", chat_rows(eval_rows, seed=seed + 2, max_seq_len=max_seq_len))
+    train = write_rows(folder / "train.jsonl", chat_rows(train_rows, seed + 1, max_words, max_seq_len))
+    held_out = write_rows(folder / "eval.jsonl", chat_rows(eval_rows, seed + 2, max_words, max_seq_len))
     return {"train": str(train), "eval": str(held_out)}
+
+
+def build_pairs(
+    folder: Path, train_rows: int, eval_rows: int, seed: int = 0, max_seq_len: int = 512, max_words: int = 32
+) -> dict:
+    """pairs-train.jsonl + pairs-eval.jsonl (the chat rows' seeds), every sequence within max_seq_len."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = {"train": (train_rows, seed + 1), "eval": (eval_rows, seed + 2)}
+    return {
+        split: str(
+            write_rows(folder / f"pairs-{split}.jsonl", preference_rows(count, rng_seed, max_words, max_seq_len))
+        )
+        for split, (count, rng_seed) in rows.items()
+    }
 
 
 def build_fixture(

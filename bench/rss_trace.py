@@ -154,9 +154,8 @@ def main(argv=None) -> int:
     adapter_dir = Path(args.work) / "runs" / "rss-trace"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     record = compare_runs.run_ours(settings, fixture, compare_runs.OURS_RUNS[args.run], adapter_dir)
-    record["eval_loss"] = compare_runs.evaluate_adapters(settings, fixture, settings["compute_dtype"], [adapter_dir])[
-        str(adapter_dir)
-    ]
+    scores = compare_runs.evaluate_adapters(settings, fixture, settings["compute_dtype"], [adapter_dir])
+    record["eval_loss"] = scores[str(adapter_dir)]["eval_loss"]
     sampler.phase("eval (second base + adapter)")
     sampler.running = False
     print(

@@ -156,6 +156,9 @@ class WandbTracker:
             resume="allow" if run_id else None,
             project=None if os.environ.get("WANDB_PROJECT") else "qlora",
             name=None if os.environ.get("WANDB_NAME") else run_name,
+            # Read now: wandb's process-wide settings keep the first run's WANDB_DIR, so a second
+            # job in one process (the service) would write where the first one did.
+            dir=os.environ.get("WANDB_DIR"),
             reinit="create_new",
         )
         self.run.config.update(params, allow_val_change=True)

@@ -93,11 +93,12 @@ def place_model(
     share = f"{100 * trainable / total:.3f}%"
     echo(f"trainable parameters: {trainable:,} of {total:,} ({share}), LoRA r={lora.r} alpha={lora.alpha:g}")
     # A checkpoint of this run holds the adapter as trained so far; model.adapter is where it began.
-    adapter_from = adapter_from if adapter_from is not None else config.model.adapter
+    starting = adapter_from is None and config.model.adapter is not None
+    adapter_from = Path(config.model.adapter) if starting else adapter_from
     if adapter_from is not None and (world.is_main or not sharded):
         # Under FSDP rank 0's weights are the ones sharding sends to every rank; the others are empty.
         load_adapter_weights(model, adapter_from)
-        if adapter_from == config.model.adapter:
+        if starting:
             echo(f"adapter: starting from {adapter_from}")
     if config.model.reference_adapter is not None:
         add_reference_adapter(model, config.model.reference_adapter)

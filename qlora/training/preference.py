@@ -88,9 +88,7 @@ class PreferenceObjective:
         Not `counted`: a rank's filler pass (qlora.training.distributed.share), kept out of the readings."""
         whole_chosen = self.kind == "orpo"
         log_probs, columns = target_log_probs(model, batch, device, chunk_tokens, whole_chosen)
-        sequences = batch.sequence_ids[columns]
-        answer = (batch.targets[0, columns] != IGNORE_INDEX).to(device)
-        answer_logps, answer_tokens = per_sequence(log_probs, answer, sequences.to(device), 2 * batch.pairs)
+        answer_logps, answer_tokens = per_answer(log_probs, columns, batch, device)
         chosen, rejected = answer_logps[0::2], answer_logps[1::2]
         if self.kind == "dpo":
             with torch.no_grad(), self.reference():
@@ -170,9 +168,18 @@ def chosen_sequence_targets(batch) -> torch.Tensor:
 def answer_log_probs(model, batch, device, chunk_tokens: Union[int, str] = "auto"):
     """(summed answer log-prob, answer tokens) of every sequence of a pair batch, [2 x pairs] each:
     pair i's chosen at 2i, its rejected at 2i + 1. DPO's reference pass, and `qlora eval` on pairs."""
-    log_probs, columns = target_log_probs(model, batch, device, chunk_tokens, False)
+    return per_answer(*target_log_probs(model, batch, device, chunk_tokens, False), batch, device)
+
+
+def per_answer(log_probs, columns, batch, device):
+    """(summed answer log-prob, answer tokens) per sequence, [2 x pairs] each, from the log-probs
+    at the scored `columns` (with ORPO's, the chosen prompts' columns are among them: not summed)."""
     answer = (batch.targets[0, columns] != IGNORE_INDEX).to(device)
-    return per_sequence(log_probs, answer, batch.sequence_ids[columns].to(device), 2 * batch.pairs)
+    sequences = batch.sequence_ids[columns].to(device)
+    zeros = log_probs.new_zeros(2 * batch.pairs)
+    summed = zeros.index_add(0, sequences, log_probs * answer)
+    tokens = zeros.detach().index_add(0, sequences, answer.to(zeros.dtype)).clamp_min(1)
+    return summed, tokens
 
 
 def scored_columns(batch, whole_chosen: bool) -> torch.Tensor:
@@ -182,14 +189,6 @@ def scored_columns(batch, whole_chosen: bool) -> torch.Tensor:
     if whole_chosen:
         wanted = wanted | chosen_sequence_targets(batch)[0]
     return wanted
-
-
-def per_sequence(log_probs, answer, sequences, count):
-    """(summed answer log-prob per sequence, answer tokens per sequence), [count] each."""
-    zeros = log_probs.new_zeros(count)
-    summed = zeros.index_add(0, sequences, log_probs * answer)
-    tokens = zeros.detach().index_add(0, sequences, answer.to(zeros.dtype)).clamp_min(1)
-    return summed, tokens
 
 
 def target_log_probs(model, batch, device, chunk_tokens, whole_chosen: bool):

@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 from bench.compare_runs import OURS_RUNS, TRL_RUNS, compute_dtype_of  # noqa: E402
 
 RUNS = tuple(OURS_RUNS) + TRL_RUNS
-DPO_RUNS = ("ours", "ours-float32", "trl-default")  # the runs a dpo comparison has
+DPO_RUNS = ("ours", "ours-float32", "ours-full-checkpointing", "trl-default")  # the runs a dpo comparison has
 MODELS = ("tied", "untied", "byte")
 DEFAULT_RUNS = (
     "ours@tied",

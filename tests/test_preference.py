@@ -243,3 +243,38 @@ def test_qlora_validate_counts_pair_batches(tiny_model_dir, tmp_path, capsys):
     assert main(["validate", str(job)]) == 0
     out = capsys.readouterr().out
     assert "ok: 8 micro-batches per epoch, 3 optimizer steps" in out and "example pair" in out
+
+
+def test_pairs_are_cached_across_runs_as_sft_rows_are(tiny_model_dir, tmp_path, capsys):
+    """The same pairs back from the cache (a truncated one included); a changed row, other settings
+    or the same rows read as SFT rows miss; a rerun of the job says it tokenized earlier."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = read(
+        tmp_path, [string_pair("abc"), {"prompt": "q\n", "chosen": "a" * 80, "rejected": "b"}, message_pair("de")]
+    )
+    shape = dict(max_seq_len=40, too_long="truncate", folder=tmp_path / "cache")
+    first, hit = data.tokenize_pairs_cached(rows, tokenizer, **shape)
+    assert not hit and first.stats["truncated"] == 1
+    again, hit = data.tokenize_pairs_cached(read(tmp_path, [row.fields for row in rows]), tokenizer, **shape)
+
+    def sides(tokenized):
+        return [
+            (side.input_ids, side.labels, side.row.line, side.truncated, pair.row.line)
+            for pair in tokenized.examples
+            for side in (pair.chosen, pair.rejected)
+        ]
+
+    assert hit and again.stats == first.stats and sides(again) == sides(first)
+    assert sides(again) == sides(data.tokenize_pairs(rows, tokenizer, 40, "truncate"))
+    assert data.tokenize_pairs_cached(rows, tokenizer, **{**shape, "too_long": "drop"})[1] is False
+    changed = read(tmp_path, [string_pair("abd"), *(row.fields for row in rows[1:])])
+    assert data.tokenize_pairs_cached(changed, tokenizer, **shape)[1] is False
+    sft = dict(max_seq_len=40, train_on="completions", too_long="truncate", folder=tmp_path / "cache")
+    chat_rows = data.read_rows([(str(write_chat_data(tmp_path / "chat.jsonl", 4)), "auto")])
+    assert data.tokenize_rows_cached(chat_rows, tokenizer, **sft)[1] is False
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+
+    job = dpo_job(tmp_path, tiny_model_dir)
+    assert main(["validate", str(job)]) == 0 and main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(tokenized earlier: from the cache)") == 1

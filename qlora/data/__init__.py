@@ -13,7 +13,7 @@ rendering) and pairs (their tokens and padding-free pair batches) for DPO / ORPO
 """
 
 from qlora.data.batching import Batch, batches_per_epoch, epoch_batches
-from qlora.data.cache import tokenize_rows_cached
+from qlora.data.cache import tokenize_pairs_cached, tokenize_rows_cached
 from qlora.data.pairs import Pair, PairBatch, epoch_pair_batches, pair_batches_per_epoch, tokenize_pairs
 from qlora.data.report import describe_data, render_supervision
 from qlora.data.sources import Row, read_rows, split_eval
@@ -37,6 +37,7 @@ __all__ = [
     "split_eval",
     "tokenize_pairs",
     "tokenize_rows",
+    "tokenize_pairs_cached",
     "tokenize_rows_cached",
     "turn_terminators",
 ]

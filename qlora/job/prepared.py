@@ -36,20 +36,15 @@ def prepare_data(config: JobConfig, echo: Callable[[str], None] = print) -> Prep
         rows, eval_rows = data.split_eval(rows, config.data.eval_fraction, config.train.seed)
     else:
         eval_rows = []
+    # Tokenized sets are reused across runs (qlora/data/cache.py).
     if objective != "sft":
-        # Pairs tokenize fast enough uncached for now (the cache holds SFT examples).
-        train_set = data.tokenize_pairs(rows, tokenizer, config.data.max_seq_len, config.data.too_long)
-        eval_set = (
-            data.tokenize_pairs(eval_rows, tokenizer, config.data.max_seq_len, config.data.too_long)
-            if eval_rows
-            else None
-        )
-        cache_hit = False
+        shape = dict(max_seq_len=config.data.max_seq_len, too_long=config.data.too_long)
+        tokenize = data.tokenize_pairs_cached
     else:
         shape = dict(max_seq_len=config.data.max_seq_len, train_on=config.data.train_on, too_long=config.data.too_long)
-        # Tokenized sets are reused across runs (qlora/data/cache.py).
-        train_set, cache_hit = data.tokenize_rows_cached(rows, tokenizer, **shape)
-        eval_set = data.tokenize_rows_cached(eval_rows, tokenizer, **shape)[0] if eval_rows else None
+        tokenize = data.tokenize_rows_cached
+    train_set, cache_hit = tokenize(rows, tokenizer, **shape)
+    eval_set = tokenize(eval_rows, tokenizer, **shape)[0] if eval_rows else None
     echo(data.describe_data("train", train_set.stats) + (" (tokenized earlier: from the cache)" if cache_hit else ""))
     if eval_set:
         echo(data.describe_data("eval", eval_set.stats))

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qlora.errors import EXIT_DATA
 from tests.tiny import write_job
@@ -117,6 +118,44 @@ def test_two_ranks_train_the_preference_steps_of_one_process(tiny_model_dir, tmp
     assert summary["rewards/accuracy"] == pytest.approx(ranks[-1]["rewards/accuracy"])
     # it trained: the rewards moved away from the reference's zero (DPO) and the loss fell
     assert ranks[-1]["rewards/margin"] != 0.0 and ranks[-1]["eval_loss"] < ranks[0]["eval_loss"]
+
+
+def test_fsdp_with_a_reference_adapter_trains_the_steps_of_one_process(tiny_model_dir, trained_adapter, tmp_path):
+    """SFT -> DPO under FSDP: started from the SFT adapter and scored against it (a frozen second
+    adapter, its LoRA linears FSDP units of their own). In float32 the 2 ranks train one process's
+    steps; in bf16, where its float32 weights beside the bf16 base once failed to flatten, the
+    reference is the start adapter at step 0 (loss ln 2, rewards 0: it is really applied)."""
+    from qlora.cli.main import main
+
+    adapters = {"name_or_path": str(tiny_model_dir), "adapter": str(trained_adapter)}
+    adapters["reference_adapter"] = str(trained_adapter)
+
+    def job(name, compute_dtype="float32", **train):
+        path = preference_job(tmp_path / name, tiny_model_dir, "dpo", **train)
+        content = yaml.safe_load(path.read_text())
+        content["model"], content["lora"] = adapters, {"dropout": 0.0}  # the adapter's shape is the job's
+        content.setdefault("quantization", {})["compute_dtype"] = compute_dtype
+        path.write_text(yaml.safe_dump(content))
+        return path
+
+    finished = launch(job("ranks", **SPLITS["fsdp"][0]))
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert "dpo reference: the base with" in finished.stdout
+    assert "fsdp: the base and adapters sharded" in finished.stdout
+    assert main(["train", str(job("single", **SPLITS["fsdp"][1]))]) == 0
+    single, ranks = (metrics(tmp_path / run / "out") for run in ("single", "ranks"))
+    difference, where = largest_difference(single, ranks)
+    print(f"fsdp dpo with a reference adapter: largest difference {difference:.3g} ({where})")
+    assert difference <= TOLERANCE["fsdp"], where
+    one, two = (tensors(tmp_path / run / "out" / "adapter_model.safetensors") for run in ("single", "ranks"))
+    assert one.keys() == two.keys() == tensors(trained_adapter / "adapter_model.safetensors").keys()
+    assert max((one[name] - two[name]).abs().max().item() for name in one) <= TOLERANCE["fsdp"]
+    assert ranks[0]["eval_loss"] == pytest.approx(0.693147, abs=1e-6) and ranks[-1]["rewards/margin"] != 0.0
+
+    finished = launch(job("bf16", compute_dtype="bfloat16", **SPLITS["fsdp"][0]))
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    start = metrics(tmp_path / "bf16" / "out")[0]
+    assert start["eval_loss"] == pytest.approx(0.693147, abs=1e-6) and start["eval_rewards/margin"] == 0.0
 
 
 def test_a_bad_preference_row_fails_every_rank_with_one_line(tiny_model_dir, tmp_path):

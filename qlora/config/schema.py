@@ -309,8 +309,6 @@ class JobConfig(_Strict):
                 "model.reference_adapter: only train.objective dpo has a reference "
                 f"(this job is {self.train.objective})"
             )
-        if self.model.reference_adapter is not None and self.train.distributed == "fsdp":
-            raise ValueError("model.reference_adapter: not supported with train.distributed fsdp; use ddp")
         if self.train.distributed == "fsdp" and self.quantization.bits == 8:
             # bitsandbytes' 8-bit weights keep int8 data and row statistics FSDP cannot flatten.
             raise ValueError(

@@ -12,7 +12,8 @@
 FSDP1 (FullyShardedDataParallel), not FSDP2's fully_shard: fully_shard re-creates parameters as
 DTensors and drops a Params4bit's quantization state (bitsandbytes #1945). The wrapping follows
 peft's `fsdp_auto_wrap_policy` (the one accelerate uses): each decoder layer (the model's
-`_no_split_modules`) is a unit, and every LoRA linear is a unit of its own. FSDP flattens a
+`_no_split_modules`) is a unit, and every LoRA linear is a unit of its own (a frozen one too:
+`wrap_policy`). FSDP flattens a
 unit's tensors into one tensor of one dtype and one requires_grad: the decoder layer holds the
 frozen 4-bit bytes (stored as the compute dtype) and norms, the LoRA units the trainable float32
 weights, so bf16 compute keeps float32 adapters.
@@ -42,13 +43,11 @@ def shard_model(peft_model: torch.nn.Module, device=None) -> FullyShardedDataPar
     broadcasts each unit's parameters and buffers, and the other ranks' meta skeleton
     (qlora.model.sharded_load) is materialized one unit at a time, so no rank holds a whole copy.
     """
-    from peft.utils.other import fsdp_auto_wrap_policy
-
     device = torch.device(device) if device is not None else compute_device()
     with cpu_state_sync(device):
         return FullyShardedDataParallel(
             peft_model,
-            auto_wrap_policy=fsdp_auto_wrap_policy(peft_model),
+            auto_wrap_policy=wrap_policy(peft_model),
             sharding_strategy=ShardingStrategy.FULL_SHARD,
             use_orig_params=True,
             sync_module_states=True,
@@ -56,6 +55,31 @@ def shard_model(peft_model: torch.nn.Module, device=None) -> FullyShardedDataPar
             device_id=device,  # on the CPU too: FSDP refuses CPU-only modules without it
             limit_all_gathers=True,
         )
+
+
+def wrap_policy(peft_model: torch.nn.Module):
+    """peft's fsdp_auto_wrap_policy (each decoder layer a unit, each trainable LoRA linear one),
+    and every frozen LoRA linear a unit too: a second adapter held frozen beside the trained one
+    (DPO's model.reference_adapter) has float32 weights that cannot share a flat tensor with its
+    layer's bf16 base."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    peft_policy = fsdp_auto_wrap_policy(peft_model)
+    lora_linears = {
+        id(module)
+        for name, module in peft_model.named_modules()
+        if not list(module.children())
+        and getattr(module, "weight", None) is not None
+        and any(part.startswith("lora_") for part in name.split("."))
+    }
+
+    def policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        return peft_policy(module=module, recurse=recurse, nonwrapped_numel=nonwrapped_numel) or (
+            lambda_auto_wrap_policy(module, recurse, nonwrapped_numel, lambda_fn=lambda m: id(m) in lora_linears)
+        )
+
+    return policy
 
 
 @contextlib.contextmanager

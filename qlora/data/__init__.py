@@ -36,8 +36,8 @@ __all__ = [
     "render_supervision",
     "split_eval",
     "tokenize_pairs",
-    "tokenize_rows",
     "tokenize_pairs_cached",
+    "tokenize_rows",
     "tokenize_rows_cached",
     "turn_terminators",
 ]

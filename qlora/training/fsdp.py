@@ -13,10 +13,9 @@ FSDP1 (FullyShardedDataParallel), not FSDP2's fully_shard: fully_shard re-create
 DTensors and drops a Params4bit's quantization state (bitsandbytes #1945). The wrapping follows
 peft's `fsdp_auto_wrap_policy` (the one accelerate uses): each decoder layer (the model's
 `_no_split_modules`) is a unit, and every LoRA linear is a unit of its own (a frozen one too:
-`wrap_policy`). FSDP flattens a
-unit's tensors into one tensor of one dtype and one requires_grad: the decoder layer holds the
-frozen 4-bit bytes (stored as the compute dtype) and norms, the LoRA units the trainable float32
-weights, so bf16 compute keeps float32 adapters.
+`wrap_policy`). FSDP flattens a unit's tensors into one tensor of one dtype and one
+requires_grad: the decoder layer holds the frozen 4-bit bytes (stored as the compute dtype) and
+norms, the LoRA units the float32 adapter weights, so bf16 compute keeps float32 adapters.
 
 `use_orig_params=True`: the model keeps its own parameters (views into the shards) under their
 own names, so the optimizer builder's `requires_grad` filter, peft's state-dict helpers and

@@ -26,7 +26,8 @@ Each run trains in its OWN process; its wall time (start to exit: imports, load,
 adapter written) and peak RSS (the child's ru_maxrss from wait4) are measured from outside, the
 same way for every run. Then every adapter's eval loss is measured by one function
 (compare_runs.held_out_loss) on one freshly loaded base per model, in processes of their own.
-Prints one JSON line per run and one ratio line per model. Needs `pip install .[bench]` (trl).
+Prints one JSON line per run and one ratio line per model (and per other run of ours in the
+invocation: that one against the peer's runs). Needs `pip install .[bench]` (trl).
 
 --objective dpo: the same machinery for preference tuning (BENCHMARKS.md "DPO: ours vs TRL
 DPOTrainer + PEFT"), ~4 min on 2 idle CPU cores with its defaults (DPO_DEFAULTS):
@@ -35,6 +36,7 @@ DPOTrainer + PEFT"), ~4 min on 2 idle CPU cores with its defaults (DPO_DEFAULTS)
                 chosen, the words as given rejected
   ours          the job runner with train.objective dpo, data.format preference (reference: the base
                 with the adapter disabled)
+  ours-full-checkpointing   the same, checkpointing every layer as trl-default does (mode for mode)
   trl-default   DPOTrainer + PEFT with DPOConfig's defaults, ref_model None (so its reference is
                 the adapter disabled too); TRL 1.16's DPO has no padding-free path, so no trl-best
   shared too    beta; LoRA dropout 0 (DPOConfig disables dropout by default); lr 1e-4
@@ -73,7 +75,9 @@ DEFAULT_RUNS = (
     "ours@byte",
     "ours-packing@tied",
 )
-DEFAULT_DPO_RUNS = ("ours@tied", "trl-default@tied", "ours@untied", "trl-default@untied")
+DEFAULT_DPO_RUNS = tuple(  # with ours-full-checkpointing: TRL's mode, for a mode-for-mode ratio line
+    f"{run}@{model}" for model in ("tied", "untied") for run in ("ours", "ours-full-checkpointing", "trl-default")
+)
 # --objective dpo's defaults where they differ: a pair is two sequences and a reference forward,
 # so fewer, shorter rows keep the invocation ~4 min on 2 CPU cores; dropout off as DPOConfig has
 # it; a lower rate, as DPO takes, which also keeps the held-out loss off 0 (at 1e-3 two steps
@@ -258,7 +262,10 @@ def main(argv=None) -> int:
     for record in records:
         print(json.dumps(record), flush=True)
     for model in fixtures:
-        print(json.dumps(ratios(model, [record for record in records if record["model"] == model])), flush=True)
+        mine = [record for record in records if record["model"] == model]
+        print(json.dumps(ratios(model, mine)), flush=True)
+        for variant in dict.fromkeys(r["run"] for r in mine if r["run"] in OURS_RUNS and r["run"] != "ours"):
+            print(json.dumps(ratios(model, mine, variant)), flush=True)  # mode for mode against the peer
     return status
 
 
@@ -296,18 +303,21 @@ def add_eval_losses(records: list, forwarded: list) -> int:
     return status
 
 
-def ratios(model: str, records: list) -> dict:
+def ratios(model: str, records: list, ours_run: str = "ours") -> dict:
     """Per model, ours against each other run: speed-up in whole-process wall time and in
     training time (theirs / ours: >1 is ours faster), peak RSS and eval loss (ours / theirs);
-    DPO: also the held-out preference accuracy, ours minus theirs.
+    DPO: also the held-out preference accuracy, ours minus theirs. `ours_run` another of our
+    runs (ours-full-checkpointing ...): that one against the peer's runs of the same invocation.
     The issue-17 goals: >= 1.5x trl-default and >= 1.3x trl-best wall, RSS <= 1, eval loss within 2%."""
-    line = {"ratios": f"ours on {model}: speed-ups theirs / ours; peak RSS and eval loss ours / theirs"}
-    ours = next((record for record in records if record["run"] == "ours"), None)
+    line = {"ratios": f"{ours_run} on {model}: speed-ups theirs / ours; peak RSS and eval loss ours / theirs"}
+    ours = next((record for record in records if record["run"] == ours_run), None)
     if not ours or "error" in ours:
         return line
     rss = "peak_memory_bytes" if ours.get("peak_memory_kind") == "gpu_allocated" else "process_peak_rss_bytes"
     for other in records:
         if other is ours or "error" in other or not other.get("eval_loss") or not ours.get("eval_loss"):
+            continue
+        if ours_run != "ours" and other["run"] in OURS_RUNS:
             continue
         line[other["run"]] = {
             "wall_speedup": round(other["wall_s"] / ours["wall_s"], 3),

@@ -47,11 +47,12 @@ def main(path: str) -> int:
     )
     print("|---|---|---|---|---|---|" + ("---|" if dpo else ""))
     for line in ratio_lines:
-        model = line["ratios"].split(":")[0].removeprefix("ours on ")
+        run, model = line["ratios"].split(":")[0].split(" on ", 1)
+        label = model if run == "ours" else f"{model}, {run}"  # one of our variants against the peer
         for other, ratio in line.items():
             if other != "ratios":
                 print(
-                    f"| {model} | {other} | {ratio['wall_speedup']:.2f}x | {ratio['train_speedup']:.2f}x "
+                    f"| {label} | {other} | {ratio['wall_speedup']:.2f}x | {ratio['train_speedup']:.2f}x "
                     f"| {ratio['peak_memory']:.3f} | {ratio['eval_loss']:.4f} |"
                     + (f" {ratio['eval_accuracy_difference']:+.3f} |" if dpo else "")
                 )

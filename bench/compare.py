@@ -36,7 +36,7 @@ DPOTrainer + PEFT"), ~4 min on 2 idle CPU cores with its defaults (DPO_DEFAULTS)
                 chosen, the words as given rejected
   ours          the job runner with train.objective dpo, data.format preference (reference: the base
                 with the adapter disabled)
-  ours-full-checkpointing   the same, checkpointing every layer as trl-default does (mode for mode)
+  ours-full-checkpointing   (--runs) the same, checkpointing every layer as trl-default does
   trl-default   DPOTrainer + PEFT with DPOConfig's defaults, ref_model None (so its reference is
                 the adapter disabled too); TRL 1.16's DPO has no padding-free path, so no trl-best
   shared too    beta; LoRA dropout 0 (DPOConfig disables dropout by default); lr 1e-4
@@ -75,9 +75,7 @@ DEFAULT_RUNS = (
     "ours@byte",
     "ours-packing@tied",
 )
-DEFAULT_DPO_RUNS = tuple(  # with ours-full-checkpointing: TRL's mode, for a mode-for-mode ratio line
-    f"{run}@{model}" for model in ("tied", "untied") for run in ("ours", "ours-full-checkpointing", "trl-default")
-)
+DEFAULT_DPO_RUNS = ("ours@tied", "trl-default@tied", "ours@untied", "trl-default@untied")
 # --objective dpo's defaults where they differ: a pair is two sequences and a reference forward,
 # so fewer, shorter rows keep the invocation ~4 min on 2 CPU cores; dropout off as DPOConfig has
 # it; a lower rate, as DPO takes, which also keeps the held-out loss off 0 (at 1e-3 two steps
